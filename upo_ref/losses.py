@@ -104,6 +104,21 @@ def uh_pi(
     )
 
 
+def _check_representable(loss: Tensor, divergence: Divergence | str, what: str) -> Tensor:
+    """f' of an extreme log-ratio can exceed the dtype (forward KL: f'(e^x) = -e^{-x}); say so, never NaN."""
+    finite = torch.isfinite(loss)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"{what}: the loss is not representable in {loss.dtype} for {int((~finite).sum())} pair(s), "
+            f"the first at index {i}. {as_divergence(divergence).name}'s f' grows exponentially in the "
+            f"log-ratio, so f' (or the loss built from it) exceeds the dtype; use float64, the 'kkt' "
+            f"form (whose log-ratios are policy vs reference, not chosen vs rejected), or a divergence "
+            f"whose f' grows linearly (reverse_kl, jensen_shannon)"
+        )
+    return loss
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -159,7 +174,7 @@ def fdpo_loss(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         divergence, form="kkt",
     )  # f'(u_w) - f'(u_l)
-    return F.softplus(-beta * margin)
+    return _check_representable(F.softplus(-beta * margin), divergence, "fdpo_loss")
 
 
 def iupo_loss(
@@ -182,6 +197,10 @@ def iupo_loss(
     like (pi(y_l)/pi(y_w)): the regularisation IPO gets from its finite target is lost. In the kkt
     form the target is always reachable (pushing pi(y_l) down makes f'(u_l) -> -inf).
     ``notebooks/03_loss_zoo.ipynb`` works this out and plots it.
+
+    Overflow: the paper form takes f' of log(pi(y_w)/pi(y_l)), which for summed log-probs of long
+    responses is routinely hundreds of nats. Where f' grows exponentially (forward KL, alpha) its
+    value is then beyond float32 and this function raises a ValueError rather than return inf/NaN.
     """
     check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     beta = check_beta(beta)
@@ -189,7 +208,7 @@ def iupo_loss(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         divergence, form=form,
     )
-    return (uh - 1 / (2 * beta)) ** 2
+    return _check_representable((uh - 1 / (2 * beta)) ** 2, divergence, "iupo_loss")
 
 
 @torch.no_grad()
