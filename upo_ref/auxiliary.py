@@ -201,7 +201,7 @@ def expectile_loss(values: Tensor, targets: Tensor, tau: float) -> Tensor:
     tau = _check_tau(tau)
     _check_vectors(values, targets, names=("values", "targets"))
     u = targets - values
-    weight = torch.where(u < 0, 1.0 - tau, tau)  # |tau - 1(u < 0)|
+    weight = torch.abs(tau - (u < 0).to(u.dtype))  # |tau - 1(u < 0)|, in u's dtype
     return weight * u.square()
 
 
