@@ -36,7 +36,7 @@ T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 alphas = st.floats(min_value=1e-3, max_value=100.0)
 gammas = st.floats(min_value=0.0, max_value=10.0)
 taus = st.floats(min_value=0.01, max_value=0.99)
-FIT_ATOL = 1e-4  # a least-squares / expectile fit by Adam, against the exact group statistic
+FIT_ATOL = 1e-8  # 500 Adam steps on a convex 3-parameter fit, against the exact group expectile
 
 
 @pytest.fixture(autouse=True)
@@ -224,7 +224,7 @@ def test_value_head_fits_the_group_expectile(tau):
     features = torch.eye(3, dtype=torch.float64)[prompt]
     torch.manual_seed(0)
     net = ValueNetwork(3, hidden_sizes=(), dtype=torch.float64)
-    fit_value_network(net, features, rewards, tau=tau, steps=1000, lr=0.05)
+    fit_value_network(net, features, rewards, tau=tau, steps=500, lr=0.05)
     with torch.no_grad():
         got = net(torch.eye(3, dtype=torch.float64))
     expected = [_expectile(rewards[prompt == k], tau) for k in range(3)]
