@@ -281,7 +281,7 @@ def last_token_pool(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
     if bool((lengths == 0).any()):
         raise ValueError("attention_mask has a row with no token; every prompt needs at least one token")
     index = (lengths - 1).long()  # (B,)
-    return hidden_states[torch.arange(hidden_states.shape[0]), index]  # (B, H)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=index.device), index]  # (B, H)
 
 
 # --- KTO -----------------------------------------------------------------------------------------
@@ -322,7 +322,8 @@ def kto_loss(
     beta = check_beta(beta)
     lambda_d = _check_number(lambda_d, "lambda_d", "KTO's weight of desirable responses, e.g. 1.0")
     lambda_u = _check_number(lambda_u, "lambda_u", "KTO's weight of undesirable responses, e.g. 1.0")
-    z0 = torch.as_tensor(z0, dtype=policy_logps.dtype).detach()  # a constant: no gradient through z0
+    # z0 is a constant: no gradient flows through the reference point.
+    z0 = torch.as_tensor(z0, dtype=policy_logps.dtype, device=policy_logps.device).detach()
     if z0.numel() != 1:
         raise ValueError(f"z0 must be a single number (the batch KL estimate), got shape {tuple(z0.shape)}")
     _check_all_finite(z0, "z0")
@@ -366,7 +367,7 @@ def modpo_loss(
             raise ValueError(f"{name} must be (B,) or (B, K) with B = {B} and K = len(w) - 1 = {len(w) - 1}, "
                              f"got {tuple(m.shape)}")
         _check_all_finite(m, name)
-    w_rest = torch.tensor(w[1:], dtype=policy_chosen_logps.dtype)
+    w_rest = torch.tensor(w[1:], dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
     margin = (chosen_m - rejected_m) @ w_rest  # (B, K) @ (K,) -> (B,)
     h = h_pi(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     logits = (beta * h - margin) / w[0]
@@ -385,7 +386,7 @@ def combine_rewards(rewards: Tensor, weights: Sequence[float]) -> Tensor:
     if rewards.dim() != 2 or rewards.shape[1] != len(weights):
         raise ValueError(f"rewards must be (B, K) with K = len(weights) = {len(weights)}, got {tuple(rewards.shape)}")
     _check_all_finite(rewards, "rewards")
-    c = torch.tensor([float(v) for v in weights], dtype=rewards.dtype)
+    c = torch.tensor([float(v) for v in weights], dtype=rewards.dtype, device=rewards.device)
     _check_all_finite(c, "weights")
     return rewards @ c  # (B, K) @ (K,) -> (B,)
 
