@@ -240,7 +240,8 @@ def test_last_token_pool():
 # --- KTO -------------------------------------------------------------------------------------------
 def test_kto_worked_case():
     # r = log pi - log pi_ref = (0.5, -1.0); z0 = 0.25; beta = 2; lambda_D = 1, lambda_U = 1.5.
-    got = kto_loss(T(-1.0, -2.0), T(-1.5, -1.0), torch.tensor([True, False]), 0.25, beta=2.0, lambda_d=1.0, lambda_u=1.5)
+    desirable_mask = torch.tensor([True, False])
+    got = kto_loss(T(-1.0, -2.0), T(-1.5, -1.0), desirable_mask, 0.25, beta=2.0, lambda_d=1.0, lambda_u=1.5)
     desirable = 1 - 1 / (1 + math.exp(-2.0 * (0.5 - 0.25)))  # 1 - sigma(beta (r - z0))
     undesirable = 1.5 * (1 - 1 / (1 + math.exp(-2.0 * (0.25 + 1.0))))  # lambda_U (1 - sigma(beta (z0 - r)))
     torch.testing.assert_close(got, T(desirable, undesirable), rtol=F64_RTOL, atol=0)

@@ -160,10 +160,11 @@ def advantages(rewards: Tensor, values: Tensor) -> Tensor:
 def advantage_weights(advantages: Tensor, alpha: float, cap: float = WEIGHT_CAP) -> Tensor:
     r"""w(A) = exp(min(A / alpha, log cap)), detached; shape of ``advantages``. (Reconstruction: AWR/IQL.)
 
-    Finite and in (0, cap] for every finite or infinite advantage: the exponent is clamped *before*
+    Finite and in [0, cap] for every finite or infinite advantage: the exponent is clamped *before*
     exp, so nothing overflows (clamping exp(A / alpha) afterwards would give inf, then NaN gradients).
-    A = -inf gives weight 0. Small alpha approaches "imitate only the best response" (weights
-    concentrate on the largest A); large alpha approaches plain maximum likelihood (all weights 1).
+    A = -inf (or A / alpha below about -745 in float64, -104 in float32) gives weight 0.
+    Small alpha approaches "imitate only the best response" (weights concentrate on the largest A);
+    large alpha approaches plain maximum likelihood (all weights 1).
 
     Note that with these weights V(x) only rescales all responses of one prompt by exp(-V(x) / alpha):
     within a prompt the relative weights are exp((R_i - R_j) / alpha) whatever V is. V matters for
@@ -252,7 +253,9 @@ def fit_value_network(
     """
     _check_tau(tau)
     if features.dim() != 2 or features.shape[0] != rewards.shape[0]:
-        raise ValueError(f"features (N, d) and rewards (N,) disagree: {tuple(features.shape)} vs {tuple(rewards.shape)}")
+        raise ValueError(
+            f"features (N, d) and rewards (N,) disagree: {tuple(features.shape)} vs {tuple(rewards.shape)}"
+        )
     _check_all_finite(features, "features")
     _check_vectors(rewards, names=("rewards",))
     optimiser = torch.optim.Adam(value_network.parameters(), lr=lr)
@@ -357,7 +360,9 @@ def modpo_loss(
     beta = check_beta(beta)
     w = [float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan for v in w]
     if len(w) < 1 or not all(math.isfinite(v) for v in w) or w[0] <= 0:
-        raise ValueError(f"w must be finite numbers (w_0 > 0 for the preference, then one per margin reward), got {w!r}")
+        raise ValueError(
+            f"w must be finite numbers (w_0 > 0 for the preference, then one per margin reward), got {w!r}"
+        )
     chosen_m, rejected_m = chosen_margin_rewards, rejected_margin_rewards
     if chosen_m.dim() == 1:
         chosen_m, rejected_m = chosen_m.unsqueeze(-1), rejected_m.unsqueeze(-1)  # (B,) -> (B, 1)
@@ -425,7 +430,9 @@ def upo_dpo_loss(
     """
     pref = dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
     a_w, a_l = advantages(chosen_rewards, values), advantages(rejected_rewards, values)
-    aux = (auxiliary_loss(policy_chosen_logps, a_w, alpha, cap) + auxiliary_loss(policy_rejected_logps, a_l, alpha, cap)) / 2
+    aux_w = auxiliary_loss(policy_chosen_logps, a_w, alpha, cap)  # L_pi(x, y_w)
+    aux_l = auxiliary_loss(policy_rejected_logps, a_l, alpha, cap)  # L_pi(x, y_l)
+    aux = (aux_w + aux_l) / 2
     return upo_loss(pref, aux, gamma)
 
 

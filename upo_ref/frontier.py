@@ -184,7 +184,9 @@ class ToyConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not 0.0 <= self.w_aux < 1.0:
-            raise ValueError(f"w_aux must be in [0, 1) so that MODPO's preference weight 1 - w_aux is > 0, got {self.w_aux!r}")
+            raise ValueError(
+                f"w_aux must be in [0, 1) so that MODPO's preference weight 1 - w_aux is > 0, got {self.w_aux!r}"
+            )
 
 
 def fit_values(bandit: Bandit, pairs: Pairs, tau: float = 0.5, steps: int = 300, seed: int = 0) -> Tensor:
@@ -270,7 +272,8 @@ def run_frontier(
                     values_by_tau[config.tau] = fit_values(bandit, pairs, config.tau, value_steps, seed)
                 values = values_by_tau[config.tau]
             logps = train_policy(bandit, pairs, config, values)
-            points.append(FrontierPoint(config, seed, win_rate(bandit, logps).item(), auxiliary_value(bandit, logps).item()))
+            win, aux = win_rate(bandit, logps).item(), auxiliary_value(bandit, logps).item()
+            points.append(FrontierPoint(config, seed, win, aux))
     return points
 
 

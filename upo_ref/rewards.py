@@ -111,8 +111,9 @@ def count_syllables(word: str) -> int:
         silent = 0 if consonant_le else 1
     elif w.endswith("ed") and len(w) > 3 and w[-3] not in "td":
         silent = 1
-    elif w.endswith("es") and len(w) > 3 and not (w[:-2].endswith(_SYLLABIC_ES_AFTER) or w[:-1].endswith(_SYLLABIC_S_AFTER)):
-        silent = 1
+    elif w.endswith("es") and len(w) > 3:
+        syllabic = w[:-2].endswith(_SYLLABIC_ES_AFTER) or w[:-1].endswith(_SYLLABIC_S_AFTER)
+        silent = 0 if syllabic else 1
     return max(1, groups - silent)
 
 
@@ -158,8 +159,9 @@ def flesch_kincaid_grade(text: str) -> float:
 def readability_rewards(texts: list[str], scale: float = 0.01, empty: float = 0.0, dtype=torch.float32) -> Tensor:
     """Readability reward per response, (B,): ``scale`` x Flesch reading ease (``empty`` for no words).
 
-    The default scale 1/100 puts the reward in "hundreds of FRE points" (typical responses span about
-    -0.5 to 1.2), a unit in which advantage temperatures alpha ~ 1 are sensible. (A reconstruction:
+    The default scale 1/100 puts the reward in "hundreds of FRE points" (the chosen replies of HH
+    helpful-base have 5 %, 50 % and 95 % quantiles 0.41, 0.77 and 1.04), a unit in which advantage
+    temperatures alpha of order 0.1-1 are sensible. (A reconstruction:
     the paper's exact readability reward is not available here.)
     """
     out = [empty if text_stats(t).words == 0 else scale * flesch_reading_ease(t) for t in texts]
@@ -227,7 +229,9 @@ def train_bradley_terry_scorer(
     Convex, started at w = 0, so the result is deterministic. ``chosen[i]`` is preferred to ``rejected[i]``.
     """
     if len(chosen) != len(rejected) or not chosen:
-        raise ValueError(f"chosen and rejected must be non-empty lists of equal length, got {len(chosen)} and {len(rejected)}")
+        raise ValueError(
+            f"chosen and rejected must be non-empty lists of equal length, got {len(chosen)} and {len(rejected)}"
+        )
     diff = (hashed_ngram_features(chosen, dim, ngrams) - hashed_ngram_features(rejected, dim, ngrams)).coalesce()
     w = torch.zeros(dim, 1, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
