@@ -2,9 +2,10 @@ r"""Azar et al.'s illustrative bandit experiment, extended to f-divergences.
 
 Azar et al. (2023, "A general theoretical paradigm to understand learning from human
 preferences", section 5.1) train a policy pi = softmax(theta) over three actions {a, b, c} on a
-handful of fixed preference pairs, with Adam (lr 0.01) on mini-batches of 9 pairs drawn with
-replacement, and compare DPO, which drifts to a deterministic policy, with IPO, which converges
-to a regularised one. upo_ref runs the same experiment for every loss of ``upo_ref.losses``,
+handful of fixed preference pairs and compare DPO, which drifts to a deterministic policy, with
+IPO, which converges to a regularised one. The optimisation settings used here (Adam, lr 0.01,
+mini-batches of 9 pairs drawn with replacement) are the ones upo_ref's issue 3 specifies for that
+experiment. upo_ref runs the same experiment for every loss of ``upo_ref.losses``,
 vectorised over seeds: theta has shape (S, K), one row per seed, and each seed's gradient is
 that of its own mini-batch mean (Adam is elementwise, so the seeds never interact).
 
