@@ -1,0 +1,137 @@
+"""The JS-IUPO reachability analysis (closed forms and a brute-force check), loss gradients, relative errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upo_ref.analysis import (
+    loss_and_gradients,
+    paper_optimal_logratio,
+    paper_reachability_threshold,
+    paper_uh_supremum,
+    relative_error,
+)
+from upo_ref.divergences import get_divergence
+from upo_ref.losses import PreferenceLoss, iupo_loss, uh_pi
+
+JS = get_divergence("jensen_shannon")
+FKL = get_divergence("forward_kl")
+BOUNDED = [JS, FKL, get_divergence("alpha", alpha=0.3), get_divergence("alpha", alpha=0.7)]
+BETAS = [0.05, 0.1, 0.2, 0.5, 1.0, 3.0]
+THRESHOLD_RTOL = 1e-13  # float64 evaluation of one closed form against another
+GRID = 1e-3  # brute-force grid spacing in c (nats)
+
+
+def t64(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+# --- the threshold c*(beta) ---------------------------------------------------------------------
+@pytest.mark.parametrize("beta", BETAS)
+def test_threshold_closed_forms(beta):
+    T = 1 / (2 * beta)
+    assert paper_reachability_threshold(beta, JS) == pytest.approx(-math.log(math.expm1(T)), rel=THRESHOLD_RTOL, abs=1e-15)
+    assert paper_reachability_threshold(beta, FKL) == pytest.approx(-math.log(T), rel=THRESHOLD_RTOL, abs=1e-15)
+    for a in (0.3, 0.7):
+        alpha = get_divergence("alpha", alpha=a)
+        assert paper_reachability_threshold(beta, alpha) == pytest.approx(-math.log(a * T) / a, rel=THRESHOLD_RTOL, abs=1e-15)
+    assert paper_reachability_threshold(beta, "reverse_kl") == math.inf
+    assert paper_reachability_threshold(beta, "chi_squared") == math.inf
+
+
+def test_threshold_at_the_papers_betas():
+    # The numbers notebook 3 states: -4.99, -2.41, -0.54 nats; and c* = 0 exactly at beta = 1/(2 log 2).
+    assert [round(paper_reachability_threshold(b, JS), 2) for b in (0.1, 0.2, 0.5)] == [-4.99, -2.41, -0.54]
+    assert abs(paper_reachability_threshold(1 / (2 * math.log(2)), JS)) < 1e-15
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("div", BOUNDED, ids=lambda d: repr(d))
+def test_threshold_agrees_with_brute_force(div, beta):
+    """Scan c, and for each c find sup_a Uh by evaluating the paper-form Uh itself at a huge policy log-ratio."""
+    T = 1 / (2 * beta)
+    c_star = paper_reachability_threshold(beta, div)
+    c = torch.arange(-60.0, 60.0, GRID, dtype=torch.float64)
+    a_huge = torch.full_like(c, 800.0)  # f'(e^800) = sup f' to the last bit for these divergences
+    zero = torch.zeros_like(c)
+    sup_uh = uh_pi(a_huge, zero, c, zero, div, form="paper")  # log pi ratio a, reference log-ratio c
+    reachable = sup_uh > T
+    # reachable is exactly the set c < c*, up to the grid
+    assert reachable[c < c_star - GRID].all() and not reachable[c > c_star + GRID].any()
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0])
+def test_paper_loss_reaches_zero_exactly_below_the_threshold(beta):
+    c_star = paper_reachability_threshold(beta, JS)
+    a = torch.arange(-40.0, 80.0, 0.01, dtype=torch.float64)
+    zero = torch.zeros_like(a)
+    for c, reachable in ((c_star - 0.05, True), (c_star + 0.05, False)):
+        loss = iupo_loss(a, zero, torch.full_like(a, c), zero, beta, JS)  # (len(a),)
+        if reachable:
+            assert loss.min().item() < 1e-4
+        else:
+            floor = (paper_uh_supremum(t64(c), JS).item() - 1 / (2 * beta)) ** 2
+            assert loss.min().item() >= floor > 0
+            assert (loss[1:] <= loss[:-1]).all()  # non-increasing in a: the infimum is at a = +inf
+
+
+def test_paper_optimal_logratio_zeroes_the_loss_where_reachable_and_is_inf_elsewhere():
+    beta = 0.1
+    c = t64(-12.0, -8.0, -6.0, -5.1, -4.9, 0.0, 5.0)
+    a_star = paper_optimal_logratio(c, beta, JS)
+    reachable = c < paper_reachability_threshold(beta, JS)
+    assert torch.isinf(a_star[~reachable]).all() and torch.isfinite(a_star[reachable]).all()
+    loss = iupo_loss(a_star[reachable], torch.zeros(int(reachable.sum()), dtype=torch.float64),
+                     c[reachable], torch.zeros(int(reachable.sum()), dtype=torch.float64), beta, JS)
+    assert loss.max().item() < 1e-20
+    # far below the threshold the paper form's margin a* - c tends to IPO's T = 1/(2 beta)
+    assert (a_star[0] - c[0]).item() == pytest.approx(5.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("c", [-4.0, 0.0, 4.0, 10.0])
+def test_unreachable_push_decays_like_the_probability_ratio(c):
+    beta = 0.1
+    T = 1 / (2 * beta)
+    limit = 2 * (T - softplus(t64(-c)).item())  # -dL/da * e^a as a -> inf
+    for a in (25.0, 35.0):
+        _, d_chosen, d_rejected = loss_and_gradients(PreferenceLoss("iupo", JS), t64(a), t64(0.0), t64(c), t64(0.0), beta)
+        assert -d_chosen.item() * math.exp(a) == pytest.approx(limit, rel=1e-9)
+        assert d_rejected.item() == -d_chosen.item()  # the paper form sees only log pi(y_w) - log pi(y_l)
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x), exact for these |x| <= 30. (torch's F.softplus returns x itself beyond x = 20.)"""
+    return torch.log1p(torch.exp(x))
+
+
+def test_paper_uh_supremum_is_softplus_for_js():
+    c = torch.linspace(-30, 30, 601, dtype=torch.float64)
+    # a few ulps of the larger of log 2 and |f'(e^c)| (the difference is formed in float64)
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(paper_uh_supremum(c, JS), softplus(-c), rtol=4 * eps, atol=4 * eps)
+
+
+# --- loss_and_gradients, relative_error ------------------------------------------------------------
+def test_loss_and_gradients_hand_values_for_dpo_and_ipo():
+    pc, pr, rc, rr = t64(-1.0, -3.0), t64(-2.0, -1.0), t64(-1.5, -2.0), t64(-1.5, -2.0)  # h = (1, -2)
+    beta = 0.5
+    value, d_w, d_l = loss_and_gradients(PreferenceLoss("dpo"), pc, pr, rc, rr, beta)
+    h = t64(1.0, -2.0)
+    torch.testing.assert_close(value, F.softplus(-beta * h), rtol=1e-15, atol=0)
+    torch.testing.assert_close(d_w, -beta * torch.sigmoid(-beta * h), rtol=1e-15, atol=0)
+    torch.testing.assert_close(d_l, beta * torch.sigmoid(-beta * h), rtol=1e-15, atol=0)
+    _, d_w, d_l = loss_and_gradients(PreferenceLoss("ipo"), pc, pr, rc, rr, beta)
+    torch.testing.assert_close(d_w, 2 * (h - 1.0), rtol=1e-15, atol=0)
+    torch.testing.assert_close(d_l, -2 * (h - 1.0), rtol=1e-15, atol=0)
+
+
+def test_relative_error_cases():
+    approx = t64(1.1, math.nan, math.inf, math.inf, 0.0, 1e-8, -math.inf, 2.0)
+    ref = t64(1.0, 1.0, math.inf, 1e300, 0.0, 0.0, -math.inf, 2.0)
+    err = relative_error(approx, ref)
+    assert err[0].item() == pytest.approx(0.1, rel=1e-14)
+    assert err[1:].tolist() == [math.inf, 0.0, math.inf, 0.0, math.inf, 0.0, 0.0]

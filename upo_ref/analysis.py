@@ -1,0 +1,119 @@
+r"""Small analyses the notebooks show: loss gradients, accuracy of f' forms, and JS-IUPO reachability.
+
+The reachability analysis is the one the paper does not give. In the paper's form (eq. 23),
+
+.. math:: Uh_\pi = f'\!\left(e^{a}\right) - f'\!\left(e^{c}\right), \qquad
+          a = \log\frac{\pi(y_w)}{\pi(y_l)}, \quad c = \log\frac{\pi_{ref}(y_w)}{\pi_{ref}(y_l)},
+
+and IUPO (eq. 24) regresses Uh onto T = 1/(2 beta). When f' is bounded above (Jensen-Shannon:
+f' < log 2; forward KL: f' < 0; alpha: f' < 1/alpha), Uh < sup f' - f'(e^c) whatever the policy
+does, so the target is reachable only on pairs with sup f' - f'(e^c) > T, i.e.
+
+.. math:: c < c^*(\beta) = \log (f')^{-1}\big(\sup f' - T\big)
+          \qquad (\text{JS: } c^* = -\log(e^{T} - 1), \text{ about } -4.99 \text{ at } \beta = 0.1).
+
+On the other pairs the loss is decreasing in a for every a and its infimum is not attained: the
+policy's margin a grows without bound, with a gradient dL/da = 2 (Uh - T) d f'(e^a)/da that for
+JS is 2 (Uh - T) sigmoid(-a), so |dL/da| ~ 2 (T - softplus(-c)) e^{-a} = 2 (T - softplus(-c)) pi(y_l)/pi(y_w).
+The kkt form (eq. 17) has no such bound: f'(pi(y_l)/pi_ref(y_l)) -> -inf as pi(y_l) -> 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .checks import check_beta
+from .divergences import Divergence, as_divergence
+from .losses import PreferenceLoss
+
+__all__ = [
+    "loss_and_gradients",
+    "relative_error",
+    "paper_uh_supremum",
+    "paper_reachability_threshold",
+    "paper_optimal_logratio",
+]
+
+
+def loss_and_gradients(
+    loss: PreferenceLoss,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A loss and its derivatives in log pi(y_w) and log pi(y_l), pair by pair.
+
+    Args: the four (B,) log-prob tensors of every loss, and beta.
+
+    Returns:
+        (loss, dL/d log pi(y_w), dL/d log pi(y_l)), each (B,) and detached. Each pair's loss depends
+        only on its own log-probs, so the gradient of the sum is the per-pair derivative.
+    """
+    pc = policy_chosen_logps.detach().clone().requires_grad_(True)
+    pr = policy_rejected_logps.detach().clone().requires_grad_(True)
+    value = loss(pc, pr, reference_chosen_logps, reference_rejected_logps, beta)  # (B,)
+    d_chosen, d_rejected = torch.autograd.grad(value.sum(), (pc, pr))
+    return value.detach(), d_chosen, d_rejected
+
+
+def relative_error(approx: Tensor, reference: Tensor) -> Tensor:
+    """|approx - reference| / |reference| elementwise, in float64; +inf where approx is NaN or
+    infinite (unless it equals an infinite reference); where reference == 0, 0 if approx == 0 else +inf."""
+    a, r = approx.to(torch.float64), reference.to(torch.float64)
+    err = (a - r).abs() / r.abs()
+    err = torch.where(a == r, torch.zeros_like(err), err)  # also covers inf == inf and 0 == 0
+    err = torch.where(torch.isfinite(a) | (a == r), err, torch.full_like(err, math.inf))
+    return torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
+
+
+def _target(beta: float) -> float:
+    return 1.0 / (2.0 * check_beta(beta))  # IUPO's regression target 1/(2 beta), eq. (24)
+
+
+def paper_uh_supremum(ref_logratio: Tensor, divergence: Divergence | str) -> Tensor:
+    r"""sup over policies of the paper-form Uh (eq. 23) on a pair: sup f' - f'(e^c). Same shape as c.
+
+    ``ref_logratio`` is c = log pi_ref(y_w) - log pi_ref(y_l). For Jensen-Shannon this equals
+    softplus(-c) = log(1 + e^{-c}); it is computed as the difference, so it carries an absolute
+    error of a few ulps of the larger of sup f' and |f'(e^c)|. +inf where f' is unbounded above (reverse KL).
+    """
+    div = as_divergence(divergence)
+    return div.f_prime_range[1] - div.f_prime_of_log(ref_logratio)
+
+
+def paper_reachability_threshold(beta: float, divergence: Divergence | str) -> float:
+    r"""c*(beta): the paper-form IUPO target 1/(2 beta) is reachable on a pair iff c < c*.
+
+    c is the reference's own log-ratio log(pi_ref(y_w)/pi_ref(y_l)). Since f' is increasing,
+    sup f' - f'(e^c) > T  <=>  c < log (f')^{-1}(sup f' - T). Returns +inf when f' is unbounded
+    above (reverse KL, chi-squared: every pair can reach the target), -inf when sup f' - T is at or
+    below inf f' (no pair can). Closed forms (pinned by tests): Jensen-Shannon -log(e^T - 1),
+    forward KL -log T, alpha -log(alpha T) / alpha, with T = 1/(2 beta).
+
+    Computed in float64 as log((f')^{-1}(sup f' - T)); for Jensen-Shannon this is exact to a few ulps
+    while e^{-T} is representable, i.e. for beta > 1/1490.
+    """
+    div = as_divergence(divergence)
+    lo, hi = div.f_prime_range
+    s = hi - _target(beta)
+    if s == math.inf:
+        return math.inf
+    if s <= lo:
+        return -math.inf
+    return math.log(div.f_prime_inverse(torch.tensor(s, dtype=torch.float64)).item())
+
+
+def paper_optimal_logratio(ref_logratio: Tensor, beta: float, divergence: Divergence | str) -> Tensor:
+    r"""a*(c): the policy log-ratio log(pi(y_w)/pi(y_l)) at which the paper-form Uh equals 1/(2 beta).
+
+    a* = log (f')^{-1}(T + f'(e^c)), the unique zero of the paper-form IUPO loss on one pair; +inf
+    where the target is unreachable (c >= c*, see :func:`paper_reachability_threshold`). IPO's is
+    a* = c + T for every c. Same shape as ``ref_logratio``.
+    """
+    div = as_divergence(divergence)
+    return torch.log(div.optimal_ratio(_target(beta) + div.f_prime_of_log(ref_logratio)))
