@@ -240,3 +240,14 @@ def test_negative_or_nan_ratio_raises(name):
             div.f(t64(1.0, bad))
         with pytest.raises(ValueError, match="must be >= 0"):
             div.f_prime(t64(bad))
+
+
+def test_jensen_shannon_custom_gradient_composes_with_torch_func():
+    # d/dx f'(e^x) = sigmoid(-x) and d2/dx2 = -sigmoid(x) sigmoid(-x), through vmap(grad(.)).
+    js = get_divergence("jensen_shannon")
+    x = t64(-30.0, -3.0, -1.0, 0.0, 2.0, 30.0)
+    d1 = torch.func.vmap(torch.func.grad(js.f_prime_of_log))(x)
+    d2 = torch.func.vmap(torch.func.grad(torch.func.grad(js.f_prime_of_log)))(x)
+    torch.testing.assert_close(d1, torch.sigmoid(-x), rtol=F64_RTOL, atol=0)
+    # (the second derivative is autograd through sigmoid, y (1 - y): accurate in absolute terms only)
+    torch.testing.assert_close(d2, -torch.sigmoid(x) * torch.sigmoid(-x), rtol=F64_RTOL, atol=ROUNDING_ATOL)

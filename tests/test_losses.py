@@ -66,6 +66,9 @@ HAND = [
     ("FKL-IUPO paper: -e^-1 + e^0, target 1", lambda: iupo_loss(*CASE, 0.5, "forward_kl"),
      (-math.exp(-1.0) + 1.0 - 1.0) ** 2),
     ("h = 0 gives DPO = log 2", lambda: dpo_loss(t64(-3.0), t64(-3.0), t64(-7.0), t64(-7.0), 0.3), LN2),
+    # h = -201, beta = 0.1: softplus(20.1), beyond torch's default softplus threshold of 20
+    ("DPO far on the wrong side", lambda: dpo_loss(t64(0.0), t64(0.0), t64(201.0), t64(0.0), 0.1),
+     20.1 + math.log1p(math.exp(-20.1))),
 ]
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_beta, check_logps
-from .losses import dpo_loss, h_pi
+from .losses import dpo_loss, h_pi, softplus
 
 __all__ = [
     "WEIGHT_CAP",
@@ -376,7 +376,7 @@ def modpo_loss(
     margin = (chosen_m - rejected_m) @ w_rest  # (B, K) @ (K,) -> (B,)
     h = h_pi(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     logits = (beta * h - margin) / w[0]
-    return F.softplus(-logits)
+    return softplus(-logits)
 
 
 # --- several rewards, and the combined loss --------------------------------------------------------

@@ -235,9 +235,10 @@ class JensenShannon(Divergence):
 class _JSFPrimeOfLog(torch.autograd.Function):
     """Jensen-Shannon's f'(exp(x)) with its exact derivative sigmoid(-x); see JensenShannon."""
 
+    generate_vmap_rule = True  # forward and backward are plain torch ops, so torch.func.vmap works
+
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
+    def forward(x):
         high = (x >= _JS_SWITCH).to(x.dtype)  # 1.0 selects the expm1 branch, 0.0 the logsigmoid one
         upper = torch.log1p(torch.expm1(-x.clamp(min=_JS_SWITCH)) / 2).neg_()
         lower = torch.nn.functional.logsigmoid(x.clamp(max=_JS_SWITCH)).add_(LOG_2)
@@ -245,7 +246,10 @@ class _JSFPrimeOfLog(torch.autograd.Function):
         return upper.mul_(high).add_(lower.mul_(1 - high))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):  # separate from forward, so torch.func transforms work
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * torch.sigmoid(-x)

@@ -51,9 +51,19 @@ __all__ = [
     "preference_metrics",
     "PreferenceLoss",
     "LOSS_NAMES",
+    "softplus",
 ]
 
 IUPO_FORMS = ("paper", "kkt")
+
+# torch's softplus returns x itself above its default threshold of 20, an error of log1p(e^-20) ~ 2e-9.
+# Above 40, log1p(e^-x) < 5e-18 is below float64 rounding of x, so returning x is exact there.
+SOFTPLUS_THRESHOLD = 40.0
+
+
+def softplus(x: Tensor) -> Tensor:
+    """log(1 + e^x) = -log sigma(-x), exact to rounding for every x (see SOFTPLUS_THRESHOLD)."""
+    return F.softplus(x, threshold=SOFTPLUS_THRESHOLD)
 
 
 def h_pi(
@@ -105,16 +115,25 @@ def uh_pi(
 
 
 def _check_representable(loss: Tensor, divergence: Divergence | str, what: str) -> Tensor:
-    """f' of an extreme log-ratio can exceed the dtype (forward KL: f'(e^x) = -e^{-x}); say so, never NaN."""
+    """Raise, naming the cause, where a loss overflowed its dtype; never return inf/NaN silently."""
     finite = torch.isfinite(loss)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0, 0])
+        name = as_divergence(divergence).name
+        if name in ("reverse_kl", "jensen_shannon", "total_variation"):
+            cause = (
+                f"{name}'s f' grows at most linearly in the log-ratio, so only a diverged run (log-ratios "
+                f"near the dtype's limit) gets here; look at the log-probs of that pair"
+            )
+        else:
+            cause = (
+                f"{name}'s f' grows exponentially in the log-ratio, so f' (or the loss built from it) exceeds "
+                f"the dtype; use float64, the 'kkt' form (whose log-ratios are policy vs reference, not "
+                f"chosen vs rejected), or a divergence whose f' grows linearly (reverse_kl, jensen_shannon)"
+            )
         raise ValueError(
             f"{what}: the loss is not representable in {loss.dtype} for {int((~finite).sum())} pair(s), "
-            f"the first at index {i}. {as_divergence(divergence).name}'s f' grows exponentially in the "
-            f"log-ratio, so f' (or the loss built from it) exceeds the dtype; use float64, the 'kkt' "
-            f"form (whose log-ratios are policy vs reference, not chosen vs rejected), or a divergence "
-            f"whose f' grows linearly (reverse_kl, jensen_shannon)"
+            f"the first at index {i}. {cause}"
         )
     return loss
 
@@ -128,12 +147,13 @@ def dpo_loss(
 ) -> Tensor:
     r"""DPO, eq. (4): -log sigma(beta log(pi(y_w)/pi_ref(y_w)) - beta log(pi(y_l)/pi_ref(y_l))). (B,)
 
-    Written as softplus(-beta h) = -log sigma(beta h), which is finite for every finite h.
+    Written as softplus(-beta h) = -log sigma(beta h), which is finite for every finite h
+    (:func:`softplus`, exact to rounding also above torch's default threshold).
     """
     check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     beta = check_beta(beta)
     h = h_pi(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    return F.softplus(-beta * h)
+    return softplus(-beta * h)
 
 
 def ipo_loss(
@@ -174,7 +194,7 @@ def fdpo_loss(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         divergence, form="kkt",
     )  # f'(u_w) - f'(u_l)
-    return _check_representable(F.softplus(-beta * margin), divergence, "fdpo_loss")
+    return _check_representable(softplus(-beta * margin), divergence, "fdpo_loss")
 
 
 def iupo_loss(
