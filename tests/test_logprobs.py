@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from upo_ref.data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
 from upo_ref.logprobs import concatenated_logps, head_is_linear_readout, logps_from_logits, sequence_logps
 
@@ -15,14 +16,6 @@ from upo_ref.logprobs import concatenated_logps, head_is_linear_readout, logps_f
 LOGP_ATOL = 1e-4
 
 V = 50  # a small vocabulary keeps the loop fast; pad id 0 is also an ordinary token
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

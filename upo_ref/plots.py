@@ -4,6 +4,10 @@ One column per beta, one row per quantity, one line per loss (IPO vs JS-IUPO in 
 accuracy and margin are DPO's implicit-reward ones (``losses.preference_metrics``: ``rewards/*``),
 the same for every loss, so the lines are comparable. The train loss is a trailing mean over
 ``smooth`` steps (it is per-batch and noisy); the eval curves are exact means over the eval set.
+
+At step 0 the policy *is* pi_ref, every implicit-reward margin is exactly 0 and the (strict)
+accuracy is 0 by convention, not by measurement: the accuracy row therefore starts at the first
+evaluation after step 0, with chance (0.5) drawn as a dashed line.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def figure1(
             ax = axes[row][col]
             for label in labels:
                 records = [r for r in runs.get((label, beta), ()) if r["split"] == split and key in r]
+                if key == "rewards/accuracies":
+                    records = [r for r in records if r["examples_seen"] > 0]
                 if not records:
                     continue
                 x = [r["examples_seen"] for r in records]
@@ -64,6 +70,8 @@ def figure1(
                 if split == "train":
                     y = trailing_mean(y, smooth or max(1, len(y) // 10))
                 ax.plot(x, y, color=colors[label], label=label, marker="o" if split == "eval" else None, ms=3)
+            if key == "rewards/accuracies":
+                ax.axhline(0.5, color="grey", ls="--", lw=1)
             if row == 0:
                 ax.set_title(f"β = {beta:g}")
             if row == len(ROWS) - 1:

@@ -293,13 +293,21 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def main(argv: list[str] | None = None) -> list[RunResult]:
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
+    threads = torch.get_num_threads()
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)  # the main job only; importing upo_ref sets nothing
+        torch.set_num_threads(cfg.threads)  # the main job only (restored below); importing upo_ref sets nothing
+    command = "python -m upo_ref.reproduce" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        return _main(args, cfg, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, cfg: ExperimentConfig, command: str) -> list[RunResult]:
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
     inside = out_dir if args.smoke else None
     results_dir = Path(args.results) if args.results else (inside / "results" if inside else REPO_ROOT / "results" / cfg.name)
     figure_path = Path(args.figure) if args.figure else (inside or figures_dir()) / f"figure1_{cfg.name}.png"
-    command = "python -m upo_ref.reproduce" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     device = torch.device(args.device) if args.device else default_device()
 
     t0 = time.perf_counter()

@@ -16,8 +16,9 @@ A policy that has learnt the task raises log pi(token | topic) for the liked tok
 implicit reward beta log(pi/pi_ref) ranks held-out pairs like r does. Responses are uniform, so
 the random initial model is already a fair reference: no SFT is needed. The defaults (2 topics,
 the prompt is the topic token alone) are the task of the learning test and the ``synthetic``
-preset; with beta 0.1 and 2,048 pairs, DPO, IPO and JS-IUPO all reach held-out accuracy >= 0.95
-on each of 12 model/data seeds (the test asks >= 0.9 of seed 0).
+preset: with beta 0.1, one pass over 1,536 pairs (AdamW, lr 5e-4), DPO, IPO and JS-IUPO reach
+held-out accuracy of at least 0.95, 0.96 and 0.97 on every one of 12 model/data seeds (the test
+asks >= 0.9 of seed 0).
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ The loop: examples are drawn in a fixed order (epoch e is a permutation of the t
 by (seed, e)), so the position in the stream, ``examples_seen``, fixes everything that comes next.
 Each step: linear-warmup learning rate, gradient accumulation over microbatches, gradient norm
 clipped at ``max_grad_norm``, one optimiser step. Evaluation (mean of every metric over the whole
-eval set) runs at 0, every ``eval_every`` examples and at the end; after each, a checkpoint (model,
-optimiser, examples_seen, step, RNG state) replaces the previous one. Metrics go to a JSON-lines
-file, one object per line with ``split`` ("train"/"eval") and ``examples_seen``.
+eval set) runs at 0, after every step that crosses a multiple of ``eval_every`` examples, and at
+the end; after each, a checkpoint (model, optimiser, examples_seen, step, RNG state) replaces the
+previous one. Metrics go to a JSON-lines file, one object per line with ``split``
+("train"/"eval") and ``examples_seen``.
 
 Resuming from a checkpoint restores all of that state and cuts the metrics file back to the
 checkpoint, so an interrupted-and-resumed run writes the same metrics as an uninterrupted one
@@ -351,27 +352,31 @@ def train(
         last_eval = [r for r in read_metrics(metrics_path) if r["split"] == "eval"][-1]
 
     bar = tqdm(total=cfg.n_examples, initial=examples_seen, unit="ex", desc=desc or phase.name, disable=not progress)
-    while examples_seen < cfg.n_examples:
-        indices = example_indices(len(train_set), cfg.seed, examples_seen, cfg.batch_size)
-        t0 = time.perf_counter()
-        try:
-            metrics = _train_step(model, phase, [train_set[i] for i in indices], indices, cfg, optimizer, step, device)
-        except NonFiniteLossError as err:
-            bar.close()
-            raise NonFiniteLossError(
-                f"{desc or phase.name}: {err} at step {step} (examples_seen {examples_seen}); stopped before the "
-                f"update. The last good checkpoint is {ckpt_path} (from the last evaluation); lower the learning "
-                f"rate or look at the batch's examples {indices}"
-            ) from None
-        examples_seen += cfg.batch_size
-        step += 1
-        rate = cfg.batch_size / (time.perf_counter() - t0)
-        log({"split": "train", "examples_seen": examples_seen, "step": step, **metrics, "time/examples_per_s": rate})
-        bar.update(cfg.batch_size)
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-        if examples_seen % cfg.eval_every == 0 or examples_seen == cfg.n_examples:
-            last_eval = evaluate_and_save()
-            key = "rewards/accuracies" if "rewards/accuracies" in last_eval else "loss"
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", **{f"eval_{key.split('/')[-1]}": f"{last_eval[key]:.3g}"})
-    bar.close()
+    try:
+        while examples_seen < cfg.n_examples:
+            indices = example_indices(len(train_set), cfg.seed, examples_seen, cfg.batch_size)
+            t0 = time.perf_counter()
+            try:
+                metrics = _train_step(model, phase, [train_set[i] for i in indices], indices, cfg, optimizer, step,
+                                      device)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(
+                    f"{desc or phase.name}: {err} at step {step} (examples_seen {examples_seen}); stopped before the "
+                    f"update. The last good checkpoint is {ckpt_path} (from the last evaluation); lower the learning "
+                    f"rate or look at the batch's examples {indices}"
+                ) from None
+            examples_seen += cfg.batch_size
+            step += 1
+            rate = cfg.batch_size / (time.perf_counter() - t0)
+            log({"split": "train", "examples_seen": examples_seen, "step": step, **metrics,
+                 "time/examples_per_s": rate})
+            bar.update(cfg.batch_size)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+            crossed = examples_seen // cfg.eval_every > (examples_seen - cfg.batch_size) // cfg.eval_every
+            if crossed or examples_seen == cfg.n_examples:
+                last_eval = evaluate_and_save()
+                key = "rewards/accuracies" if "rewards/accuracies" in last_eval else "loss"
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", **{f"eval_{key.split('/')[-1]}": f"{last_eval[key]:.3g}"})
+    finally:
+        bar.close()
     return {k: v for k, v in last_eval.items() if k not in ("split", "examples_seen", "step")}
