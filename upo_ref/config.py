@@ -167,7 +167,7 @@ def _quick() -> ExperimentConfig:
     return ExperimentConfig(
         name="quick",
         model=ModelConfig(TINY_GPT2, n_layer=4, n_head=4, n_embd=128),
-        data=DataConfig(("hh",), max_length=64, max_prompt_length=32, n_train_pairs=256, n_eval_pairs=128),
+        data=DataConfig(("hh",), max_length=64, max_prompt_length=32, n_train_pairs=256, n_eval_pairs=192),
         sft=PhaseConfig(n_examples=4096, batch_size=32, eval_every=1024, lr=1e-3, optimizer="adamw", warmup_steps=10,
                         eval_batch_size=64),
         # RMSprop as in the reference code; at lr 1e-4 the losses of beta 0.2 and 0.5 rise instead of falling.
