@@ -140,7 +140,7 @@ def test_download_hh_fetches_missing_files_only(tmp_path):
     for f in source.rglob("*.gz"):
         f.unlink()
     download_hh(dest, "train", ["helpful-base", "harmless-base"], base_url=source.as_uri())
-    assert not list(dest.rglob("*.tmp*")) and len(list(dest.rglob("*.jsonl.gz"))) == 2
+    assert not list(dest.rglob("*.part")) and len(list(dest.rglob("*.jsonl.gz"))) == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -74,14 +74,32 @@ def write_official_hh(root, n_train: int, n_test: int):
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def test_paper_preset_smoke_on_official_files(tmp_path):
-    """The paper preset's code path (official train/test files, RMSprop, microbatches) on a tiny model."""
-    hh = tmp_path / "hh"
+def write_shp(root, split: str, n: int):
+    """n kept pairs (score ratio 3) and one filtered pair (ratio 1.5) in <root>/askscience/<split>.json."""
+    rows = [{"history": f"{split} question {i}?", "human_ref_A": f"Answer {i} in detail.", "human_ref_B": "No idea.",
+             "labels": 1, "score_A": 30, "score_B": 10} for i in range(n)]
+    rows.append({"history": "tie?", "human_ref_A": "a", "human_ref_B": "b", "labels": 0, "score_A": 2, "score_B": 3})
+    path = root / "askscience" / f"{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_paper_preset_smoke_on_official_files_plus_shp(tmp_path, capsys):
+    """The paper preset's code path (official HH train/test files plus SHP, RMSprop, microbatches) on a
+    tiny model."""
+    hh, shp = tmp_path / "hh", tmp_path / "shp"
     write_official_hh(hh, n_train=5, n_test=3)
+    write_shp(shp, "train", 16)
+    write_shp(shp, "test", 8)
     out = tmp_path / "run"
-    main(["--preset", "paper", "--smoke", "--hh-dir", str(hh), "--out", str(out), "--no-progress", "--device", "cpu"])
+    main(["--preset", "paper", "--smoke", "--hh-dir", str(hh), "--shp-dir", str(shp), "--out", str(out),
+          "--no-progress", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "SHP: 17 rows read, 16 pairs kept\n  dropped 1 (score ratio < 2)" in printed
+    assert "preference: 32 train / 16 eval pairs" in printed  # 16 + 16 train, 8 + 8 eval (the smoke sizes, per dataset)
     summary = check_outputs(out, "paper-smoke", [0, 8, 16])
     cfg = summary["config"]
+    assert cfg["data"]["datasets"] == ["hh", "shp"]
     assert cfg["data"]["hh_split"] == "official" and cfg["data"]["hh_subsets"] == list(HH_SUBSETS)
     assert cfg["pref"]["optimizer"] == "rmsprop" and cfg["pref"]["microbatch_size"] == 2
     assert cfg["model"]["name_or_path"] == TINY_GPT2  # smoke replaces GPT-2 124M

@@ -67,7 +67,8 @@ class DataConfig:
     ``"official"`` uses the official train/test files, downloaded into ``hh_dir`` if missing.
     ``hh_dir`` None means ``paths.hh_dir()``; ``shp_dir`` holds ``<subreddit>/{train,test}.json``.
     ``n_train_pairs``/``n_eval_pairs``: use the first n pairs of each split after a seeded shuffle
-    (None: all). ``n_sft_examples`` likewise for the SFT targets.
+    (None: all); the SFT eval set has ``n_eval_pairs`` examples too. ``n_sft_examples`` likewise for
+    the SFT training targets (one per distinct prompt of the train split).
     """
 
     datasets: tuple[str, ...] = ("hh",)

@@ -238,8 +238,13 @@ def download_hh(dest: str | Path, split: str, subsets: Sequence[str] = HH_SUBSET
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         url = f"{base_url}/{subset}/{split}.jsonl.gz"
-        with urllib.request.urlopen(url) as response, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-            shutil.copyfileobj(response, tmp)
+        with urllib.request.urlopen(url) as response:
+            with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".part", delete=False) as tmp:
+                try:
+                    shutil.copyfileobj(response, tmp)
+                except BaseException:
+                    Path(tmp.name).unlink()
+                    raise
         Path(tmp.name).replace(target)
     return dest
 

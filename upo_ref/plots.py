@@ -70,8 +70,10 @@ def figure1(
                 if split == "train":
                     y = trailing_mean(y, smooth or max(1, len(y) // 10))
                 ax.plot(x, y, color=colors[label], label=label, marker="o" if split == "eval" else None, ms=3)
-            if key == "rewards/accuracies":
+            if key == "rewards/accuracies":  # chance, and a y-range of at least 0.4..0.6 so noise looks like noise
                 ax.axhline(0.5, color="grey", ls="--", lw=1)
+                low, high = ax.get_ylim()
+                ax.set_ylim(min(low, 0.4), max(high, 0.6))
             if row == 0:
                 ax.set_title(f"β = {beta:g}")
             if row == len(ROWS) - 1:

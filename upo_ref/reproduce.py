@@ -167,7 +167,10 @@ def run_experiment(
     print(f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"device {device}, logits on response tokens only: {response_only}")
     common = dict(pad_id=data.pad_id, average=cfg.average_logps, response_only=response_only)
-    identity = {"experiment": cfg.to_dict()}
+    # What a checkpoint must have been made with to be resumed: SFT depends on the model, the data and
+    # its own phase; a preference run also on the preference phase, the loss and beta.
+    e = cfg.to_dict()
+    identity = {k: e[k] for k in ("model", "data", "sft", "average_logps")}
 
     sft_final: dict[str, float] = {}
     if cfg.sft.n_examples:
@@ -193,7 +196,7 @@ def run_experiment(
             run_dir = out_dir / result.name
             result.final = train(policy, phase, data.pref_train, data.pref_eval, cfg.pref, run_dir, device, resume,
                                  progress, desc=f"{loss_fn.label} beta={beta:g}",
-                                 identity={**identity, "loss": loss_fn.label, "beta": beta})
+                                 identity={**identity, "pref": e["pref"], "loss": loss_fn.label, "beta": beta})
             result.metrics_path = run_dir / "metrics.jsonl"
             results.append(result)
             del policy
@@ -222,7 +225,10 @@ def _write_outputs(cfg, results, sft_final, out_dir: Path, results_dir: Path, fi
     table = format_table(results, sft_final)
     runs = {(r.label, r.beta): read_metrics(r.metrics_path) for r in results}
     labels = " vs ".join(dict.fromkeys(r.label for r in results))
-    figure1(runs, figure_path, title=f"{labels}, preset {cfg.name} ({', '.join(cfg.data.datasets)})")
+    d, p = cfg.data, cfg.pref
+    title = (f"{labels}, preset {cfg.name}: {cfg.model.name_or_path} on {'+'.join(d.datasets)}, "
+             f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, {d.n_eval_pairs or 'all'} eval pairs")
+    figure1(runs, figure_path, title=title)
     (results_dir / "metrics").mkdir(parents=True, exist_ok=True)
     if cfg.sft.n_examples:
         shutil.copyfile(out_dir / "sft" / "metrics.jsonl", results_dir / "metrics" / "sft.jsonl")
