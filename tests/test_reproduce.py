@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from upo_ref.config import TINY_GPT2, ModelConfig, get_preset, smoke
 from upo_ref.data import HH_SUBSETS, ASSISTANT_TAG
 from upo_ref.models import build_model, load_tokenizer
-from upo_ref.paths import gpt2_tokenizer_dir
+from upo_ref.paths import REPO_ROOT, gpt2_tokenizer_dir
 from upo_ref.reproduce import RunResult, _parser, config_from_args, format_table, main, prepare_data
 from upo_ref.train import read_metrics
 
@@ -195,3 +197,17 @@ def test_gguf_file_is_passed_to_transformers_as_gguf_file(tmp_path, monkeypatch)
         build_model(ModelConfig(name_or_path=str(tmp_path / "missing.gguf")), vocab_size=64, n_positions=16)
     with pytest.raises(ValueError, match="has 64 token embeddings but the tokenizer has 100 tokens"):
         build_model(ModelConfig(name_or_path=str(gguf)), vocab_size=100, n_positions=16)
+
+
+def test_importing_upo_ref_has_no_side_effects():
+    """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until used."""
+    code = (
+        "import sys, torch; n = torch.get_num_threads(); s = torch.get_rng_state()\n"
+        "import upo_ref.config, upo_ref.data, upo_ref.logprobs, upo_ref.models, upo_ref.plots, upo_ref.reproduce, "
+        "upo_ref.synthetic, upo_ref.train\n"
+        "assert torch.get_num_threads() == n and torch.equal(torch.get_rng_state(), s)\n"
+        "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""

@@ -210,23 +210,28 @@ def test_one_forward_pass_per_step_and_none_for_the_reference(synthetic, tmp_pat
     assert len(calls) == steps * micro + evals * eval_batches
 
 
-def test_a_loss_that_takes_the_batch_gets_it(synthetic, tmp_path):
-    """The hook for combined losses (e.g. auxiliary-objective UPO): ``takes_batch = True``."""
+def test_a_loss_that_takes_the_batch_gets_it_with_its_per_pair_extras(synthetic, tmp_path):
+    """The hook for combined losses (e.g. auxiliary-objective UPO): ``takes_batch = True``, and per-pair
+    tensors given to the phase as ``extras`` arrive in the batch, looked up by index for each split."""
     cfg, data, new_model, reference = synthetic
-    seen = []
+    seen = {"train": [], "eval": []}
 
     class WithBatch:
         takes_batch = True
 
         def __call__(self, pc, pr, rc, rr, beta, batch):
-            if torch.is_grad_enabled():
-                seen.extend(batch["index"].tolist())
+            split = "train" if torch.is_grad_enabled() else "eval"
+            assert torch.equal(batch["aux_reward"], batch["index"] * (1.0 if split == "train" else -1.0))
+            seen[split].extend(batch["index"].tolist())
             return ipo_loss(pc, pr, rc, rr, beta)
 
-    phase_cfg = small_phase(n_examples=48)
-    train(new_model(), PreferencePhase(WithBatch(), 0.1, reference, data.pad_id), data.pref_train, data.pref_eval,
-          phase_cfg, tmp_path, CPU, progress=False)
-    assert seen == example_indices(len(data.pref_train), phase_cfg.seed, 0, 48)
+    extras = {"train": {"aux_reward": torch.arange(len(data.pref_train), dtype=torch.float32)},
+              "eval": {"aux_reward": -torch.arange(len(data.pref_eval), dtype=torch.float32)}}
+    phase_cfg = small_phase(n_examples=48, eval_every=48)
+    phase = PreferencePhase(WithBatch(), 0.1, reference, data.pad_id, extras=extras)
+    train(new_model(), phase, data.pref_train, data.pref_eval, phase_cfg, tmp_path, CPU, progress=False)
+    assert seen["train"] == example_indices(len(data.pref_train), phase_cfg.seed, 0, 48)
+    assert seen["eval"] == list(range(len(data.pref_eval))) * 2  # evaluations at 0 and 48
 
 
 def test_example_stream_is_a_pure_function_of_position():

@@ -8,10 +8,12 @@ losses (B,) and metrics (B,) each:
 * :class:`PreferencePhase`: computes log pi(y_w|x), log pi(y_l|x) in one concatenated forward pass,
   looks up log pi_ref(y_w|x), log pi_ref(y_l|x) (computed once, before training, by
   :func:`reference_logps`), and calls ``loss_fn(pc, pr, rc, rr, beta) -> (B,)``, a
-  ``losses.PreferenceLoss`` or any callable of that signature. A loss that also needs the batch
-  (e.g. auxiliary-objective UPO: a preference loss plus gamma times an advantage-weighted
-  log-likelihood with per-response auxiliary rewards, looked up by ``batch["index"]``) sets the
-  attribute ``takes_batch = True`` and is called with ``batch=`` as a keyword as well.
+  ``losses.PreferenceLoss`` or any callable of that signature. A loss that also needs per-pair
+  data (e.g. auxiliary-objective UPO: a preference loss plus gamma times an advantage-weighted
+  log-likelihood of each response, with auxiliary rewards R(x, y_w), R(x, y_l) and values V(x))
+  sets the attribute ``takes_batch = True``; it is then called with ``batch=`` as well, in which
+  the phase has put the pairs' entries of every per-pair tensor of ``extras`` (looked up by
+  index, exactly like the reference log-probs).
 
 The loop: examples are drawn in a fixed order (epoch e is a permutation of the training set seeded
 by (seed, e)), so the position in the stream, ``examples_seen``, fixes everything that comes next.
@@ -39,7 +41,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,6 +53,7 @@ from tqdm.auto import tqdm
 from .config import PhaseConfig
 from .data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
 from .logprobs import concatenated_logps, sequence_logps
+from .divergences import Divergence
 from .losses import preference_metrics
 
 __all__ = [
@@ -124,8 +127,9 @@ class PreferencePhase:
     """Preference optimisation with ``loss_fn(pc, pr, rc, rr, beta) -> (B,)`` against fixed pi_ref.
 
     ``reference[split]`` = (log pi_ref(y_w|x), log pi_ref(y_l|x)), each (N,) over that split's pairs,
-    from :func:`reference_logps`. ``divergence``: the f of the ``scores/*`` metrics (defaults to the
-    loss's own, reverse KL for DPO/IPO).
+    from :func:`reference_logps`. ``extras[split][name]``: further per-pair tensors (N,) that a loss
+    with ``takes_batch = True`` finds in ``batch[name]`` (B,). ``divergence``: the f of the
+    ``scores/*`` metrics (defaults to the loss's own, reverse KL for DPO/IPO).
     """
 
     loss_fn: Callable[..., Tensor]
@@ -134,7 +138,8 @@ class PreferencePhase:
     pad_id: int
     average: bool = False
     response_only: bool = True
-    divergence: object = None
+    divergence: Divergence | str | None = None
+    extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     name: str = "preference"
 
     def collate(self, pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, Tensor]:
@@ -147,6 +152,7 @@ class PreferencePhase:
         index = batch["index"].cpu()
         rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
         if getattr(self.loss_fn, "takes_batch", False):
+            batch = {**batch, **{k: v[index].to(pc.device) for k, v in self.extras.get(split, {}).items()}}
             losses = self.loss_fn(pc, pr, rc, rr, self.beta, batch=batch)
         else:
             losses = self.loss_fn(pc, pr, rc, rr, self.beta)  # (B,)
