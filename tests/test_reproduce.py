@@ -14,7 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from upo_ref.config import TINY_GPT2, ModelConfig, get_preset, smoke
-from upo_ref.data import HH_SUBSETS, ASSISTANT_TAG
+from upo_ref.data import ASSISTANT_TAG, HH_SUBSETS
+from upo_ref.figure1 import trailing_mean
 from upo_ref.models import build_model, load_tokenizer
 from upo_ref.paths import REPO_ROOT, gpt2_tokenizer_dir
 from upo_ref.reproduce import RunResult, _parser, config_from_args, format_table, main, prepare_data
@@ -145,6 +146,12 @@ def test_asking_for_more_pairs_than_the_split_has_is_an_error():
         prepare_data(cfg, load_tokenizer(cfg.model))
 
 
+def test_trailing_mean_of_the_train_loss_curve():
+    assert trailing_mean([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert trailing_mean([4.0, 2.0, 0.0], 10) == [4.0, 3.0, 2.0]  # a window longer than the run: running mean
+    assert trailing_mean([3.0, -1.0], 1) == [3.0, -1.0]
+
+
 def test_format_table():
     runs = [RunResult("IPO", 0.1, {"rewards/accuracies": 0.5, "rewards/margins": -0.01234, "loss": 25.0}, None),
             RunResult("JS-IUPO", 0.5, {"rewards/accuracies": 0.625, "rewards/margins": 0.1, "loss": 1.5}, None)]
@@ -203,7 +210,7 @@ def test_importing_upo_ref_has_no_side_effects():
     """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until used."""
     code = (
         "import sys, torch; n = torch.get_num_threads(); s = torch.get_rng_state()\n"
-        "import upo_ref.config, upo_ref.data, upo_ref.logprobs, upo_ref.models, upo_ref.plots, upo_ref.reproduce, "
+        "import upo_ref.config, upo_ref.data, upo_ref.figure1, upo_ref.logprobs, upo_ref.models, upo_ref.reproduce, "
         "upo_ref.synthetic, upo_ref.train\n"
         "assert torch.get_num_threads() == n and torch.equal(torch.get_rng_state(), s)\n"
         "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'\n"

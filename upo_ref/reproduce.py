@@ -50,7 +50,7 @@ from .logprobs import head_is_linear_readout
 from .losses import PreferenceLoss
 from .models import build_model, default_device, load_tokenizer
 from .paths import REPO_ROOT, figures_dir, hh_dir
-from .plots import figure1
+from .figure1 import figure1
 from .synthetic import SyntheticTask
 from .train import PreferencePhase, SFTPhase, read_metrics, reference_logps, train
 

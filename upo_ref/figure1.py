@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ROWS", "trailing_mean", "figure1"]
+__all__ = ["ROWS", "FIGURE_DPI", "trailing_mean", "figure1"]
+
+FIGURE_DPI = 110  # the notebooks' figures use the same
 
 # (metric key, split, y-axis label)
 ROWS = (
@@ -43,7 +45,7 @@ def figure1(
     title: str = "",
     smooth: int | None = None,
 ) -> Path:
-    """Draw the grid and save it to ``path`` (PNG at 150 dpi). Returns the path.
+    """Draw the grid and save it to ``path`` (PNG at ``FIGURE_DPI``). Returns the path.
 
     ``runs[(label, beta)]`` is a run's metric records (``train.read_metrics``): dicts with
     ``split``, ``examples_seen`` and the metrics of ``ROWS``. ``smooth``: the train-loss window in
@@ -87,5 +89,5 @@ def figure1(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=FIGURE_DPI)
     return path
