@@ -7,7 +7,7 @@ upo_ref.reproduce --preset NAME`` runs one; ``--smoke`` runs :func:`smoke` of it
 Presets:
 
 * ``quick`` (the default): a small random-init GPT-2-architecture model, SFT'd on the local HH
-  training split, then IPO and JS-IUPO at beta 0.1, 0.2, 0.5; about 15 minutes on 2 CPU cores.
+  training split, then IPO and JS-IUPO at beta 0.1, 0.2, 0.5; about 7 minutes on 2 CPU cores.
 * ``paper``: the paper's GPU experiment (section 5): GPT-2 124M from the hub, the official HH
   splits, max_length 512 / max_prompt_length 256, batch 64, the DPO reference code's optimiser
   (RMSprop, lr 5e-7, 150 linear warmup steps, gradient norm clipped at 10).
@@ -161,10 +161,11 @@ class ExperimentConfig:
 
 
 def _quick() -> ExperimentConfig:
-    # Sized to finish in about 15 minutes on 2 busy CPU cores (measured; see README). The costly part is
-    # GPT-2's 50,257-way softmax at every response token, not the 4-layer body. The preference runs take
-    # 2 epochs over 256 pairs: a model this small trained from scratch learns nothing that generalises
-    # from one pass, and the second epoch shows the losses being optimised.
+    # Sized for the 20-minute budget on 2 CPU cores: 6.5 minutes measured on idle cores, 13 when another
+    # job shared them. The costly part is GPT-2's 50,257-way softmax at every response token, not the
+    # 4-layer body. The preference runs take 2 epochs over 256 pairs: a model this small, trained from
+    # scratch, learns nothing that generalises from one pass, and the second epoch shows the losses
+    # being optimised.
     return ExperimentConfig(
         name="quick",
         model=ModelConfig(TINY_GPT2, n_layer=4, n_head=4, n_embd=128),

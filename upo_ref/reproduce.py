@@ -105,8 +105,10 @@ def prepare_data(cfg: ExperimentConfig, tokenizer=None) -> ExperimentData:
     """Load, split, subsample and tokenize the data of ``cfg`` (``tokenizer`` is unused for synthetic)."""
     d, reports = cfg.data, []
     if d.datasets == ("synthetic",):
+        if d.n_train_pairs is None or d.n_eval_pairs is None:
+            raise ValueError("the synthetic task draws as many pairs as asked: set n_train_pairs and n_eval_pairs")
         task = SyntheticTask(seed=d.shuffle_seed)
-        train, held_out = task.pairs(d.n_train_pairs or 512, stream=0), task.pairs(d.n_eval_pairs or 256, stream=1)
+        train, held_out = task.pairs(d.n_train_pairs, stream=0), task.pairs(d.n_eval_pairs, stream=1)
         reports.append(f"synthetic task: {len(train)} train / {len(held_out)} eval pairs, vocab {task.vocab_size}")
         return ExperimentData(train, held_out, train, held_out, task.vocab_size, task.eos_id, reports)
 
@@ -164,6 +166,7 @@ def run_experiment(
 
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)
+    model.to(device)  # also when SFT is skipped and the reference log-probs come from the model as built
     print(f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"device {device}, logits on response tokens only: {response_only}")
     common = dict(pad_id=data.pad_id, average=cfg.average_logps, response_only=response_only)
