@@ -49,6 +49,7 @@ __all__ = [
     "LoadReport",
     "read_jsonl",
     "split_prompt",
+    "load_hh_file",
     "load_hh",
     "download_hh",
     "load_shp",

@@ -54,7 +54,7 @@ from .figure1 import figure1
 from .synthetic import SyntheticTask
 from .train import PreferencePhase, SFTPhase, read_metrics, reference_logps, train
 
-__all__ = ["ExperimentData", "prepare_data", "RunResult", "run_experiment", "format_table", "main"]
+__all__ = ["ExperimentData", "prepare_data", "RunResult", "run_experiment", "format_table", "config_from_args", "main"]
 
 TRUNCATION = {"hh": "keep_end", "shp": "keep_start"}  # HH keeps the turn being answered
 
