@@ -1,0 +1,220 @@
+"""The main job end to end in smoke mode (quick and paper presets), its outputs, and model loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from single_thread import one_torch_thread  # noqa: F401  (autouse)
+from upo_ref.config import TINY_GPT2, ModelConfig, get_preset, smoke
+from upo_ref.data import ASSISTANT_TAG, HH_SUBSETS
+from upo_ref.figure1 import trailing_mean
+from upo_ref.models import build_model, load_tokenizer
+from upo_ref.paths import REPO_ROOT, gpt2_tokenizer_dir
+from upo_ref.reproduce import RunResult, _parser, config_from_args, format_table, main, prepare_data
+from upo_ref.train import read_metrics
+
+GRID = [("IPO", 0.1), ("IPO", 0.2), ("IPO", 0.5), ("JS-IUPO", 0.1), ("JS-IUPO", 0.2), ("JS-IUPO", 0.5)]
+
+
+def check_outputs(out, name: str, eval_points: list[int]):
+    """What every run of the main job must leave behind, with numbers that agree with each other."""
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert [(r["label"], r["beta"]) for r in summary["runs"]] == GRID
+    table = (out / "results" / "summary.md").read_text()
+    for r in summary["runs"]:
+        f = r["final"]
+        assert f"| {r['label']} | {r['beta']:g} | {f['rewards/accuracies']:.4f} | {f['rewards/margins']:.4f} |" in table
+    figure = out / f"figure1_{name}.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for label, beta in GRID:
+        records = read_metrics(out / "results" / "metrics" / f"{label.lower()}_beta{beta:g}.jsonl")
+        evals = [r for r in records if r["split"] == "eval"]
+        assert [r["examples_seen"] for r in evals] == eval_points
+        # Step 0: pi = pi_ref exactly, so h = Uh = 0 and both losses equal (0 - 1/(2 beta))^2 = 1/(4 beta^2).
+        assert evals[0]["rewards/margins"] == 0.0
+        assert evals[0]["loss"] == pytest.approx(1 / (4 * beta**2), rel=1e-12)
+        assert evals[-1]["rewards/accuracies"] == next(r for r in summary["runs"]
+                                                       if (r["label"], r["beta"]) == (label, beta))["final"]["rewards/accuracies"]
+    sft = read_metrics(out / "results" / "metrics" / "sft.jsonl")
+    assert [r["examples_seen"] for r in sft if r["split"] == "eval"] == [0, 8]
+    return summary
+
+
+def test_quick_preset_smoke_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "run"
+    results = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert [(r.label, r.beta) for r in results] == GRID
+    summary = check_outputs(out, "quick-smoke", [0, 8, 16])
+    assert summary["config"]["data"]["hh_split"] == "hash" and summary["config"]["model"]["n_layer"] == 2
+    # Running the same command again resumes from the finished checkpoints: nothing is retrained.
+    before = {p.name: p.read_text() for p in (out / "results" / "metrics").iterdir()}
+    again = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert [r.final for r in again] == [r.final for r in results]
+    assert {p.name: p.read_text() for p in (out / "results" / "metrics").iterdir()} == before
+
+
+def write_official_hh(root, n_train: int, n_test: int):
+    """Tiny files in the official layout: <subset>/{train,test}.jsonl.gz for the four subsets."""
+    import gzip
+
+    for subset in HH_SUBSETS:
+        for split, n in (("train", n_train), ("test", n_test)):
+            rows = []
+            for i in range(n):
+                prompt = f"\n\nHuman: {subset} {split} question {i}?{ASSISTANT_TAG}"
+                rows.append({"chosen": prompt + f" A helpful answer number {i}.", "rejected": prompt + " No."})
+            path = root / subset / f"{split}.jsonl.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(path, "wt", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def write_shp(root, split: str, n: int):
+    """n kept pairs (score ratio 3) and one filtered pair (ratio 1.5) in <root>/askscience/<split>.json."""
+    rows = [{"history": f"{split} question {i}?", "human_ref_A": f"Answer {i} in detail.", "human_ref_B": "No idea.",
+             "labels": 1, "score_A": 30, "score_B": 10} for i in range(n)]
+    rows.append({"history": "tie?", "human_ref_A": "a", "human_ref_B": "b", "labels": 0, "score_A": 2, "score_B": 3})
+    path = root / "askscience" / f"{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_paper_preset_smoke_on_official_files_plus_shp(tmp_path, capsys):
+    """The paper preset's code path (official HH train/test files plus SHP, RMSprop, microbatches) on a
+    tiny model."""
+    hh, shp = tmp_path / "hh", tmp_path / "shp"
+    write_official_hh(hh, n_train=5, n_test=3)
+    write_shp(shp, "train", 16)
+    write_shp(shp, "test", 8)
+    out = tmp_path / "run"
+    main(["--preset", "paper", "--smoke", "--hh-dir", str(hh), "--shp-dir", str(shp), "--out", str(out),
+          "--no-progress", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "SHP: 17 rows read, 16 pairs kept\n  dropped 1 (score ratio < 2)" in printed
+    assert "preference: 32 train / 16 eval pairs" in printed  # 16 + 16 train, 8 + 8 eval (the smoke sizes, per dataset)
+    summary = check_outputs(out, "paper-smoke", [0, 8, 16])
+    cfg = summary["config"]
+    assert cfg["data"]["datasets"] == ["hh", "shp"]
+    assert cfg["data"]["hh_split"] == "official" and cfg["data"]["hh_subsets"] == list(HH_SUBSETS)
+    assert cfg["pref"]["optimizer"] == "rmsprop" and cfg["pref"]["microbatch_size"] == 2
+    assert cfg["model"]["name_or_path"] == TINY_GPT2  # smoke replaces GPT-2 124M
+
+
+def test_paper_preset_is_the_papers_experiment():
+    cfg = get_preset("paper")
+    assert cfg.model.name_or_path == "gpt2"
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (512, 256)
+    assert cfg.betas == (0.1, 0.2, 0.5)
+    assert [(n, d) for n, d in cfg.losses] == [("ipo", None), ("iupo", "jensen_shannon")]
+    for phase in (cfg.sft, cfg.pref):  # the DPO reference code's optimiser
+        assert (phase.optimizer, phase.lr, phase.warmup_steps, phase.max_grad_norm, phase.batch_size) == (
+            "rmsprop", 5e-7, 150, 10.0, 64)
+    assert cfg.data.hh_split == "official" and cfg.data.hh_subsets == HH_SUBSETS
+
+
+def test_quick_preset_is_the_figure_1_grid():
+    cfg = get_preset("quick")
+    assert cfg.betas == (0.1, 0.2, 0.5) and cfg.model.name_or_path == TINY_GPT2
+    assert [(n, d) for n, d in cfg.losses] == [("ipo", None), ("iupo", "jensen_shannon")]
+    assert cfg.data.hh_split == "hash" and cfg.sft.n_examples > 0
+
+
+def test_command_line_overrides():
+    parse = _parser().parse_args
+    cfg = config_from_args(parse(["--preset", "paper", "--model", "/m/SmolLM2.gguf", "--hh-split", "hash",
+                                  "--shp-dir", "/shp", "--threads", "3"]))
+    assert cfg.model.name_or_path == "/m/SmolLM2.gguf"
+    assert cfg.data.hh_split == "hash" and cfg.data.datasets == ("hh", "shp") and cfg.data.shp_dir == "/shp"
+    assert cfg.threads == 3 and cfg.name == "paper"
+    assert config_from_args(parse(["--smoke"])) == smoke(get_preset("quick"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        config_from_args(parse(["--preset", "huge"]))
+
+
+def test_asking_for_more_pairs_than_the_split_has_is_an_error():
+    cfg = get_preset("quick")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval_pairs=10_000))
+    with pytest.raises(ValueError, match="asked for 10000 hh eval pairs but the split has only 722"):
+        prepare_data(cfg, load_tokenizer(cfg.model))
+
+
+def test_trailing_mean_of_the_train_loss_curve():
+    assert trailing_mean([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert trailing_mean([4.0, 2.0, 0.0], 10) == [4.0, 3.0, 2.0]  # a window longer than the run: running mean
+    assert trailing_mean([3.0, -1.0], 1) == [3.0, -1.0]
+
+
+def test_format_table():
+    runs = [RunResult("IPO", 0.1, {"rewards/accuracies": 0.5, "rewards/margins": -0.01234, "loss": 25.0}, None),
+            RunResult("JS-IUPO", 0.5, {"rewards/accuracies": 0.625, "rewards/margins": 0.1, "loss": 1.5}, None)]
+    assert format_table(runs, {"nll_per_token": 5.4321, "loss": 145.0}).splitlines() == [
+        "| run | beta | eval accuracy | eval reward margin | eval loss |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        "| IPO | 0.1 | 0.5000 | -0.0123 | 25.0000 |",
+        "| JS-IUPO | 0.5 | 0.6250 | 0.1000 | 1.5000 |",
+        "",
+        "SFT model (pi_ref): eval NLL 5.4321 nats/token, 145.00 nats/response.",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading models: a local checkpoint folder, a .gguf file
+# ------------------------------------------------------------------------------------------------
+
+
+def test_local_checkpoint_folder_loads_with_its_tokenizer(tmp_path):
+    torch.manual_seed(0)
+    saved = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=32))
+    saved.save_pretrained(tmp_path)
+    for f in gpt2_tokenizer_dir().iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = ModelConfig(name_or_path=str(tmp_path))
+    tok = load_tokenizer(cfg)
+    assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
+    assert tok.pad_token_id == tok.eos_token_id == 50256
+    model = build_model(cfg, len(tok), n_positions=32)
+    x = torch.tensor([[15496, 995, 50256]])
+    saved.eval(), model.eval()
+    torch.testing.assert_close(model(x).logits, saved(x).logits, rtol=0, atol=0)
+
+
+def test_gguf_file_is_passed_to_transformers_as_gguf_file(tmp_path, monkeypatch):
+    import transformers
+
+    calls = []
+
+    def fake_from_pretrained(path, **kwargs):
+        calls.append((path, kwargs))
+        return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16))
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake_from_pretrained))
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    build_model(ModelConfig(name_or_path=str(gguf)), vocab_size=64, n_positions=16)
+    assert calls == [(str(tmp_path), {"dtype": torch.float32, "gguf_file": gguf.name})]
+    with pytest.raises(FileNotFoundError, match="no such gguf file"):
+        build_model(ModelConfig(name_or_path=str(tmp_path / "missing.gguf")), vocab_size=64, n_positions=16)
+    with pytest.raises(ValueError, match="has 64 token embeddings but the tokenizer has 100 tokens"):
+        build_model(ModelConfig(name_or_path=str(gguf)), vocab_size=100, n_positions=16)
+
+
+def test_importing_upo_ref_has_no_side_effects():
+    """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until used."""
+    code = (
+        "import sys, torch; n = torch.get_num_threads(); s = torch.get_rng_state()\n"
+        "import upo_ref.config, upo_ref.data, upo_ref.figure1, upo_ref.logprobs, upo_ref.models, upo_ref.reproduce, "
+        "upo_ref.synthetic, upo_ref.train\n"
+        "assert torch.get_num_threads() == n and torch.equal(torch.get_rng_state(), s)\n"
+        "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""

@@ -1,0 +1,326 @@
+"""Training: the synthetic task is really learnt, resume is exact, a non-finite loss stops cleanly,
+one forward pass per step, the loss interface, accumulation, the schedule, and the config checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from single_thread import one_torch_thread  # noqa: F401  (autouse)
+from upo_ref.config import DataConfig, ModelConfig, PhaseConfig, get_preset
+from upo_ref.losses import PreferenceLoss, ipo_loss
+from upo_ref.models import build_model
+from upo_ref.reproduce import prepare_data
+from upo_ref.train import (
+    CHECKPOINT,
+    NonFiniteLossError,
+    PreferencePhase,
+    SFTPhase,
+    example_indices,
+    read_metrics,
+    reference_logps,
+    train,
+)
+
+MIN_HELD_OUT_ACCURACY = 0.9  # the issue's bar; each of 12 seeds tried reaches >= 0.95 (see upo_ref.synthetic)
+CPU = torch.device("cpu")
+replace = dataclasses.replace
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """The synthetic preset's data, a builder of its initial model, and pi_ref's log-probs (once)."""
+    cfg = get_preset("synthetic")
+    data = prepare_data(cfg)
+
+    def new_model(**overrides):
+        return build_model(replace(cfg.model, **overrides), data.vocab_size, cfg.data.max_length, data.pad_id)
+
+    ref_model = new_model()
+    reference = {split: reference_logps(ref_model, pairs, cfg.pref.eval_batch_size, data.pad_id, CPU)
+                 for split, pairs in (("train", data.pref_train), ("eval", data.pref_eval))}
+    return cfg, data, new_model, reference
+
+
+def small_phase(**overrides) -> PhaseConfig:
+    base = dict(n_examples=96, batch_size=16, eval_every=32, lr=1e-3, optimizer="adamw", warmup_steps=2,
+                eval_batch_size=256)
+    return PhaseConfig(**{**base, **overrides})
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+# ------------------------------------------------------------------------------------------------
+# The learning check
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, divergence", [("dpo", None), ("ipo", None), ("iupo", "jensen_shannon")],
+                         ids=["DPO", "IPO", "JS-IUPO"])
+def test_synthetic_task_is_learnt(synthetic, tmp_path, name, divergence):
+    cfg, data, new_model, reference = synthetic
+    phase = PreferencePhase(PreferenceLoss(name, divergence), cfg.betas[0], reference, data.pad_id)
+    final = train(new_model(), phase, data.pref_train, data.pref_eval, cfg.pref, tmp_path, CPU, progress=False)
+    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+    # Step 0: pi = pi_ref, evaluated in the same batches as pi_ref's log-probs, so every margin is
+    # exactly 0 and no pair is (strictly) preferred yet.
+    assert evals[0]["examples_seen"] == 0
+    assert evals[0]["rewards/margins"] == 0.0 and evals[0]["rewards/accuracies"] == 0.0
+    assert final["rewards/accuracies"] >= MIN_HELD_OUT_ACCURACY
+    assert final["rewards/margins"] > 0
+    assert [r["examples_seen"] for r in evals] == [0, 384, 768, 1152, 1536]
+
+
+def test_sft_learns_the_chosen_responses(synthetic, tmp_path):
+    """SFT on the chosen responses: per-token NLL from about log(13) (uniform over the vocabulary)
+    to below log(8) * 6/7 (uniform over the 8 content tokens, EOS free), i.e. it learns the liked tokens."""
+    cfg, data, new_model, _ = synthetic
+    phase_cfg = small_phase(n_examples=1024, eval_every=1024, lr=3e-3)
+    final = train(new_model(), SFTPhase(data.pad_id), data.sft_train, data.sft_eval, phase_cfg, tmp_path, CPU,
+                  progress=False)
+    first = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert first["nll_per_token"] > 2.4
+    assert final["nll_per_token"] < math.log(8) * 6 / 7
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: exact resume, refusal of a foreign checkpoint, non-finite stops
+# ------------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FailOnCall:
+    """A loss that behaves like ``loss_fn`` until its ``n``-th training call, then fails with ``failure``:
+    an exception class to raise, or a function of the log-probs whose value it returns."""
+
+    def __init__(self, loss_fn, n, failure):
+        self.loss_fn, self.n, self.failure, self.calls = loss_fn, n, failure, 0
+
+    def __call__(self, pc, pr, rc, rr, beta):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.n:
+                if isinstance(self.failure, type):
+                    raise self.failure()
+                return self.failure(pc, pr, rc, rr, beta)
+        return self.loss_fn(pc, pr, rc, rr, beta)
+
+
+def test_resume_is_exact(synthetic, tmp_path):
+    """Interrupt a run between two checkpoints, resume it in a new process-like setting (fresh model
+    object): same metrics, bit for bit, and the same final weights as an uninterrupted run. Dropout
+    is on, so the saved RNG state matters; microbatches exercise gradient accumulation."""
+    cfg, data, new_model, reference = synthetic
+    phase_cfg = small_phase(microbatch_size=8)
+    loss = PreferenceLoss("ipo")
+
+    def run(out, loss_fn, model=None):
+        model = model or new_model(dropout=0.1)
+        phase = PreferencePhase(loss_fn, 0.1, reference, data.pad_id)
+        train(model, phase, data.pref_train, data.pref_eval, phase_cfg, out, CPU, progress=False)
+        return model
+
+    straight = run(tmp_path / "a", loss)
+    with pytest.raises(Interrupted):  # 2 microbatches per step: call 11 is in step 6 (examples 80..96)
+        run(tmp_path / "b", FailOnCall(loss, 11, Interrupted))
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)["examples_seen"] == 64
+    assert max(r["examples_seen"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")) == 80
+    resumed = run(tmp_path / "b", loss)
+    a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert without_time(a) == without_time(b)
+    assert [r["examples_seen"] for r in a if r["split"] == "eval"] == [0, 32, 64, 96]
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    # A finished run resumes to its end at once and returns the same final metrics.
+    again = train(new_model(), PreferencePhase(loss, 0.1, reference, data.pad_id), data.pref_train,
+                  data.pref_eval, phase_cfg, tmp_path / "a", CPU, progress=False)
+    assert again == {k: v for k, v in a[-1].items() if k not in ("split", "examples_seen", "step")}
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(synthetic, tmp_path):
+    cfg, data, new_model, reference = synthetic
+    phase = PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id)
+    train(new_model(), phase, data.pref_train, data.pref_eval, small_phase(n_examples=32), tmp_path, CPU,
+          progress=False)
+    with pytest.raises(ValueError, match="was written by a different run configuration"):
+        train(new_model(), phase, data.pref_train, data.pref_eval, small_phase(n_examples=32, lr=2e-3), tmp_path,
+              CPU, progress=False)
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (lambda pc, pr, rc, rr, beta: ipo_loss(pc, pr, rc, rr, beta) * float("nan"), "non-finite loss"),
+        # sqrt(|x - x|) is 0 but its gradient is inf: a finite loss with a non-finite gradient.
+        (lambda pc, pr, rc, rr, beta: (pc - pc.detach()).abs().sqrt(), "non-finite gradient norm"),
+    ],
+    ids=["nan-loss", "inf-gradient"],
+)
+def test_non_finite_stops_before_the_update_and_keeps_the_last_good_checkpoint(synthetic, tmp_path, failure, message):
+    cfg, data, new_model, reference = synthetic
+    model = new_model()
+    phase = PreferencePhase(FailOnCall(PreferenceLoss("ipo"), 5, failure), 0.1, reference, data.pad_id)
+    with pytest.raises(NonFiniteLossError, match=rf"{message}.* at step 4 \(examples_seen 64\); stopped before the "
+                                                 rf"update. The last good checkpoint is .*{CHECKPOINT}"):
+        train(model, phase, data.pref_train, data.pref_eval, small_phase(), tmp_path, CPU, progress=False)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert state["examples_seen"] == 64  # the evaluation at 64 came just before the failing step
+    for name, p in model.state_dict().items():  # the failing step changed nothing
+        assert torch.equal(p, state["model"][name]), name
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert max(r["examples_seen"] for r in records) == 64
+    assert all(math.isfinite(v) for r in records for k, v in r.items() if isinstance(v, float))
+
+
+def test_non_finite_policy_logps_are_reported(synthetic, tmp_path):
+    cfg, data, new_model, reference = synthetic
+    model = new_model()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    phase = PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id)
+    with pytest.raises(NonFiniteLossError, match="non-finite policy log-probs"):
+        train(model, phase, data.pref_train, data.pref_eval, small_phase(), tmp_path, CPU, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop's mechanics
+# ------------------------------------------------------------------------------------------------
+
+
+def test_one_forward_pass_per_step_and_none_for_the_reference(synthetic, tmp_path):
+    """Chosen and rejected share one forward pass, and pi_ref is never run during training: the model
+    body runs once per microbatch and once per eval batch, nothing more."""
+    cfg, data, new_model, reference = synthetic
+    model = new_model()
+    calls = []
+    model.base_model.register_forward_hook(lambda module, args, out: calls.append(1))
+    phase_cfg = small_phase(n_examples=64, eval_every=32, microbatch_size=8, eval_batch_size=100)
+    train(model, PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id), data.pref_train,
+          data.pref_eval, phase_cfg, tmp_path, CPU, progress=False)
+    steps, micro = 64 // 16, 16 // 8
+    evals, eval_batches = 3, math.ceil(len(data.pref_eval) / 100)
+    assert len(calls) == steps * micro + evals * eval_batches
+
+
+def test_a_loss_that_takes_the_batch_gets_it_with_its_per_pair_extras(synthetic, tmp_path):
+    """The hook for combined losses (e.g. auxiliary-objective UPO): ``takes_batch = True``, and per-pair
+    tensors given to the phase as ``extras`` arrive in the batch, looked up by index for each split."""
+    cfg, data, new_model, reference = synthetic
+    seen = {"train": [], "eval": []}
+
+    class WithBatch:
+        takes_batch = True
+
+        def __call__(self, pc, pr, rc, rr, beta, batch):
+            split = "train" if torch.is_grad_enabled() else "eval"
+            assert torch.equal(batch["aux_reward"], batch["index"] * (1.0 if split == "train" else -1.0))
+            seen[split].extend(batch["index"].tolist())
+            return ipo_loss(pc, pr, rc, rr, beta)
+
+    extras = {"train": {"aux_reward": torch.arange(len(data.pref_train), dtype=torch.float32)},
+              "eval": {"aux_reward": -torch.arange(len(data.pref_eval), dtype=torch.float32)}}
+    phase_cfg = small_phase(n_examples=48, eval_every=48)
+    phase = PreferencePhase(WithBatch(), 0.1, reference, data.pad_id, extras=extras)
+    train(new_model(), phase, data.pref_train, data.pref_eval, phase_cfg, tmp_path, CPU, progress=False)
+    assert seen["train"] == example_indices(len(data.pref_train), phase_cfg.seed, 0, 48)
+    assert seen["eval"] == list(range(len(data.pref_eval))) * 2  # evaluations at 0 and 48
+
+
+def test_example_stream_is_a_pure_function_of_position():
+    n = 10
+    stream = example_indices(n, seed=3, start=0, count=35)
+    for epoch in range(3):
+        assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert stream[:n] != stream[n:2 * n]  # a new permutation each epoch
+    assert example_indices(n, seed=3, start=17, count=11) == stream[17:28]
+    assert example_indices(n, seed=4, start=0, count=n) != stream[:n]
+    with pytest.raises(ValueError, match="empty"):
+        example_indices(0, 0, 0, 1)
+
+
+def test_gradient_accumulation_equals_the_full_batch(synthetic, tmp_path):
+    cfg, data, new_model, reference = synthetic
+    records = {}
+    for micro in (None, 4):
+        out = tmp_path / str(micro)
+        train(new_model(), PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id), data.pref_train,
+              data.pref_eval, small_phase(n_examples=32, microbatch_size=micro), out, CPU, progress=False)
+        records[micro] = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][0]
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert records[4][key] == pytest.approx(records[None][key], rel=1e-5, abs=1e-7), key
+
+
+def test_learning_rate_warmup(synthetic, tmp_path):
+    cfg, data, new_model, reference = synthetic
+    phase_cfg = small_phase(n_examples=96, warmup_steps=3, lr=1e-3)
+    train(new_model(), PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id), data.pref_train,
+          data.pref_eval, phase_cfg, tmp_path, CPU, progress=False)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert lrs == [1e-3 * min(1.0, (s + 1) / 4) for s in range(6)]
+    assert lrs[:3] == [2.5e-4, 5e-4, 7.5e-4]
+
+
+def test_evaluation_after_each_step_that_crosses_a_multiple_of_eval_every(synthetic, tmp_path):
+    cfg, data, new_model, reference = synthetic
+    train(new_model(), PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id), data.pref_train,
+          data.pref_eval, small_phase(n_examples=112, eval_every=40), tmp_path, CPU, progress=False)
+    evals = [r["examples_seen"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals == [0, 48, 80, 112]  # 40 is crossed by the step to 48, 80 is hit, 112 is the end
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown preset 'papr'; choose one of quick, paper, synthetic"):
+        get_preset("papr")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_examples=100, batch_size=16, eval_every=32, lr=1e-3), "must be a multiple of batch_size"),
+        (dict(n_examples=96, batch_size=16, eval_every=0, lr=1e-3), "eval_every must be >= 1"),
+        (dict(n_examples=96, batch_size=16, eval_every=32, lr=1e-3, microbatch_size=5), "must divide batch_size"),
+        (dict(n_examples=96, batch_size=16, eval_every=32, lr=1e-3, optimizer="sgd"), "optimizer must be one of"),
+        (dict(n_examples=96, batch_size=16, eval_every=32, lr=0.0), "lr > 0"),
+    ],
+)
+def test_phase_config_checks(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PhaseConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(datasets=("hh", "synthetic")), "cannot be mixed"),
+        (dict(datasets=("hh", "imdb")), "datasets must be a non-empty subset"),
+        (dict(datasets=()), "datasets must be a non-empty subset"),
+        (dict(hh_split="random"), "hh_split must be"),
+        (dict(max_length=64, max_prompt_length=64), "max_prompt_length < max_length"),
+    ],
+)
+def test_data_config_checks(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**kwargs)
+
+
+def test_tiny_model_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    a = build_model(ModelConfig(init_seed=5), vocab_size=20, n_positions=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = build_model(ModelConfig(init_seed=5), vocab_size=20, n_positions=8)
+    c = build_model(ModelConfig(init_seed=6), vocab_size=20, n_positions=8)
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight) and not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    assert all(m.p == 0.0 for m in a.modules() if isinstance(m, torch.nn.Dropout))
