@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from upo_ref.data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
 from upo_ref.logprobs import concatenated_logps, head_is_linear_readout, logps_from_logits, sequence_logps
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from upo_ref.config import TINY_GPT2, ModelConfig, get_preset, smoke
 from upo_ref.data import ASSISTANT_TAG, HH_SUBSETS
 from upo_ref.figure1 import trailing_mean

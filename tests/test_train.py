@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from single_thread import one_torch_thread  # noqa: F401  (autouse)
 from upo_ref.config import DataConfig, ModelConfig, PhaseConfig, get_preset
 from upo_ref.losses import PreferenceLoss, ipo_loss
 from upo_ref.models import build_model
