@@ -1,9 +1,18 @@
-"""Benchmarks. ``python -m upo_ref.bench losses``: forward+backward time of every loss and divergence.
+"""Benchmarks.
 
-Each timing is the median of ``--repeats`` runs (after warm-up) of: four leaf tensors of
-``--pairs`` float32 log-probs -> per-example loss -> ``.mean().backward()``, on the CPU. The input
-checks every loss performs are included, as they are in training. The last column is the ratio to
+``python -m upo_ref.bench losses``: forward+backward time of every loss and divergence. Each
+timing is the median of ``--repeats`` runs (after warm-up) of: four leaf tensors of ``--pairs``
+float32 log-probs -> per-example loss -> ``.mean().backward()``, on the CPU. The input checks every
+loss performs are included, as they are in training. The last column is the ratio to
 ``dpo_loss``; the target is <= 3 for every loss.
+
+``python -m upo_ref.bench step``: one preference-training step of a GPT-2-architecture model
+(124M by default, random init: speed does not depend on the weights), done two ways in the same
+run (see :func:`step_fn`): the way upo_ref trains (reference log-probs precomputed, chosen and
+rejected in one concatenated forward pass, the LM head on response tokens only, bf16 autocast and a
+fused AdamW on CUDA) and the naive way (float32, two separate forwards, the reference model run
+every step, full logits). It prints pairs/s, tokens/s, the model FLOP utilisation (MFU) against the
+GPU's bf16 peak, and the fast/naive ratio.
 """
 
 from __future__ import annotations
@@ -69,6 +78,156 @@ def _losses_main(args) -> None:
     print(f"slowest relative to DPO: {worst.label} at {worst.ratio_to_dpo:.2f}x (target <= 3x)")
 
 
+# --- one preference-training step ---------------------------------------------------------------
+# Dense bf16 tensor-core peaks (TFLOP/s) by device name, from the vendors' data sheets; override with
+# --peak-tflops. MFU is only as meaningful as this number.
+BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H200": 989.4, "A100": 312.0}
+
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    """The bf16 dense peak of a CUDA device by its name, None if unknown (or on the CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def step_flops(n_layer: int, n_embd: int, vocab: int, batch: int, length: int, response: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward), counting what the step
+    needs: the transformer body on all 2 * batch * length tokens (6 N_body per token plus the
+    attention scores and values, 12 n_layer n_embd length per token, as in PaLM's MFU) and the
+    LM head (2 n_embd vocab per token, x3) on the 2 * batch * response scored tokens only."""
+    n_body = 12 * n_layer * n_embd**2  # attention (4 d^2) + MLP (8 d^2) weights per layer
+    tokens = 2 * batch * length
+    body = tokens * (6 * n_body + 12 * n_layer * n_embd * length)
+    head = 2 * batch * response * 6 * n_embd * vocab
+    return float(body + head)
+
+
+@dataclass
+class StepTiming:
+    how: str
+    seconds: float
+    pairs_per_s: float
+    tokens_per_s: float
+    mfu: float | None
+
+
+def step_fn(model, ref_model, batch: dict, ref_logps: tuple, loss_fn, beta: float, device, naive: bool):
+    """A closure running one preference step, fast or naive; returns the loss (a 0-dim tensor).
+
+    ``batch`` is a ``data.collate_pairs`` batch of 2B rows (chosen first, then rejected).
+    """
+    from .logprobs import concatenated_logps, sequence_logps
+    from .train import autocast
+
+    opt_kwargs = {"lr": 1e-5}
+    if device.type == "cuda" and not naive:
+        opt_kwargs["fused"] = True
+    opt = torch.optim.AdamW(model.parameters(), **opt_kwargs)
+    B = batch["input_ids"].shape[0] // 2
+    halves = [{k: v[:B] for k, v in batch.items()}, {k: v[B:] for k, v in batch.items()}]
+
+    def fast():
+        with autocast(device):
+            pc, pr = concatenated_logps(model, batch)  # one forward, head on response tokens only
+        loss = loss_fn(pc, pr, *ref_logps, beta).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def slow():
+        pc, pr = (sequence_logps(model, h["input_ids"], h["attention_mask"], h["labels"], response_only=False)
+                  for h in halves)  # two forwards, full (B, T, V) logits
+        with torch.no_grad():
+            rc, rr = (sequence_logps(ref_model, h["input_ids"], h["attention_mask"], h["labels"], response_only=False)
+                      for h in halves)  # the reference model, every step
+        loss = loss_fn(pc, pr, rc, rr, beta).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return slow if naive else fast
+
+
+@torch.no_grad()
+def reference_logps_of(ref_model, batch: dict) -> tuple:
+    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of a pair batch, each (B,), from one no-grad forward."""
+    from .logprobs import concatenated_logps
+
+    return concatenated_logps(ref_model, batch)
+
+
+def random_pair_batch(batch: int, length: int, prompt: int, vocab: int, seed: int = 0) -> dict:
+    """2 * batch rows of random token ids, each a prompt of ``prompt`` tokens and a response filling
+    the rest (the worst case: no padding), in ``collate_pairs``'s layout."""
+    from .data import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2 * batch, length), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def time_steps(n_layer=12, n_head=12, n_embd=768, vocab=50257, batch=64, length=512, prompt=256,
+               steps=10, warmup=3, device=None, peak_tflops=None, beta=0.1, naive=True) -> list[StepTiming]:
+    """Time the fast step (and the naive one, when ``naive``) on the same model and batch."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .losses import PreferenceLoss
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=length,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).to(device)
+    ref_model = GPT2LMHeadModel(cfg).to(device).eval()
+    batch_t = {k: v.to(device) for k, v in random_pair_batch(batch, length, prompt, vocab).items()}
+    ref_logps = reference_logps_of(ref_model, batch_t)  # precomputed once, as in training
+    loss_fn = PreferenceLoss("iupo", "jensen_shannon")
+    flops = step_flops(n_layer, n_embd, vocab, batch, length, length - prompt)
+    peak = peak_tflops if peak_tflops is not None else bf16_peak_tflops(device)
+    out = []
+    for how in ("fast", "naive") if naive else ("fast",):
+        fn = step_fn(model, ref_model, batch_t, ref_logps, loss_fn, beta, device, naive=how == "naive")
+        for _ in range(warmup):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - start) / steps
+        mfu = flops / seconds / (peak * 1e12) if peak else None
+        out.append(StepTiming(how, seconds, batch / seconds, 2 * batch * length / seconds, mfu))
+    return out
+
+
+def _step_main(args) -> None:
+    device = torch.device(args.device) if args.device else None
+    rows = time_steps(args.n_layer, args.n_head, args.n_embd, args.vocab, args.batch, args.length, args.prompt,
+                      args.steps, args.warmup, device, args.peak_tflops, naive=not args.no_naive)
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"preference step: GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab}, batch {args.batch} "
+          f"pairs x {args.length} tokens (prompt {args.prompt}), JS-IUPO, {name}, mean of {args.steps} steps")
+    print(f"{'how':<8}{'s/step':>10}{'pairs/s':>10}{'tokens/s':>12}{'MFU':>8}")
+    for r in rows:
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
+        print(f"{r.how:<8}{r.seconds:>10.4f}{r.pairs_per_s:>10.1f}{r.tokens_per_s:>12.0f}{mfu:>8}")
+    if len(rows) == 2:
+        print(f"fast / naive throughput: {rows[1].seconds / rows[0].seconds:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m upo_ref.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +236,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=65536)
     p.add_argument("--repeats", type=int, default=50)
     p.set_defaults(func=_losses_main)
+    q = sub.add_parser("step", help="one preference-training step, upo_ref's way and the naive way")
+    q.add_argument("--n-layer", type=int, default=12)
+    q.add_argument("--n-head", type=int, default=12)
+    q.add_argument("--n-embd", type=int, default=768)
+    q.add_argument("--vocab", type=int, default=50257)
+    q.add_argument("--batch", type=int, default=64, help="preference pairs per step")
+    q.add_argument("--length", type=int, default=512, help="tokens per sequence (prompt + response)")
+    q.add_argument("--prompt", type=int, default=256, help="prompt tokens per sequence (not scored)")
+    q.add_argument("--steps", type=int, default=10)
+    q.add_argument("--warmup", type=int, default=3)
+    q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    q.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by device name)")
+    q.add_argument("--no-naive", action="store_true", help="time only the fast step")
+    q.set_defaults(func=_step_main)
     args = parser.parse_args(argv)
     args.func(args)
 
