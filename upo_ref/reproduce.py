@@ -54,7 +54,8 @@ from .figure1 import figure1
 from .synthetic import SyntheticTask
 from .train import PreferencePhase, SFTPhase, read_metrics, reference_logps, train
 
-__all__ = ["ExperimentData", "prepare_data", "RunResult", "run_experiment", "format_table", "config_from_args", "main"]
+__all__ = ["ExperimentData", "prepare_data", "load_experiment_data", "Reference", "prepare_reference", "RunResult",
+           "run_experiment", "format_table", "config_from_args", "main"]
 
 TRUNCATION = {"hh": "keep_end", "shp": "keep_start"}  # HH keeps the turn being answered
 
@@ -147,23 +148,45 @@ class RunResult:
         return f"{self.label.lower()}_beta{self.beta:g}"
 
 
-def run_experiment(
-    cfg: ExperimentConfig,
-    out_dir: str | Path,
-    device: torch.device | None = None,
-    resume: bool = True,
-    progress: bool = True,
-) -> tuple[dict[str, float], list[RunResult]]:
-    """SFT once, then every (loss, beta) run; returns (final SFT eval metrics, the runs' results)."""
-    out_dir = Path(out_dir)
-    device = device if device is not None else default_device()
+@dataclass
+class Reference:
+    """The reference policy pi_ref (the SFT model, or the model as built when SFT is skipped) and what every
+    preference run started from it shares.
+
+    ``reference``: log pi_ref(y_w|x), log pi_ref(y_l|x) per split, for ``PreferencePhase``; ``common``: the
+    phase keyword arguments (``pad_id``, ``average``, ``response_only``); ``identity``: what a checkpoint of
+    a run must have been made with to be resumed (model, data, SFT phase, ``average_logps``).
+    """
+
+    model: torch.nn.Module
+    reference: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    common: dict
+    identity: dict
+    sft_final: dict[str, float]
+
+
+def load_experiment_data(cfg: ExperimentConfig):
+    """(tokenizer, data) of ``cfg`` (no tokenizer for the synthetic task), with the loaders' reports printed."""
     tokenizer = None if cfg.data.datasets == ("synthetic",) else load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
     for line in data.reports:
         print(line)
     print(f"SFT: {len(data.sft_train)} train / {len(data.sft_eval)} eval examples; preference: "
           f"{len(data.pref_train)} train / {len(data.pref_eval)} eval pairs")
+    return tokenizer, data
 
+
+def prepare_reference(
+    cfg: ExperimentConfig,
+    data: ExperimentData,
+    out_dir: str | Path,
+    device: torch.device,
+    resume: bool = True,
+    progress: bool = True,
+) -> Reference:
+    """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and compute
+    pi_ref's log-probs of the train and eval pairs once."""
+    out_dir = Path(out_dir)
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)
     model.to(device)  # also when SFT is skipped and the reference log-probs come from the model as built
@@ -188,6 +211,23 @@ def run_experiment(
     }
     print(f"reference log-probs of {len(data.pref_train)} + {len(data.pref_eval)} pairs computed once "
           f"({time.perf_counter() - t0:.0f}s)")
+    return Reference(model, reference, common, identity, sft_final)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    device: torch.device | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> tuple[dict[str, float], list[RunResult]]:
+    """SFT once, then every (loss, beta) run; returns (final SFT eval metrics, the runs' results)."""
+    out_dir = Path(out_dir)
+    device = device if device is not None else default_device()
+    _, data = load_experiment_data(cfg)
+    ref = prepare_reference(cfg, data, out_dir, device, resume, progress)
+    model, reference, common, identity, sft_final = ref.model, ref.reference, ref.common, ref.identity, ref.sft_final
+    e = cfg.to_dict()
 
     results = []
     for name, divergence in cfg.losses:

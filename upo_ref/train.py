@@ -13,7 +13,9 @@ losses (B,) and metrics (B,) each:
   log-likelihood of each response, with auxiliary rewards R(x, y_w), R(x, y_l) and values V(x))
   sets the attribute ``takes_batch = True``; it is then called with ``batch=`` as well, in which
   the phase has put the pairs' entries of every per-pair tensor of ``extras`` (looked up by
-  index, exactly like the reference log-probs).
+  index, exactly like the reference log-probs). Such a loss may also have a method
+  ``metrics(pc, pr, rc, rr, beta, batch=batch) -> {name: (B,)}``: its per-example metrics (e.g. the
+  two terms of a combined loss) are logged with the phase's own.
 
 The loop: examples are drawn in a fixed order (epoch e is a permutation of the training set seeded
 by (seed, e)), so the position in the stream, ``examples_seen``, fixes everything that comes next.
@@ -128,7 +130,8 @@ class PreferencePhase:
 
     ``reference[split]`` = (log pi_ref(y_w|x), log pi_ref(y_l|x)), each (N,) over that split's pairs,
     from :func:`reference_logps`. ``extras[split][name]``: further per-pair tensors (N,) that a loss
-    with ``takes_batch = True`` finds in ``batch[name]`` (B,). ``divergence``: the f of the
+    with ``takes_batch = True`` finds in ``batch[name]`` (B,); its ``metrics`` method, if it has one,
+    adds per-example metrics (names must not clash with the phase's). ``divergence``: the f of the
     ``scores/*`` metrics (defaults to the loss's own, reverse KL for DPO/IPO).
     """
 
@@ -151,7 +154,8 @@ class PreferencePhase:
         ref_chosen, ref_rejected = self.reference[split]
         index = batch["index"].cpu()
         rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
-        if getattr(self.loss_fn, "takes_batch", False):
+        takes_batch = getattr(self.loss_fn, "takes_batch", False)
+        if takes_batch:
             batch = {**batch, **{k: v[index].to(pc.device) for k, v in self.extras.get(split, {}).items()}}
             losses = self.loss_fn(pc, pr, rc, rr, self.beta, batch=batch)
         else:
@@ -159,6 +163,13 @@ class PreferencePhase:
         divergence = self.divergence if self.divergence is not None else getattr(self.loss_fn, "divergence", None)
         metrics = preference_metrics(pc.detach(), pr.detach(), rc, rr, self.beta, divergence)
         metrics["logps/chosen"], metrics["logps/rejected"] = pc.detach(), pr.detach()
+        if takes_batch and hasattr(self.loss_fn, "metrics"):
+            with torch.no_grad():
+                own = self.loss_fn.metrics(pc.detach(), pr.detach(), rc, rr, self.beta, batch=batch)  # {name: (B,)}
+            clash = sorted(set(own) & set(metrics))
+            if clash:
+                raise ValueError(f"the loss's metrics {clash} clash with the preference phase's; rename them")
+            metrics.update(own)
         return losses, metrics
 
 
