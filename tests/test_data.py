@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from upo_ref.data import (
     ASSISTANT_TAG,
+    CompactVocab,
     HH_LOCAL_SUBSETS,
     IGNORE_INDEX,
     DataError,
@@ -332,6 +333,26 @@ def test_tokenize_rejects_eos_inside_text_and_empty_prompt(gpt2_tokenizer):
         tokenize_pairs([bad], gpt2_tokenizer, 64, 32, "keep_end")
     with pytest.raises(DataError, match="the prompt is empty"):
         tokenize_pairs([PreferencePair("", " a", " b", "g:1")], gpt2_tokenizer, 64, 32, "keep_end")
+
+
+# ------------------------------------------------------------------------------------------------
+# The compact vocabulary of a small model trained from scratch
+# ------------------------------------------------------------------------------------------------
+
+
+def test_compact_vocab_keeps_the_most_frequent_tokens_then_eos_then_unk():
+    eos = 99
+    # counts: 7 -> 3, 5 -> 2, 3 -> 2, 8 -> 1, eos -> 2 (kept whatever its count, so it does not compete)
+    vocab = CompactVocab.build([(7, 5, 7, eos), (3, 7, 5, 3, 8, eos)], size=5, eos_id=eos)
+    assert (vocab.size, vocab.eos_id, vocab.unk_id) == (5, 3, 4)
+    assert vocab.ids == {7: 0, 3: 1, 5: 2, eos: 3}  # 3 and 5 tie at 2: the lower original id first; 8 is cut
+    assert vocab.encode((8, 7, 1234, eos, 5)) == (4, 0, 4, 3, 2)
+    pairs = [TokenizedPair((7, 8), (3, 42, eos), (5,))]
+    assert vocab.remap(pairs) == [TokenizedPair((0, 4), (1, 4, 3), (2,))]  # lengths unchanged
+    assert CompactVocab.coverage(vocab.remap(pairs), vocab.unk_id) == 3 / 4  # 42 is the one UNK response token
+    assert CompactVocab.build([(1, 2)], size=10, eos_id=eos).ids == {1: 0, 2: 1, eos: 8}  # room to spare
+    with pytest.raises(ValueError, match="size >= 3"):
+        CompactVocab.build([(1,)], size=2, eos_id=eos)
 
 
 # ------------------------------------------------------------------------------------------------

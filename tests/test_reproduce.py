@@ -30,7 +30,11 @@ def check_outputs(out, name: str, eval_points: list[int]):
     table = (out / "results" / "summary.md").read_text()
     for r in summary["runs"]:
         f = r["final"]
-        assert f"| {r['label']} | {r['beta']:g} | {f['rewards/accuracies']:.4f} | {f['rewards/margins']:.4f} |" in table
+        acc, n = f["rewards/accuracies"], r["n_eval_pairs"]
+        data = summary["config"]["data"]
+        assert n == data["n_eval_pairs"] * len(data["datasets"])  # every eval pair of the (smoke) config
+        se = (acc * (1 - acc) / n) ** 0.5
+        assert f"| {r['label']} | {r['beta']:g} | {acc:.4f} +- {se:.4f} | {f['rewards/margins']:.4f} |" in table
     figure = out / f"figure1_{name}.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label, beta in GRID:
@@ -145,6 +149,36 @@ def test_asking_for_more_pairs_than_the_split_has_is_an_error():
         prepare_data(cfg, load_tokenizer(cfg.model))
 
 
+def test_compact_vocabulary_is_built_from_the_training_split_and_maps_every_split():
+    cfg = smoke(get_preset("quick"))
+    k = 4096
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, compact_vocab=k))
+    tok = load_tokenizer(cfg.model)
+    full = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, compact_vocab=None)), tok)
+    data = prepare_data(cfg, tok)
+    assert (data.vocab_size, data.pad_id) == (k, k - 2) and any("compact vocabulary of 4096 ids" in r for r in data.reports)
+    train_tokens = {t for p in full.pref_train + full.sft_train for t in p.prompt + p.chosen + p.rejected}
+    assert len(train_tokens) < k - 1  # 16 smoke pairs: every training token is kept
+    for split in ("sft_train", "sft_eval", "pref_train", "pref_eval"):
+        for before, after in zip(getattr(full, split), getattr(data, split)):
+            for a, b in zip((before.prompt, before.chosen, before.rejected), (after.prompt, after.chosen, after.rejected)):
+                assert len(a) == len(b) and max(b) < k
+                # a token is UNK exactly when the training data does not have it; EOS maps to pad_id
+                assert [t not in train_tokens for t in a] == [u == k - 1 for u in b]
+                assert [t == tok.eos_token_id for t in a] == [u == k - 2 for u in b]
+    assert any(u == k - 1 for p in data.pref_eval for u in p.chosen + p.rejected)  # eval has unseen tokens
+
+
+def test_compact_vocabulary_is_for_a_random_init_model_only():
+    cfg = dataclasses.replace(get_preset("quick"), data=dataclasses.replace(get_preset("quick").data, compact_vocab=64))
+    with pytest.raises(ValueError, match="has its own vocabulary"):
+        dataclasses.replace(cfg, model=ModelConfig("gpt2"))
+    args = _parser().parse_args(["--model", "gpt2"])
+    assert config_from_args(args).data.compact_vocab is None  # --model brings its own vocabulary
+    with pytest.raises(ValueError, match="compact_vocab must be None or >= 3"):
+        dataclasses.replace(cfg.data, compact_vocab=2)
+
+
 def test_trailing_mean_of_the_train_loss_curve():
     assert trailing_mean([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
     assert trailing_mean([4.0, 2.0, 0.0], 10) == [4.0, 3.0, 2.0]  # a window longer than the run: running mean
@@ -161,6 +195,15 @@ def test_format_table():
         "| JS-IUPO | 0.5 | 0.6250 | 0.1000 | 1.5000 |",
         "",
         "SFT model (pi_ref): eval NLL 5.4321 nats/token, 145.00 nats/response.",
+    ]
+    # With the number of eval pairs: the binomial standard error sqrt(a (1 - a) / n); 0.5 over 64 pairs is 1/16.
+    assert format_table(runs, {}, n_eval=64).splitlines() == [
+        "| run | beta | eval accuracy | eval reward margin | eval loss |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        "| IPO | 0.1 | 0.5000 +- 0.0625 | -0.0123 | 25.0000 |",
+        f"| JS-IUPO | 0.5 | 0.6250 +- {(0.625 * 0.375 / 64) ** 0.5:.4f} | 0.1000 | 1.5000 |",
+        "",
+        "Accuracy +- one binomial standard error over the 64 eval pairs.",
     ]
 
 

@@ -186,7 +186,7 @@ def time_steps(n_layer=12, n_head=12, n_embd=768, vocab=50257, batch=64, length=
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=length,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     bos_token_id=vocab - 1, eos_token_id=vocab - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg).to(device)
     ref_model = GPT2LMHeadModel(cfg).to(device).eval()
     batch_t = {k: v.to(device) for k, v in random_pair_batch(batch, length, prompt, vocab).items()}

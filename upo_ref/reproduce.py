@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import random
 import shutil
 import sys
@@ -35,6 +36,7 @@ import torch
 from .config import ExperimentConfig, get_preset, smoke, PRESETS
 from .data import (
     HH_LOCAL_SUBSETS,
+    CompactVocab,
     LoadReport,
     TokenizedPair,
     download_hh,
@@ -131,17 +133,30 @@ def prepare_data(cfg: ExperimentConfig, tokenizer=None) -> ExperimentData:
         out["sft_train"] += tokenize_sft(sft_train, tokenizer, **lengths)
         out["sft_eval"] += tokenize_sft(_first(sft_examples(held_out), d.n_eval_pairs, seed, f"{name} SFT eval"),
                                         tokenizer, **lengths)
-    return ExperimentData(**out, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, reports=reports)
+    if d.compact_vocab is None:
+        return ExperimentData(**out, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, reports=reports)
+    # From the training data only (preference pairs, SFT prompts and targets), after truncation.
+    sequences = [s for p in out["pref_train"] for s in (p.prompt, p.chosen, p.rejected)]
+    sequences += [s for p in out["sft_train"] for s in (p.prompt, p.chosen)]
+    vocab = CompactVocab.build(sequences, d.compact_vocab, tokenizer.eos_token_id)
+    out = {k: vocab.remap(v) for k, v in out.items()}
+    cover = {k: CompactVocab.coverage(out[k], vocab.unk_id) for k in ("pref_train", "pref_eval")}
+    reports.append(f"compact vocabulary of {vocab.size} ids (the {vocab.size - 2} most frequent training tokens, EOS, "
+                   f"UNK): {cover['pref_train']:.1%} of the train and {cover['pref_eval']:.1%} of the eval response "
+                   f"tokens are not UNK")
+    return ExperimentData(**out, vocab_size=vocab.size, pad_id=vocab.eos_id, reports=reports)
 
 
 @dataclass
 class RunResult:
-    """One preference run: its loss label, beta, final eval metrics, and where its metrics are."""
+    """One preference run: its loss label, beta, final eval metrics, where its metrics are, and how
+    many eval pairs the metrics average over."""
 
     label: str
     beta: float
     final: dict[str, float]
     metrics_path: Path
+    n_eval: int | None = None
 
     @property
     def name(self) -> str:
@@ -235,7 +250,7 @@ def run_experiment(
         for beta in cfg.betas:
             policy = copy.deepcopy(model)
             phase = PreferencePhase(loss_fn, beta, reference, **common)
-            result = RunResult(loss_fn.label, beta, {}, Path())
+            result = RunResult(loss_fn.label, beta, {}, Path(), len(data.pref_eval))
             run_dir = out_dir / result.name
             result.final = train(policy, phase, data.pref_train, data.pref_eval, cfg.pref, run_dir, device, resume,
                                  progress, desc=f"{loss_fn.label} beta={beta:g}",
@@ -246,16 +261,23 @@ def run_experiment(
     return sft_final, results
 
 
-def format_table(results: list[RunResult], sft_final: dict[str, float]) -> str:
-    """Markdown table of the final eval metrics of each run."""
+def format_table(results: list[RunResult], sft_final: dict[str, float], n_eval: int | None = None) -> str:
+    """Markdown table of the final eval metrics of each run.
+
+    With ``n_eval`` (the number of eval pairs) the accuracy carries its binomial standard error
+    sqrt(a (1 - a) / n_eval), so that a reader can tell an accuracy from chance (0.5).
+    """
     lines = [
         "| run | beta | eval accuracy | eval reward margin | eval loss |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         f = r.final
-        lines.append(f"| {r.label} | {r.beta:g} | {f['rewards/accuracies']:.4f} | {f['rewards/margins']:.4f} | "
-                     f"{f['loss']:.4f} |")
+        acc = f["rewards/accuracies"]
+        se = "" if n_eval is None else f" +- {math.sqrt(acc * (1.0 - acc) / n_eval):.4f}"
+        lines.append(f"| {r.label} | {r.beta:g} | {acc:.4f}{se} | {f['rewards/margins']:.4f} | {f['loss']:.4f} |")
+    if n_eval is not None:
+        lines += ["", f"Accuracy +- one binomial standard error over the {n_eval} eval pairs."]
     if sft_final:
         lines.append("")
         lines.append(f"SFT model (pi_ref): eval NLL {sft_final['nll_per_token']:.4f} nats/token, "
@@ -265,7 +287,8 @@ def format_table(results: list[RunResult], sft_final: dict[str, float]) -> str:
 
 def _write_outputs(cfg, results, sft_final, out_dir: Path, results_dir: Path, figure_path: Path,
                    command: str, wall_s: float) -> str:
-    table = format_table(results, sft_final)
+    n_evals = {r.n_eval for r in results}
+    table = format_table(results, sft_final, n_evals.pop() if len(n_evals) == 1 else None)
     runs = {(r.label, r.beta): read_metrics(r.metrics_path) for r in results}
     labels = " vs ".join(dict.fromkeys(r.label for r in results))
     d, p = cfg.data, cfg.pref
@@ -279,7 +302,7 @@ def _write_outputs(cfg, results, sft_final, out_dir: Path, results_dir: Path, fi
         shutil.copyfile(r.metrics_path, results_dir / "metrics" / f"{r.name}.jsonl")
     summary = {
         "command": command, "wall_seconds": round(wall_s, 1), "config": cfg.to_dict(), "sft_final": sft_final,
-        "runs": [{"label": r.label, "beta": r.beta, "final": r.final} for r in results],
+        "runs": [{"label": r.label, "beta": r.beta, "n_eval_pairs": r.n_eval, "final": r.final} for r in results],
     }
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     (results_dir / "summary.md").write_text(
@@ -321,8 +344,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The preset named by ``args`` with the command-line overrides applied (then shrunk by --smoke)."""
     cfg = get_preset(args.preset)
     r = dataclasses.replace
-    if args.model:
-        cfg = r(cfg, model=r(cfg.model, name_or_path=args.model))
+    if args.model:  # a given model brings its own vocabulary
+        cfg = r(cfg, model=r(cfg.model, name_or_path=args.model), data=r(cfg.data, compact_vocab=None))
     if args.tokenizer:
         cfg = r(cfg, model=r(cfg.model, tokenizer=args.tokenizer))
     data = cfg.data
