@@ -18,3 +18,19 @@ settings.register_profile(
     "ci", deadline=None, max_examples=100, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# The notebook runs are the longest tests by far (a kernel each, 10-40 s). Collected first, the
+# longest first, they start at once, and with ``--dist worksteal`` (pyproject.toml) the other worker
+# takes the short tests off their queue: the two workers finish together.
+_NOTEBOOKS_LONGEST_FIRST = ["07_", "04_", "03_", "02_", "06_", "01_"]
+
+
+def _start_rank(item) -> tuple[int, int]:
+    if "test_notebooks.py" not in item.nodeid:
+        return (1, 0)
+    rank = [i for i, prefix in enumerate(_NOTEBOOKS_LONGEST_FIRST) if f"[{prefix}" in item.nodeid]
+    return (0, rank[0] if rank else len(_NOTEBOOKS_LONGEST_FIRST))
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=_start_rank)  # stable: the rest keep their order
