@@ -12,6 +12,7 @@ evaluation after step 0, with chance (0.5) drawn as a dashed line.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def figure1(
     labels = list(dict.fromkeys(label for label, _ in runs))
     betas = sorted({beta for _, beta in runs})
     colors = {label: f"C{i}" for i, label in enumerate(labels)}
-    fig = Figure(figsize=(4.2 * len(betas), 2.6 * len(ROWS)))
+    width = max(4.2 * len(betas), 6.0)  # inches; one beta still leaves room for the title
+    fig = Figure(figsize=(width, 2.6 * len(ROWS)))
     axes = fig.subplots(len(ROWS), len(betas), squeeze=False)
     for col, beta in enumerate(betas):
         for row, (key, split, ylabel) in enumerate(ROWS):
@@ -85,7 +87,7 @@ def figure1(
             ax.grid(alpha=0.3)
     axes[0][0].legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(title, int(10 * width)))  # about 10 characters per inch
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
