@@ -64,7 +64,12 @@ TRUNCATION = {"hh": "keep_end", "shp": "keep_start"}  # HH keeps the turn being 
 
 @dataclass
 class ExperimentData:
-    """Tokenized SFT and preference sets, the vocabulary, and the loaders' reports."""
+    """Tokenized SFT and preference sets, the vocabulary, and the loaders' reports.
+
+    ``pref_unused``: the training split's pairs that were *not* drawn for preference training (when
+    ``n_train_pairs`` leaves some); their chosen responses are SFT targets all the same. Nothing
+    trains on them as pairs: ``upo_ref.overlap`` uses them to ask what a falling train loss means.
+    """
 
     sft_train: list[TokenizedPair]
     sft_eval: list[TokenizedPair]
@@ -73,15 +78,21 @@ class ExperimentData:
     vocab_size: int
     pad_id: int
     reports: list[str] = field(default_factory=list)
+    pref_unused: list[TokenizedPair] = field(default_factory=list)
 
 
 def _first(items: list, n: int | None, seed: int, what: str) -> list:
     """The first n items after a seeded shuffle (all of them, shuffled, when n is None)."""
+    return _first_and_rest(items, n, seed, what)[0]
+
+
+def _first_and_rest(items: list, n: int | None, seed: int, what: str) -> tuple[list, list]:
+    """(the first n items after a seeded shuffle, the others in shuffled order)."""
     if n is not None and n > len(items):
         raise ValueError(f"asked for {n} {what} but the split has only {len(items)}")
     items = list(items)
     random.Random(seed).shuffle(items)
-    return items if n is None else items[:n]
+    return (items, []) if n is None else (items[:n], items[n:])
 
 
 def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
@@ -104,8 +115,12 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
     return splits[0], splits[1]
 
 
-def prepare_data(cfg: ExperimentConfig, tokenizer=None) -> ExperimentData:
-    """Load, split, subsample and tokenize the data of ``cfg`` (``tokenizer`` is unused for synthetic)."""
+def prepare_data(cfg: ExperimentConfig, tokenizer=None, keep_unused: int | None = 0) -> ExperimentData:
+    """Load, split, subsample and tokenize the data of ``cfg`` (``tokenizer`` is unused for synthetic).
+
+    ``keep_unused``: also tokenize the first that many of the training pairs not drawn for preference
+    training, None for all of them (``ExperimentData.pref_unused``; they change nothing else, the
+    vocabulary included)."""
     d, reports = cfg.data, []
     if d.datasets == ("synthetic",):
         if d.n_train_pairs is None or d.n_eval_pairs is None:
@@ -115,7 +130,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer=None) -> ExperimentData:
         reports.append(f"synthetic task: {len(train)} train / {len(held_out)} eval pairs, vocab {task.vocab_size}")
         return ExperimentData(train, held_out, train, held_out, task.vocab_size, task.eos_id, reports)
 
-    out = {"sft_train": [], "sft_eval": [], "pref_train": [], "pref_eval": []}
+    out = {"sft_train": [], "sft_eval": [], "pref_train": [], "pref_eval": [], "pref_unused": []}
     for name in d.datasets:
         if name == "hh":
             train, held_out = _hh_pairs(cfg, reports)
@@ -127,7 +142,10 @@ def prepare_data(cfg: ExperimentConfig, tokenizer=None) -> ExperimentData:
             reports += [str(r1), str(r2)]
         lengths = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation_mode=TRUNCATION[name])
         seed = d.shuffle_seed
-        out["pref_train"] += tokenize_pairs(_first(train, d.n_train_pairs, seed, f"{name} train pairs"), tokenizer, **lengths)
+        used, unused = _first_and_rest(train, d.n_train_pairs, seed, f"{name} train pairs")
+        out["pref_train"] += tokenize_pairs(used, tokenizer, **lengths)
+        if keep_unused != 0:
+            out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **lengths)
         out["pref_eval"] += tokenize_pairs(_first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **lengths)
         sft_train = _first(sft_examples(train), d.n_sft_examples, seed, f"{name} SFT examples")
         out["sft_train"] += tokenize_sft(sft_train, tokenizer, **lengths)
@@ -180,10 +198,10 @@ class Reference:
     sft_final: dict[str, float]
 
 
-def load_experiment_data(cfg: ExperimentConfig):
+def load_experiment_data(cfg: ExperimentConfig, keep_unused: int | None = 0):
     """(tokenizer, data) of ``cfg`` (no tokenizer for the synthetic task), with the loaders' reports printed."""
     tokenizer = None if cfg.data.datasets == ("synthetic",) else load_tokenizer(cfg.model)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, keep_unused)
     for line in data.reports:
         print(line)
     print(f"SFT: {len(data.sft_train)} train / {len(data.sft_eval)} eval examples; preference: "

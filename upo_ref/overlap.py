@@ -1,0 +1,147 @@
+r"""What does a falling train loss mean? The SFT-overlap check of a finished main-job run.
+
+The paper's recipe, and the main job's, SFTs pi_ref on the chosen responses of the *training*
+prompts and then trains on preference pairs of that same split. A training pair's chosen response
+has therefore been fitted once already; an eval pair's has not. A policy that merely goes on
+raising the likelihood of responses it has memorised ranks y_w above y_l on training pairs it has
+never seen as pairs, and not on eval pairs: its train loss falls with nothing learnt about
+preferences.
+
+``python -m upo_ref.overlap [--preset quick] [--out runs/quick]`` loads a finished run's SFT model
+(pi_ref) and each preference run's final checkpoint and reports, on three groups of pairs,
+
+* ``trained``: the pairs preference training used,
+* ``unused``: training-split pairs it did *not* use (their chosen responses were SFT targets too),
+* ``eval``: the held-out pairs (no response of theirs was trained on),
+
+the implicit-reward accuracy and margin of each policy (``losses.preference_metrics``: what the
+trainer logs) and pi_ref's own ranking, P(log pi_ref(y_w|x) > log pi_ref(y_l|x)). If the policies
+rank ``unused`` pairs as well as ``trained`` ones and ``eval`` pairs at chance, what training
+picked up is the SFT overlap, not the preferences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ExperimentConfig, get_preset, smoke, PRESETS
+from .logprobs import head_is_linear_readout
+from .losses import PreferenceLoss, preference_metrics
+from .models import build_model
+from .reproduce import REPO_ROOT, load_experiment_data
+from .train import CHECKPOINT, reference_logps
+
+__all__ = ["GroupStats", "overlap_check", "format_overlap", "main"]
+
+GROUPS = ("trained", "unused", "eval")
+
+
+@dataclass
+class GroupStats:
+    """One model on one group of pairs: its accuracy (strict, as the trainer logs it), its mean
+    implicit-reward margin beta * h, and the number of pairs."""
+
+    model: str
+    group: str
+    n: int
+    accuracy: float
+    margin: float
+
+
+def _load_weights(model, path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m upo_ref.reproduce` for this preset and --out first")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+
+
+def overlap_check(cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | None = None) -> list[GroupStats]:
+    """The check on the finished run of ``cfg`` under ``out_dir`` (CPU); see the module docstring.
+    ``n_unused``: how many of the unused training pairs to score (None: all).
+
+    Rows: pi_ref first (``margin`` is then its mean log pi_ref(y_w) - log pi_ref(y_l) and ``accuracy``
+    its ranking), then every (loss, beta) run, each on ``GROUPS``.
+    """
+    out_dir = Path(out_dir)
+    if not cfg.sft.n_examples:
+        raise ValueError(f"preset {cfg.name!r} has no SFT phase: there is no overlap to check")
+    if cfg.data.n_train_pairs is None:
+        raise ValueError(f"preset {cfg.name!r} uses every training pair for preference training (n_train_pairs=None): "
+                         f"no 'unused' group")
+    if n_unused is not None and n_unused < 1:
+        raise ValueError(f"n_unused must be a positive number of pairs or None (all), got {n_unused}")
+    _, data = load_experiment_data(cfg, keep_unused=n_unused)
+    if not data.pref_unused:
+        raise ValueError(f"preset {cfg.name!r} uses every training pair for preference training: no 'unused' group")
+    groups = {"trained": data.pref_train, "unused": data.pref_unused, "eval": data.pref_eval}
+    device, batch = torch.device("cpu"), cfg.pref.eval_batch_size
+    model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
+    response_only = head_is_linear_readout(model, data.vocab_size)
+
+    def logps(pairs):
+        # The trainer's batches (train.reference_logps forms the same ones as train.evaluate).
+        return reference_logps(model, pairs, batch, data.pad_id, device, cfg.average_logps, response_only)
+
+    _load_weights(model, out_dir / "sft" / CHECKPOINT)
+    ref = {g: logps(pairs) for g, pairs in groups.items()}
+    rows = []
+    for g, (rc, rr) in ref.items():
+        diff = rc - rr  # (N,)
+        rows.append(GroupStats("pi_ref", g, len(diff), float((diff > 0).double().mean()), float(diff.double().mean())))
+    for loss_name, divergence in cfg.losses:
+        label = PreferenceLoss(loss_name, divergence).label
+        for beta in cfg.betas:
+            _load_weights(model, out_dir / f"{label.lower()}_beta{beta:g}" / CHECKPOINT)
+            for g, pairs in groups.items():
+                m = preference_metrics(*logps(pairs), *ref[g], beta)
+                rows.append(GroupStats(f"{label} beta={beta:g}", g, len(pairs),
+                                       float(m["rewards/accuracies"].double().mean()),
+                                       float(m["rewards/margins"].double().mean())))
+    return rows
+
+
+def format_overlap(rows: list[GroupStats]) -> str:
+    """Markdown table: one row per model, accuracy (+- one binomial standard error) and margin per group."""
+    n = {r.group: r.n for r in rows}
+    head = " | ".join(f"{g} acc. ({n[g]} pairs) | {g} margin" for g in GROUPS)
+    lines = [f"| model | {head} |", "| --- |" + " ---: |" * (2 * len(GROUPS))]
+    for model in dict.fromkeys(r.model for r in rows):
+        by = {r.group: r for r in rows if r.model == model}
+        cells = []
+        for g in GROUPS:
+            a = by[g].accuracy
+            cells += [f"{a:.3f} +- {(a * (1 - a) / by[g].n) ** 0.5:.3f}", f"{by[g].margin:+.4f}"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "pi_ref's row: accuracy is P(log pi_ref(y_w|x) > log pi_ref(y_l|x)), margin its mean log-ratio "
+              "(nats); the runs' rows: the trainer's implicit-reward accuracy and beta * h."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[GroupStats]:
+    p = argparse.ArgumentParser(prog="python -m upo_ref.overlap", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
+    p.add_argument("--smoke", action="store_true", help="the preset's smoke version (as reproduce --smoke)")
+    p.add_argument("--out", help="the run folder reproduce wrote (default runs/<preset>)")
+    p.add_argument("--n-unused", type=int, help="score only this many unused training pairs (default all)")
+    p.add_argument("--results", help="where to write overlap.md (default: results/<preset>, or --out with --smoke)")
+    args = p.parse_args(argv)
+    cfg = get_preset(args.preset)
+    cfg = smoke(cfg) if args.smoke else cfg
+    out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
+    rows = overlap_check(cfg, out_dir, args.n_unused)
+    table = format_overlap(rows)
+    results = Path(args.results) if args.results else (out_dir if args.smoke else REPO_ROOT / "results" / cfg.name)
+    results.mkdir(parents=True, exist_ok=True)
+    command = "python -m upo_ref.overlap" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    (results / "overlap.md").write_text(f"# SFT-overlap check of preset `{cfg.name}`\n\nCommand: `{command}`\n\n"
+                                        f"{table}\n", encoding="utf-8")
+    print(f"{table}\n\nwritten to {results / 'overlap.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
