@@ -78,3 +78,20 @@ def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke
         overlap_check(cfg, tmp_path / "nothing here", n_unused=8)
     with pytest.raises(ValueError, match="uses every training pair"):
         overlap_check(_all_training_pairs(cfg), out)
+
+
+def test_sft_disjoint_keeps_the_preference_training_prompts_out_of_sft():
+    r = dataclasses.replace
+    base = smoke(get_preset("quick"))
+    base = r(base, data=r(base.data, n_sft_examples=None, compact_vocab=None))  # every SFT prompt, GPT-2's ids
+    tok = load_tokenizer(base.model)
+    paper_recipe = prepare_data(base, tok)
+    control = prepare_data(r(base, data=r(base.data, sft_disjoint=True)), tok)
+    pref_prompts = {p.prompt for p in paper_recipe.pref_train}
+    assert len(pref_prompts) == base.data.n_train_pairs
+    assert pref_prompts <= {p.prompt for p in paper_recipe.sft_train}  # the paper's recipe: all are SFT prompts
+    assert not pref_prompts & {p.prompt for p in control.sft_train}  # the control: none is
+    assert len(control.sft_train) == len(paper_recipe.sft_train) - len(pref_prompts)
+    assert (control.pref_train, control.pref_eval) == (paper_recipe.pref_train, paper_recipe.pref_eval)
+    quick = get_preset("quick")
+    assert get_preset("quick-sft-disjoint") == r(quick, name="quick-sft-disjoint", data=r(quick.data, sft_disjoint=True))

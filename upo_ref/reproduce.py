@@ -147,7 +147,14 @@ def prepare_data(cfg: ExperimentConfig, tokenizer=None, keep_unused: int | None 
         if keep_unused != 0:
             out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **lengths)
         out["pref_eval"] += tokenize_pairs(_first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **lengths)
-        sft_train = _first(sft_examples(train), d.n_sft_examples, seed, f"{name} SFT examples")
+        if d.sft_disjoint:  # the control: no SFT target is the chosen response of a preference-training pair
+            drawn = {p.prompt for p in used}
+            sft_source = [p for p in train if p.prompt not in drawn]
+            reports.append(f"{name} SFT disjoint from preference training: SFT draws from the {len(sft_source)} of "
+                           f"{len(train)} training pairs whose prompt no preference-training pair has")
+        else:
+            sft_source = train
+        sft_train = _first(sft_examples(sft_source), d.n_sft_examples, seed, f"{name} SFT examples")
         out["sft_train"] += tokenize_sft(sft_train, tokenizer, **lengths)
         out["sft_eval"] += tokenize_sft(_first(sft_examples(held_out), d.n_eval_pairs, seed, f"{name} SFT eval"),
                                         tokenizer, **lengths)
