@@ -74,6 +74,9 @@ def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke
     assert "python -m upo_ref.overlap --smoke" in text and format_overlap(rows) in text
     with pytest.raises(ValueError, match="n_unused must be a positive number"):
         overlap_check(cfg, out, n_unused=0)
+    other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shuffle_seed=1))  # not what wrote `out`
+    with pytest.raises(ValueError, match="made with another model or data config"):
+        overlap_check(other, out, n_unused=8)
     with pytest.raises(FileNotFoundError, match="python -m upo_ref.reproduce"):
         overlap_check(cfg, tmp_path / "nothing here", n_unused=8)
     with pytest.raises(ValueError, match="uses every training pair"):

@@ -33,7 +33,7 @@ from .config import ExperimentConfig, get_preset, smoke, PRESETS
 from .logprobs import head_is_linear_readout
 from .losses import PreferenceLoss, preference_metrics
 from .models import build_model
-from .reproduce import REPO_ROOT, load_experiment_data
+from .reproduce import REPO_ROOT, RunResult, load_experiment_data
 from .train import CHECKPOINT, reference_logps
 
 __all__ = ["GroupStats", "overlap_check", "format_overlap", "main"]
@@ -53,10 +53,19 @@ class GroupStats:
     margin: float
 
 
-def _load_weights(model, path: Path) -> None:
+def _load_weights(model, path: Path, cfg: ExperimentConfig) -> None:
+    """Load a checkpoint of the main job into ``model``, after checking it was made with ``cfg``'s
+    model and data (the check reads the identity the trainer stores in every checkpoint)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `python -m upo_ref.reproduce` for this preset and --out first")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    e = cfg.to_dict()
+    made_with = {k: state["identity"].get(k) for k in ("model", "data")}
+    if made_with != {k: e[k] for k in ("model", "data")}:
+        raise ValueError(f"{path} was made with another model or data config than preset {cfg.name!r}:\n"
+                         f"  checkpoint: {made_with}\n  preset:     {({k: e[k] for k in ('model', 'data')})}\n"
+                         f"pass the --preset (and --smoke) that wrote this --out")
+    model.load_state_dict(state["model"])
 
 
 def overlap_check(cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | None = None) -> list[GroupStats]:
@@ -86,7 +95,7 @@ def overlap_check(cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | No
         # The trainer's batches (train.reference_logps forms the same ones as train.evaluate).
         return reference_logps(model, pairs, batch, data.pad_id, device, cfg.average_logps, response_only)
 
-    _load_weights(model, out_dir / "sft" / CHECKPOINT)
+    _load_weights(model, out_dir / "sft" / CHECKPOINT, cfg)
     ref = {g: logps(pairs) for g, pairs in groups.items()}
     rows = []
     for g, (rc, rr) in ref.items():
@@ -95,7 +104,7 @@ def overlap_check(cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | No
     for loss_name, divergence in cfg.losses:
         label = PreferenceLoss(loss_name, divergence).label
         for beta in cfg.betas:
-            _load_weights(model, out_dir / f"{label.lower()}_beta{beta:g}" / CHECKPOINT)
+            _load_weights(model, out_dir / RunResult(label, beta, {}, Path()).name / CHECKPOINT, cfg)
             for g, pairs in groups.items():
                 m = preference_metrics(*logps(pairs), *ref[g], beta)
                 rows.append(GroupStats(f"{label} beta={beta:g}", g, len(pairs),
