@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from upo_ref.stats import mean_interval, student_t_quantile
+from upo_ref.stats import binomial_se, mean_interval, mean_se, student_t_quantile
 
 QUANTILE_RTOL = 1e-10  # Simpson's rule + bisection against exact values
 
@@ -67,3 +67,16 @@ def test_mean_interval_shapes_and_dimension():
     assert (lo < mean).all() and (mean < hi).all()
     with pytest.raises(ValueError, match="at least 2 seeds"):
         mean_interval(x[:, :1], dim=1)
+
+
+def test_mean_se_and_binomial_se_against_hand_values():
+    # x = (1, 2, 3, 6): mean 3, sample variance (4 + 1 + 0 + 9) / 3 = 14/3, se = sqrt(14/3) / 2.
+    mean, se = mean_se(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    assert mean == 3.0 and se == pytest.approx(math.sqrt(14 / 3) / 2, rel=1e-15)
+    assert mean_se(torch.tensor([0.25])) == (0.25, 0.0)  # one value: no spread to estimate
+    assert binomial_se(0.5, 64) == 1 / 16  # sqrt(0.25 / 64), exact in binary
+    assert binomial_se(1.0, 10) == 0.0
+    with pytest.raises(ValueError, match="proportion p in"):
+        binomial_se(1.5, 10)
+    with pytest.raises(ValueError, match="n >= 1"):
+        binomial_se(0.5, 0)

@@ -68,6 +68,7 @@ from .losses import dpo_loss
 from .models import default_device
 from .reproduce import ExperimentData, load_experiment_data, prepare_reference
 from .rewards import readability_rewards
+from .stats import mean_se
 from .train import METRICS, PreferencePhase, autocast, read_metrics, reference_logps, train
 
 __all__ = [
@@ -150,13 +151,6 @@ def pair_rewards(reward_fn: Reward, pairs: Sequence[TokenizedPair]) -> tuple[Ten
     return chosen, rejected
 
 
-def _mean_se(x: Tensor) -> tuple[float, float]:
-    """Mean of x (n,) and its standard error s / sqrt(n) (0 for n = 1)."""
-    x = x.double()
-    se = x.std(unbiased=True).item() / math.sqrt(len(x)) if len(x) > 1 else 0.0
-    return x.mean().item(), se
-
-
 def _ranked_correct(higher: Tensor, lower: Tensor) -> Tensor:
     """1 where higher > lower, 1/2 on a tie, 0 otherwise: (N,). Ties count half, so a score that
     cannot tell two responses apart (e.g. the implicit reward of pi = pi_ref, 0 for all) is at 0.5."""
@@ -174,8 +168,8 @@ def preference_agreement(chosen_rewards: Tensor, rejected_rewards: Tensor) -> di
     if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.dim() != 1 or len(chosen_rewards) < 2:
         raise ValueError(f"need two (N,) reward tensors with N >= 2, got {tuple(chosen_rewards.shape)} and "
                          f"{tuple(rejected_rewards.shape)}")
-    p, p_se = _mean_se(_ranked_correct(chosen_rewards, rejected_rewards))
-    d, d_se = _mean_se(chosen_rewards - rejected_rewards)
+    p, p_se = mean_se(_ranked_correct(chosen_rewards, rejected_rewards))
+    d, d_se = mean_se(chosen_rewards - rejected_rewards)
     return {"p_chosen_higher": p, "p_se": p_se, "mean_difference": d, "difference_se": d_se,
             "n": len(chosen_rewards), "ties": int((chosen_rewards == rejected_rewards).sum())}
 
@@ -498,7 +492,7 @@ class AuxEvaluation:
         out = {}
         for key, x in (("preference_accuracy", self.preference_correct), ("auxiliary_accuracy", self.auxiliary_correct),
                        ("generation_reward", self.generation_rewards)):
-            out[key], out[key + "_se"] = _mean_se(x)
+            out[key], out[key + "_se"] = mean_se(x)
         out["generation_length"] = self.generation_lengths.double().mean().item()
         return out
 
@@ -761,7 +755,7 @@ def format_before_after(before: AuxEvaluation, runs: Sequence[AuxRun]) -> str:
     (:func:`dpo_baseline`), paired over the same pairs / prompts (+- the standard error of the paired
     difference)."""
     def pm(x: Tensor) -> str:
-        m, se = _mean_se(x)
+        m, se = mean_se(x)
         return f"{m:.3f} +- {se:.3f}"
 
     keys = ("preference_correct", "auxiliary_correct", "generation_rewards")

@@ -42,6 +42,7 @@ from .auxiliary import (
     upo_kto_loss,
 )
 from .losses import dpo_loss
+from .stats import mean_se
 
 __all__ = [
     "METHODS",
@@ -290,8 +291,7 @@ def summarise(points: list[FrontierPoint], z: float = 1.96) -> list[dict]:
     for config, ps in groups.items():
         row = {"config": config, "n": len(ps)}
         for key in ("win_rate", "auxiliary"):
-            v = torch.tensor([getattr(p, key) for p in ps], dtype=torch.float64)
-            se = v.std(unbiased=True) / math.sqrt(len(ps)) if len(ps) > 1 else torch.tensor(0.0)
-            row[key], row[key + "_ci"] = v.mean().item(), z * se.item()
+            mean, se = mean_se(torch.tensor([getattr(p, key) for p in ps], dtype=torch.float64))
+            row[key], row[key + "_ci"] = mean, z * se
         rows.append(row)
     return rows

@@ -34,6 +34,7 @@ from .logprobs import head_is_linear_readout
 from .losses import PreferenceLoss, preference_metrics
 from .models import build_model
 from .reproduce import REPO_ROOT, RunResult, load_experiment_data
+from .stats import binomial_se
 from .train import CHECKPOINT, reference_logps
 
 __all__ = ["GroupStats", "overlap_check", "format_overlap", "main"]
@@ -123,7 +124,7 @@ def format_overlap(rows: list[GroupStats]) -> str:
         cells = []
         for g in GROUPS:
             a = by[g].accuracy
-            cells += [f"{a:.3f} +- {(a * (1 - a) / by[g].n) ** 0.5:.3f}", f"{by[g].margin:+.4f}"]
+            cells += [f"{a:.3f} +- {binomial_se(a, by[g].n):.3f}", f"{by[g].margin:+.4f}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "pi_ref's row: accuracy is P(log pi_ref(y_w|x) > log pi_ref(y_l|x)), margin its mean log-ratio "
               "(nats); the runs' rows: the trainer's implicit-reward accuracy and beta * h."]

@@ -23,7 +23,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import random
 import shutil
 import sys
@@ -53,6 +52,7 @@ from .losses import PreferenceLoss
 from .models import build_model, default_device, load_tokenizer
 from .paths import REPO_ROOT, figures_dir, hh_dir
 from .figure1 import figure1
+from .stats import binomial_se
 from .synthetic import SyntheticTask
 from .train import PreferencePhase, SFTPhase, read_metrics, reference_logps, train
 
@@ -299,7 +299,7 @@ def format_table(results: list[RunResult], sft_final: dict[str, float], n_eval: 
     for r in results:
         f = r.final
         acc = f["rewards/accuracies"]
-        se = "" if n_eval is None else f" +- {math.sqrt(acc * (1.0 - acc) / n_eval):.4f}"
+        se = "" if n_eval is None else f" +- {binomial_se(acc, n_eval):.4f}"
         lines.append(f"| {r.label} | {r.beta:g} | {acc:.4f}{se} | {f['rewards/margins']:.4f} | {f['loss']:.4f} |")
     if n_eval is not None:
         lines += ["", f"Accuracy +- one binomial standard error over the {n_eval} eval pairs."]

@@ -1,4 +1,5 @@
-r"""Seed aggregation: the mean over independent runs and its Student-t confidence interval.
+r"""Seed aggregation: the mean over independent runs and its Student-t confidence interval; and the
+two standard errors the result tables print (:func:`mean_se`, :func:`binomial_se`).
 
 Experiments repeat a run over S seeds and report, at every step, the mean over seeds and a
 ``level`` (default 95%) confidence interval for that mean:
@@ -21,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["student_t_quantile", "mean_interval"]
+__all__ = ["student_t_quantile", "mean_interval", "mean_se", "binomial_se"]
 
 # Simpson's rule on 2**14 panels of [0, t]: the t density is smooth (analytic) and t <= 64 for every
 # quantile asked of it here, so the integration error (~h^4) is below 1e-12 of the probability.
@@ -84,3 +85,17 @@ def mean_interval(x: Tensor, dim: int = 0, level: float = 0.95) -> tuple[Tensor,
     mean = x.mean(dim)
     half = student_t_quantile((1 + level) / 2, n - 1) * x.std(dim, correction=1) / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def mean_se(x: Tensor) -> tuple[float, float]:
+    """Mean of x (n,) and its standard error s / sqrt(n), s with Bessel's n - 1 (0 for n = 1), in float64."""
+    x = torch.as_tensor(x).double()
+    se = x.std(unbiased=True).item() / math.sqrt(len(x)) if len(x) > 1 else 0.0
+    return x.mean().item(), se
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error sqrt(p (1 - p) / n) of a proportion p measured on n items (an accuracy over n pairs)."""
+    if n < 1 or not 0.0 <= p <= 1.0:
+        raise ValueError(f"need a proportion p in [0, 1] over n >= 1 items, got p={p}, n={n}")
+    return math.sqrt(p * (1.0 - p) / n)
