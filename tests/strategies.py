@@ -44,7 +44,9 @@ def logp_batches(size: int | None = None, low: float = -500.0, high: float = 0.0
     def _draw(draw):
         n = size if size is not None else draw(st.integers(1, 16))
         elems = st.floats(min_value=low, max_value=high, allow_nan=False, allow_infinity=False)
-        return tuple(torch.from_numpy(draw(arrays(np.float64, (n,), elements=elems))) for _ in range(4))
+        return tuple(
+            torch.from_numpy(draw(arrays(np.float64, (n,), elements=elems))) for _ in range(4)
+        )
 
     return _draw()
 
@@ -58,7 +60,8 @@ def dyadic_logp_batches(size: int | None = None):
         n = size if size is not None else draw(st.integers(1, 16))
         ints = st.integers(min_value=-(2**30), max_value=0)
         return tuple(
-            torch.tensor([draw(ints) * 2.0**-20 for _ in range(n)], dtype=torch.float64) for _ in range(4)
+            torch.tensor([draw(ints) * 2.0**-20 for _ in range(n)], dtype=torch.float64)
+            for _ in range(4)
         )
 
     return _draw()

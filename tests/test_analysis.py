@@ -34,18 +34,28 @@ def t64(*xs):
 @pytest.mark.parametrize("beta", BETAS)
 def test_threshold_closed_forms(beta):
     T = 1 / (2 * beta)
-    assert paper_reachability_threshold(beta, JS) == pytest.approx(-math.log(math.expm1(T)), rel=THRESHOLD_RTOL, abs=1e-15)
-    assert paper_reachability_threshold(beta, FKL) == pytest.approx(-math.log(T), rel=THRESHOLD_RTOL, abs=1e-15)
+    assert paper_reachability_threshold(beta, JS) == pytest.approx(
+        -math.log(math.expm1(T)), rel=THRESHOLD_RTOL, abs=1e-15
+    )
+    assert paper_reachability_threshold(beta, FKL) == pytest.approx(
+        -math.log(T), rel=THRESHOLD_RTOL, abs=1e-15
+    )
     for a in (0.3, 0.7):
         alpha = get_divergence("alpha", alpha=a)
-        assert paper_reachability_threshold(beta, alpha) == pytest.approx(-math.log(a * T) / a, rel=THRESHOLD_RTOL, abs=1e-15)
+        assert paper_reachability_threshold(beta, alpha) == pytest.approx(
+            -math.log(a * T) / a, rel=THRESHOLD_RTOL, abs=1e-15
+        )
     assert paper_reachability_threshold(beta, "reverse_kl") == math.inf
     assert paper_reachability_threshold(beta, "chi_squared") == math.inf
 
 
 def test_threshold_at_the_papers_betas():
     # The numbers notebook 3 states: -4.99, -2.41, -0.54 nats; and c* = 0 exactly at beta = 1/(2 log 2).
-    assert [round(paper_reachability_threshold(b, JS), 2) for b in (0.1, 0.2, 0.5)] == [-4.99, -2.41, -0.54]
+    assert [round(paper_reachability_threshold(b, JS), 2) for b in (0.1, 0.2, 0.5)] == [
+        -4.99,
+        -2.41,
+        -0.54,
+    ]
     assert abs(paper_reachability_threshold(1 / (2 * math.log(2)), JS)) < 1e-15
 
 
@@ -58,7 +68,9 @@ def test_threshold_agrees_with_brute_force(div, beta):
     c = torch.arange(-60.0, 60.0, GRID, dtype=torch.float64)
     a_huge = torch.full_like(c, 800.0)  # f'(e^800) = sup f' to the last bit for these divergences
     zero = torch.zeros_like(c)
-    sup_uh = uh_pi(a_huge, zero, c, zero, div, form="paper")  # log pi ratio a, reference log-ratio c
+    sup_uh = uh_pi(
+        a_huge, zero, c, zero, div, form="paper"
+    )  # log pi ratio a, reference log-ratio c
     reachable = sup_uh > T
     # reachable is exactly the set c < c*, up to the grid
     assert reachable[c < c_star - GRID].all() and not reachable[c > c_star + GRID].any()
@@ -85,8 +97,14 @@ def test_paper_optimal_logratio_zeroes_the_loss_where_reachable_and_is_inf_elsew
     a_star = paper_optimal_logratio(c, beta, JS)
     reachable = c < paper_reachability_threshold(beta, JS)
     assert torch.isinf(a_star[~reachable]).all() and torch.isfinite(a_star[reachable]).all()
-    loss = iupo_loss(a_star[reachable], torch.zeros(int(reachable.sum()), dtype=torch.float64),
-                     c[reachable], torch.zeros(int(reachable.sum()), dtype=torch.float64), beta, JS)
+    loss = iupo_loss(
+        a_star[reachable],
+        torch.zeros(int(reachable.sum()), dtype=torch.float64),
+        c[reachable],
+        torch.zeros(int(reachable.sum()), dtype=torch.float64),
+        beta,
+        JS,
+    )
     assert loss.max().item() < 1e-20
     # far below the threshold the paper form's margin a* - c tends to IPO's T = 1/(2 beta)
     assert (a_star[0] - c[0]).item() == pytest.approx(5.0, abs=1e-3)
@@ -98,9 +116,13 @@ def test_unreachable_push_decays_like_the_probability_ratio(c):
     T = 1 / (2 * beta)
     limit = 2 * (T - softplus(t64(-c)).item())  # -dL/da * e^a as a -> inf
     for a in (25.0, 35.0):
-        _, d_chosen, d_rejected = loss_and_gradients(PreferenceLoss("iupo", JS), t64(a), t64(0.0), t64(c), t64(0.0), beta)
+        _, d_chosen, d_rejected = loss_and_gradients(
+            PreferenceLoss("iupo", JS), t64(a), t64(0.0), t64(c), t64(0.0), beta
+        )
         assert -d_chosen.item() * math.exp(a) == pytest.approx(limit, rel=1e-9)
-        assert d_rejected.item() == -d_chosen.item()  # the paper form sees only log pi(y_w) - log pi(y_l)
+        assert (
+            d_rejected.item() == -d_chosen.item()
+        )  # the paper form sees only log pi(y_w) - log pi(y_l)
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +139,12 @@ def test_paper_uh_supremum_is_softplus_for_js():
 
 # --- loss_and_gradients, relative_error ------------------------------------------------------------
 def test_loss_and_gradients_hand_values_for_dpo_and_ipo():
-    pc, pr, rc, rr = t64(-1.0, -3.0), t64(-2.0, -1.0), t64(-1.5, -2.0), t64(-1.5, -2.0)  # h = (1, -2)
+    pc, pr, rc, rr = (
+        t64(-1.0, -3.0),
+        t64(-2.0, -1.0),
+        t64(-1.5, -2.0),
+        t64(-1.5, -2.0),
+    )  # h = (1, -2)
     beta = 0.5
     value, d_w, d_l = loss_and_gradients(PreferenceLoss("dpo"), pc, pr, rc, rr, beta)
     h = t64(1.0, -2.0)

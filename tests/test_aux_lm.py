@@ -66,18 +66,30 @@ def synthetic():
 
     ref_model = new_model()
     splits = {"train": data.pref_train, "eval": data.pref_eval}
-    reference = {s: reference_logps(ref_model, pairs, 256, data.pad_id, CPU) for s, pairs in splits.items()}
+    reference = {
+        s: reference_logps(ref_model, pairs, 256, data.pad_id, CPU) for s, pairs in splits.items()
+    }
     rewards = {s: pair_rewards(count_reward, pairs) for s, pairs in splits.items()}
-    features = {s: prompt_features(ref_model, [p.prompt for p in pairs], 256, data.pad_id, CPU)
-                for s, pairs in splits.items()}
+    features = {
+        s: prompt_features(ref_model, [p.prompt for p in pairs], 256, data.pad_id, CPU)
+        for s, pairs in splits.items()
+    }
     values = fit_prompt_values(features["train"], *rewards["train"], steps=100)
     extras = {s: aux_extras(*rewards[s], values(features[s])) for s in splits}
     return data, new_model, reference, extras
 
 
 def small_phase(**overrides) -> PhaseConfig:
-    base = dict(n_examples=64, batch_size=16, microbatch_size=8, eval_every=32, lr=1e-3, optimizer="adamw",
-                warmup_steps=1, eval_batch_size=256)
+    base = dict(
+        n_examples=64,
+        batch_size=16,
+        microbatch_size=8,
+        eval_every=32,
+        lr=1e-3,
+        optimizer="adamw",
+        warmup_steps=1,
+        eval_batch_size=256,
+    )
     return PhaseConfig(**{**base, **overrides})
 
 
@@ -95,17 +107,35 @@ def test_gamma_zero_through_the_trainer_is_dpo_bit_for_bit(synthetic, tmp_path):
     end at identical parameters and log identical metrics; gamma > 0 ends elsewhere."""
     data, new_model, reference, extras = synthetic
     models, records = {}, {}
-    for name, loss in (("dpo", PreferenceLoss("dpo")), ("upo0", UPODPOLoss(0.0, alpha=0.5)),
-                       ("upo1", UPODPOLoss(1.0, alpha=0.5))):
+    for name, loss in (
+        ("dpo", PreferenceLoss("dpo")),
+        ("upo0", UPODPOLoss(0.0, alpha=0.5)),
+        ("upo1", UPODPOLoss(1.0, alpha=0.5)),
+    ):
         models[name] = new_model()
         phase = PreferencePhase(loss, 0.1, reference, data.pad_id, extras=extras)
-        train(models[name], phase, data.pref_train, data.pref_eval, small_phase(), tmp_path / name, CPU, progress=False)
+        train(
+            models[name],
+            phase,
+            data.pref_train,
+            data.pref_eval,
+            small_phase(),
+            tmp_path / name,
+            CPU,
+            progress=False,
+        )
         records[name] = without(read_metrics(tmp_path / name / "metrics.jsonl"), "time/")
-    for (key, p), q in zip(models["dpo"].state_dict().items(), models["upo0"].state_dict().values()):
+    for (key, p), q in zip(
+        models["dpo"].state_dict().items(), models["upo0"].state_dict().values()
+    ):
         assert torch.equal(p, q), key
     assert without(records["upo0"], "aux/") == records["dpo"]
     assert len(records["dpo"]) == 4 + 3  # 4 steps, evaluations at 0, 32 and 64
-    changed = [k for k, p in models["dpo"].state_dict().items() if not torch.equal(p, models["upo1"].state_dict()[k])]
+    changed = [
+        k
+        for k, p in models["dpo"].state_dict().items()
+        if not torch.equal(p, models["upo1"].state_dict()[k])
+    ]
     assert "lm_head.weight" in changed
 
 
@@ -113,16 +143,26 @@ def test_the_extras_reach_the_loss_with_their_own_pairs(synthetic, tmp_path):
     """Every pair's rewards, recomputed in the loss from the batch's own tokens, equal the extras the
     loss was given; checked at every training and eval call."""
     data, new_model, reference, _ = synthetic
-    rewards = {s: pair_rewards(code_reward, pairs) for s, pairs in (("train", data.pref_train), ("eval", data.pref_eval))}
-    assert len(set(rewards["train"][0].tolist())) > 0.9 * len(data.pref_train)  # nearly a name per response
-    values = {s: torch.randn(len(rewards[s][0]), generator=torch.Generator().manual_seed(1)) for s in rewards}
+    rewards = {
+        s: pair_rewards(code_reward, pairs)
+        for s, pairs in (("train", data.pref_train), ("eval", data.pref_eval))
+    }
+    assert len(set(rewards["train"][0].tolist())) > 0.9 * len(
+        data.pref_train
+    )  # nearly a name per response
+    values = {
+        s: torch.randn(len(rewards[s][0]), generator=torch.Generator().manual_seed(1))
+        for s in rewards
+    }
     extras = {s: aux_extras(*rewards[s], values[s]) for s in rewards}
     checked = []
 
     class Spy(UPODPOLoss):
         def __call__(self, pc, pr, rc, rr, beta, batch=None):
             B = pc.shape[0]
-            responses = [tuple(row[row != IGNORE_INDEX].tolist()) for row in batch["labels"]]  # chosen, then rejected
+            responses = [
+                tuple(row[row != IGNORE_INDEX].tolist()) for row in batch["labels"]
+            ]  # chosen, then rejected
             recomputed = code_reward(None, responses)
             assert torch.equal(batch["chosen_rewards"], recomputed[:B])
             assert torch.equal(batch["rejected_rewards"], recomputed[B:])
@@ -132,7 +172,16 @@ def test_the_extras_reach_the_loss_with_their_own_pairs(synthetic, tmp_path):
             return super().__call__(pc, pr, rc, rr, beta, batch=batch)
 
     phase = PreferencePhase(Spy(0.5), 0.1, reference, data.pad_id, extras=extras)
-    train(new_model(), phase, data.pref_train, data.pref_eval, small_phase(n_examples=32), tmp_path, CPU, progress=False)
+    train(
+        new_model(),
+        phase,
+        data.pref_train,
+        data.pref_eval,
+        small_phase(n_examples=32),
+        tmp_path,
+        CPU,
+        progress=False,
+    )
     assert sum(checked) == 32 + 2 * len(data.pref_eval)  # every training pair, two evaluations
 
 
@@ -142,9 +191,20 @@ def test_the_loss_metrics_are_logged_and_agree_with_the_extras(synthetic, tmp_pa
     data, new_model, reference, extras = synthetic
     loss = UPODPOLoss(1.0, alpha=0.25, cap=4.0)  # a low cap, so that some weights are clamped
     phase = PreferencePhase(loss, 0.1, reference, data.pad_id, extras=extras)
-    train(new_model(), phase, data.pref_train, data.pref_eval, small_phase(n_examples=16), tmp_path, CPU, progress=False)
+    train(
+        new_model(),
+        phase,
+        data.pref_train,
+        data.pref_eval,
+        small_phase(n_examples=16),
+        tmp_path,
+        CPU,
+        progress=False,
+    )
     first = read_metrics(tmp_path / "metrics.jsonl")[0]
-    r_w, r_l, v = (extras["eval"][k].double() for k in ("chosen_rewards", "rejected_rewards", "values"))
+    r_w, r_l, v = (
+        extras["eval"][k].double() for k in ("chosen_rewards", "rejected_rewards", "values")
+    )
     a = torch.cat([r_w - v, r_l - v])
     w = torch.exp(torch.clamp(a / 0.25, max=math.log(4.0)))
     assert first["aux/advantage"] == pytest.approx(a.mean().item(), abs=1e-5)
@@ -152,7 +212,9 @@ def test_the_loss_metrics_are_logged_and_agree_with_the_extras(synthetic, tmp_pa
     at_cap = (a / 0.25 >= math.log(4.0)).double().mean().item()
     assert 0.05 < at_cap < 0.95 and first["aux/at_cap"] == pytest.approx(at_cap, abs=1e-9)
     assert first["aux/dpo_loss"] == pytest.approx(math.log(2), rel=1e-6)
-    assert first["loss"] == pytest.approx(first["aux/dpo_loss"] + first["aux/weighted_nll"], rel=1e-5)
+    assert first["loss"] == pytest.approx(
+        first["aux/dpo_loss"] + first["aux/weighted_nll"], rel=1e-5
+    )
 
 
 def test_loss_metrics_may_not_overwrite_the_phases_own(synthetic, tmp_path):
@@ -164,8 +226,16 @@ def test_loss_metrics_may_not_overwrite_the_phases_own(synthetic, tmp_path):
 
     phase = PreferencePhase(Clashing(0.0), 0.1, reference, data.pad_id, extras=extras)
     with pytest.raises(ValueError, match=r"\['rewards/margins'\] clash"):
-        train(new_model(), phase, data.pref_train, data.pref_eval, small_phase(n_examples=16), tmp_path, CPU,
-              progress=False)
+        train(
+            new_model(),
+            phase,
+            data.pref_train,
+            data.pref_eval,
+            small_phase(n_examples=16),
+            tmp_path,
+            CPU,
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,16 +248,26 @@ def test_prompt_features_ignore_padding_and_the_value_fit_recovers_a_linear_func
     R = h(x) . u + noise (the two responses' noises cancel in the mean) predicts R on new prompts."""
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16), vocab_size=40, n_positions=16)
     g = torch.Generator().manual_seed(0)
-    prompts = [tuple(torch.randint(0, 39, (int(n),), generator=g).tolist()) for n in torch.randint(1, 9, (300,), generator=g)]
+    prompts = [
+        tuple(torch.randint(0, 39, (int(n),), generator=g).tolist())
+        for n in torch.randint(1, 9, (300,), generator=g)
+    ]
     features = prompt_features(model, prompts, batch_size=7, pad_id=39, device=CPU)  # (300, 16)
     with torch.no_grad():
-        alone = torch.stack([model.base_model(input_ids=torch.tensor([p])).last_hidden_state[0, -1] for p in prompts[:20]])
+        alone = torch.stack(
+            [
+                model.base_model(input_ids=torch.tensor([p])).last_hidden_state[0, -1]
+                for p in prompts[:20]
+            ]
+        )
     torch.testing.assert_close(features[:20], alone, rtol=1e-5, atol=1e-5)
 
     u = torch.randn(16, generator=g)
     target = features @ u  # E[R | x]
     noise = 0.3 * torch.randn(300, generator=g)
-    values = fit_prompt_values(features[:200], target[:200] + noise[:200], target[:200] - noise[:200], steps=500, lr=0.05)
+    values = fit_prompt_values(
+        features[:200], target[:200] + noise[:200], target[:200] - noise[:200], steps=500, lr=0.05
+    )
     predicted = values(features[200:])
     residual = (predicted - target[200:]).square().mean() / target[200:].var()
     assert residual < 0.01
@@ -198,14 +278,27 @@ def test_sampling_is_exact_under_left_padding_and_seeded():
     """Greedy responses from batches of left-padded prompts equal transformers' generate() on each
     prompt alone; sampled responses end at their first EOS or at max_new_tokens, and the seed fixes them."""
     eos = 19
-    model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=16, init_seed=3), vocab_size=20, n_positions=32, eos_id=eos)
+    model = build_model(
+        ModelConfig(n_layer=2, n_head=2, n_embd=16, init_seed=3),
+        vocab_size=20,
+        n_positions=32,
+        eos_id=eos,
+    )
     g = torch.Generator().manual_seed(0)
-    prompts = [tuple(torch.randint(0, eos, (int(n),), generator=g).tolist()) for n in (1, 5, 3, 8, 2, 6, 4)]
+    prompts = [
+        tuple(torch.randint(0, eos, (int(n),), generator=g).tolist()) for n in (1, 5, 3, 8, 2, 6, 4)
+    ]
     ours = sample_responses(model, prompts, 10, eos, eos, CPU, batch_size=3, greedy=True)
     for p, y in zip(prompts, ours):
-        reference = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                   max_new_tokens=10, do_sample=False, pad_token_id=eos, eos_token_id=eos)
-        assert y == tuple(reference[0, len(p):].tolist())
+        reference = model.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=eos,
+            eos_token_id=eos,
+        )
+        assert y == tuple(reference[0, len(p) :].tolist())
     sampled = sample_responses(model, prompts * 6, 12, eos, eos, CPU, seed=5, batch_size=16)
     assert sampled == sample_responses(model, prompts * 6, 12, eos, eos, CPU, seed=5, batch_size=16)
     assert sampled != sample_responses(model, prompts * 6, 12, eos, eos, CPU, seed=6, batch_size=16)
@@ -224,16 +317,30 @@ def test_evaluation_closed_forms(synthetic):
     ref = reference_logps(model, pairs, 256, data.pad_id, CPU)  # the batches evaluate_aux forms
     rewards = (extras["eval"]["chosen_rewards"][:64], extras["eval"]["rejected_rewards"][:64])
     prompts = generation_prompts(pairs, 64, 8)
-    common = dict(pairs=pairs, rewards=rewards, beta=0.1, prompts=prompts, reward_fn=count_reward, max_new_tokens=6,
-                  eos_id=data.pad_id, pad_id=data.pad_id, device=CPU, batch_size=256)
+    common = dict(
+        pairs=pairs,
+        rewards=rewards,
+        beta=0.1,
+        prompts=prompts,
+        reward_fn=count_reward,
+        max_new_tokens=6,
+        eos_id=data.pad_id,
+        pad_id=data.pad_id,
+        device=CPU,
+        batch_size=256,
+    )
     same = evaluate_aux(model, "pi_ref", reference=ref, **common)
     assert torch.equal(same.preference_correct, torch.full((64,), 0.5, dtype=torch.float64))
-    assert same.summary()["preference_accuracy"] == 0.5 and same.summary()["auxiliary_accuracy"] == 0.5
+    assert (
+        same.summary()["preference_accuracy"] == 0.5 and same.summary()["auxiliary_accuracy"] == 0.5
+    )
     shifted = evaluate_aux(model, "shifted", reference=(ref[0] - 1, ref[1] + 1), **common)
     assert shifted.summary()["preference_accuracy"] == 1.0
     differ = rewards[0] != rewards[1]
     assert 0 < int(differ.sum()) < 64 and len(shifted.auxiliary_correct) == int(differ.sum())
-    assert shifted.summary()["auxiliary_accuracy"] == pytest.approx((rewards[0] > rewards[1])[differ].double().mean().item())
+    assert shifted.summary()["auxiliary_accuracy"] == pytest.approx(
+        (rewards[0] > rewards[1])[differ].double().mean().item()
+    )
     torch.testing.assert_close(shifted.generation_rewards, count_reward(prompts, shifted.samples))
 
 
@@ -245,14 +352,22 @@ def test_preference_agreement_and_text_reward_closed_forms():
     assert a["p_se"] == pytest.approx(torch.tensor([1, 0.5, 0, 1.0]).std().item() / 2)
     # Pair 0: the chosen (R 1 > 0) is the shorter: 1. Pair 1: equal R, left out. Pair 2: the rejected has
     # the higher R and is longer: 0. Pair 3: equal lengths: 1/2.
-    pairs = [TokenizedPair((1,), (2,), (3, 3)), TokenizedPair((1,), (2,), (3,)), TokenizedPair((1,), (2,), (3, 3, 3)),
-             TokenizedPair((1,), (2, 2), (3, 3))]
-    shorter = shorter_response_agreement(pairs, torch.tensor([1.0, 2.0, 3.0, 0.5]), torch.tensor([0.0, 2.0, 4.0, 0.0]))
+    pairs = [
+        TokenizedPair((1,), (2,), (3, 3)),
+        TokenizedPair((1,), (2,), (3,)),
+        TokenizedPair((1,), (2,), (3, 3, 3)),
+        TokenizedPair((1,), (2, 2), (3, 3)),
+    ]
+    shorter = shorter_response_agreement(
+        pairs, torch.tensor([1.0, 2.0, 3.0, 0.5]), torch.tensor([0.0, 2.0, 4.0, 0.0])
+    )
     assert shorter.tolist() == [1.0, 0.0, 0.5]
 
     class Tokenizer:  # ids are characters; 99 is a special token (EOS), dropped when asked
         def decode(self, ids, skip_special_tokens=False):
-            return "".join(("" if skip_special_tokens else "<eos>") if i == 99 else chr(i) for i in ids)
+            return "".join(
+                ("" if skip_special_tokens else "<eos>") if i == 99 else chr(i) for i in ids
+            )
 
     text = "The cat sat. It was glad."
     reward = TextReward(Tokenizer())([()], [[ord(c) for c in text] + [99]])
@@ -262,22 +377,38 @@ def test_preference_agreement_and_text_reward_closed_forms():
 def test_each_run_is_compared_with_the_dpo_run_of_its_seed():
     """UPO and MODPO against the DPO run of their own seed, DPO of a later seed against the first DPO
     (training noise); the table's differences are paired means with their standard errors."""
+
     def run(loss, seed, pref):
-        e = AuxEvaluation(f"{loss.label} s{seed}", torch.tensor(pref), torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0]),
-                          torch.tensor([3.0, 3.0]))
+        e = AuxEvaluation(
+            f"{loss.label} s{seed}",
+            torch.tensor(pref),
+            torch.tensor([0.5, 0.5]),
+            torch.tensor([0.0, 1.0]),
+            torch.tensor([3.0, 3.0]),
+        )
         return AuxRun(e.label, loss, seed, {}, [], e)
 
-    dpo0, upo0, modpo0 = run(UPODPOLoss(0.0), 0, [1.0, 0.0]), run(UPODPOLoss(0.1), 0, [1.0, 1.0]), run(MODPOLoss(0.5), 0, [0.0, 0.0])
+    dpo0, upo0, modpo0 = (
+        run(UPODPOLoss(0.0), 0, [1.0, 0.0]),
+        run(UPODPOLoss(0.1), 0, [1.0, 1.0]),
+        run(MODPOLoss(0.5), 0, [0.0, 0.0]),
+    )
     dpo1, upo1 = run(UPODPOLoss(0.0), 1, [0.0, 0.0]), run(UPODPOLoss(0.1), 1, [1.0, 0.0])
     runs = [dpo0, upo0, modpo0, dpo1, upo1]
     assert [dpo_baseline(runs, r) for r in runs] == [None, dpo0, dpo0, dpo0, dpo1]
-    before = dataclasses.replace(dpo0.evaluation, label="before", preference_correct=torch.tensor([0.5, 0.5]))
+    before = dataclasses.replace(
+        dpo0.evaluation, label="before", preference_correct=torch.tensor([0.5, 0.5])
+    )
     table = format_before_after(before, runs).splitlines()
     assert table[2].startswith("| before | 0.500 +- 0.000 |") and table[2].endswith("|  |  |  |  |")
-    assert table[3].startswith("| DPO (gamma=0) s0 | 0.500 +- 0.500 |") and table[3].endswith("|  |  |  |  |")
+    assert table[3].startswith("| DPO (gamma=0) s0 | 0.500 +- 0.500 |") and table[3].endswith(
+        "|  |  |  |  |"
+    )
     # UPO seed 1 minus DPO seed 1: preference differences (1, 0): mean 0.5, standard error 0.5.
-    assert table[7] == ("| UPO-DPO gamma=0.1 s1 | 0.500 +- 0.500 | 0.500 +- 0.000 | 0.500 +- 0.500 | 3.0 | "
-                        "DPO (gamma=0) s1 | 0.500 +- 0.500 | 0.000 +- 0.000 | 0.000 +- 0.000 |")
+    assert table[7] == (
+        "| UPO-DPO gamma=0.1 s1 | 0.500 +- 0.500 | 0.500 +- 0.000 | 0.500 +- 0.500 | 3.0 | "
+        "DPO (gamma=0) s1 | 0.500 +- 0.500 | 0.000 +- 0.000 | 0.000 +- 0.000 |"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,11 +420,26 @@ def synthetic_config(**overrides) -> AuxLMConfig:
     base = dict(
         name="aux-synthetic",
         model=ModelConfig(TINY_GPT2, n_layer=2, n_head=2, n_embd=32),
-        data=DataConfig(("synthetic",), max_length=16, max_prompt_length=8, n_train_pairs=512, n_eval_pairs=256),
+        data=DataConfig(
+            ("synthetic",), max_length=16, max_prompt_length=8, n_train_pairs=512, n_eval_pairs=256
+        ),
         sft=PhaseConfig(n_examples=0, batch_size=32, eval_every=32, lr=1e-3),
-        pref=PhaseConfig(n_examples=512, batch_size=32, eval_every=512, lr=1e-3, optimizer="adamw", warmup_steps=0,
-                         eval_batch_size=256),
-        beta=0.1, alpha=1.0, gammas=(0.0, 0.01), modpo_w_aux=(), extra_seeds=(), value_steps=200, n_generation_prompts=256,
+        pref=PhaseConfig(
+            n_examples=512,
+            batch_size=32,
+            eval_every=512,
+            lr=1e-3,
+            optimizer="adamw",
+            warmup_steps=0,
+            eval_batch_size=256,
+        ),
+        beta=0.1,
+        alpha=1.0,
+        gammas=(0.0, 0.01),
+        modpo_w_aux=(),
+        extra_seeds=(),
+        value_steps=200,
+        n_generation_prompts=256,
         max_new_tokens=7,
     )
     return AuxLMConfig(**{**base, **overrides})
@@ -305,8 +451,9 @@ def test_upo_raises_the_auxiliary_reward_on_the_synthetic_task(tmp_path):
     standard error 0.044), ranks the higher-R response of held-out pairs first more often (0.69
     against 0.47), and pays for it in preference accuracy (0.77 against DPO's 0.96): the trade-off.
     (At gamma 0.03 the auxiliary term already takes over: preference accuracy 0.52.)"""
-    result = run_aux_experiment(synthetic_config(), tmp_path, reward_fn=count_reward, reward_name="count",
-                                device=CPU)
+    result = run_aux_experiment(
+        synthetic_config(), tmp_path, reward_fn=count_reward, reward_name="count", device=CPU
+    )
     dpo, upo = (r.evaluation for r in result.runs)
     assert [r.label for r in result.runs] == ["DPO (gamma=0)", "UPO-DPO gamma=0.01"]
     gain = upo.generation_rewards - dpo.generation_rewards
@@ -332,16 +479,39 @@ def test_upo_raises_the_auxiliary_reward_on_the_synthetic_task(tmp_path):
         (lambda: synthetic_config(gammas=(0.5,)), "gammas must start with 0.0"),
         (lambda: synthetic_config(gammas=(0.0, -1.0)), "gamma must be a finite number >= 0"),
         (lambda: synthetic_config(max_new_tokens=16), "must leave room for a prompt"),
-        (lambda: synthetic_config(extra_seeds=(0,)), "must differ from the preference phase's seed"),
-        (lambda: pair_rewards(lambda x, y: torch.zeros(len(y) + 1), [TokenizedPair((1,), (2,), (3,))]),
-         r"must return a floating-point \(N,\) tensor with N = 1"),
-        (lambda: pair_rewards(lambda x, y: torch.full((len(y),), float("nan")), [TokenizedPair((1,), (2,), (3,))]),
-         "returned 1 non-finite value"),
+        (
+            lambda: synthetic_config(extra_seeds=(0,)),
+            "must differ from the preference phase's seed",
+        ),
+        (
+            lambda: pair_rewards(
+                lambda x, y: torch.zeros(len(y) + 1), [TokenizedPair((1,), (2,), (3,))]
+            ),
+            r"must return a floating-point \(N,\) tensor with N = 1",
+        ),
+        (
+            lambda: pair_rewards(
+                lambda x, y: torch.full((len(y),), float("nan")), [TokenizedPair((1,), (2,), (3,))]
+            ),
+            "returned 1 non-finite value",
+        ),
         (lambda: pair_rewards(count_reward, []), "no pairs"),
-        (lambda: aux_extras(torch.zeros(3), torch.zeros(3), torch.zeros(2)), r"must be \(N,\) each"),
-        (lambda: fit_prompt_values(torch.zeros(4, 2), torch.zeros(3), torch.zeros(3)), r"features must be \(N, H\)"),
-        (lambda: generation_prompts([TokenizedPair((1,), (2,), (3,))], 2, 4), "asked for 2 generation prompts"),
-        (lambda: preference_agreement(torch.zeros(3), torch.zeros(4)), r"need two \(N,\) reward tensors"),
+        (
+            lambda: aux_extras(torch.zeros(3), torch.zeros(3), torch.zeros(2)),
+            r"must be \(N,\) each",
+        ),
+        (
+            lambda: fit_prompt_values(torch.zeros(4, 2), torch.zeros(3), torch.zeros(3)),
+            r"features must be \(N, H\)",
+        ),
+        (
+            lambda: generation_prompts([TokenizedPair((1,), (2,), (3,))], 2, 4),
+            "asked for 2 generation prompts",
+        ),
+        (
+            lambda: preference_agreement(torch.zeros(3), torch.zeros(4)),
+            r"need two \(N,\) reward tensors",
+        ),
         (lambda: sample_responses(None, [()], 4, 0, 0, CPU), "non-empty prompts"),
         (lambda: prompt_features(None, [], 4, 0, CPU), "non-empty list"),
     ],
@@ -353,8 +523,23 @@ def test_bad_inputs_raise_clear_value_errors(make, message):
 
 def test_a_loss_without_its_extras_says_what_is_missing(synthetic, tmp_path):
     data, new_model, reference, extras = synthetic
-    phase = PreferencePhase(UPODPOLoss(0.5), 0.1, reference, data.pad_id,
-                            extras={s: {"values": e["values"]} for s, e in extras.items()})
-    with pytest.raises(ValueError, match=r"the batch has no \['chosen_rewards', 'rejected_rewards'\]"):
-        train(new_model(), phase, data.pref_train, data.pref_eval, small_phase(n_examples=16), tmp_path, CPU,
-              progress=False)
+    phase = PreferencePhase(
+        UPODPOLoss(0.5),
+        0.1,
+        reference,
+        data.pad_id,
+        extras={s: {"values": e["values"]} for s, e in extras.items()},
+    )
+    with pytest.raises(
+        ValueError, match=r"the batch has no \['chosen_rewards', 'rejected_rewards'\]"
+    ):
+        train(
+            new_model(),
+            phase,
+            data.pref_train,
+            data.pref_eval,
+            small_phase(n_examples=16),
+            tmp_path,
+            CPU,
+            progress=False,
+        )

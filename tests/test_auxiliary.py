@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
 from strategies import F64_RTOL, betas, dyadic_logp_batches, logp_batches
+
 from upo_ref.auxiliary import (
     WEIGHT_CAP,
     ValueNetwork,
@@ -49,7 +49,9 @@ def one_thread():
 
 
 def vectors(n: int, low: float = -50.0, high: float = 50.0):
-    return arrays(np.float64, (n,), elements=st.floats(min_value=low, max_value=high)).map(torch.from_numpy)
+    return arrays(np.float64, (n,), elements=st.floats(min_value=low, max_value=high)).map(
+        torch.from_numpy
+    )
 
 
 @st.composite
@@ -69,8 +71,11 @@ def test_weights_closed_form():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(a=st.lists(st.floats(allow_nan=False, allow_infinity=True, width=32), min_size=1, max_size=16),
-       alpha=alphas, cap=st.floats(min_value=1.0, max_value=1e6))
+@given(
+    a=st.lists(st.floats(allow_nan=False, allow_infinity=True, width=32), min_size=1, max_size=16),
+    alpha=alphas,
+    cap=st.floats(min_value=1.0, max_value=1e6),
+)
 def test_weights_finite_for_any_advantage(dtype, a, alpha, cap):
     a = torch.tensor(a + [1e30, -1e30, math.inf, -math.inf], dtype=dtype)
     w = advantage_weights(a, alpha, cap)
@@ -159,8 +164,18 @@ def test_upo_dpo_is_dpo_plus_gamma_mean_auxiliary(batch, beta, gamma, alpha):
 def test_upo_trains_no_value():
     values = T(0.1, -0.3).requires_grad_(True)
     pc = T(-1.0, -2.0).requires_grad_(True)
-    upo_dpo_loss(pc, T(-2.0, -1.0), T(-1.5, -1.5), T(-1.5, -1.5), T(1.0, 0.0), T(0.0, 1.0), values,
-                 0.1, 1.0, 1.0).sum().backward()
+    upo_dpo_loss(
+        pc,
+        T(-2.0, -1.0),
+        T(-1.5, -1.5),
+        T(-1.5, -1.5),
+        T(1.0, 0.0),
+        T(0.0, 1.0),
+        values,
+        0.1,
+        1.0,
+        1.0,
+    ).sum().backward()
     assert values.grad is None and pc.grad is not None
 
 
@@ -176,7 +191,9 @@ def test_expectile_at_half_is_half_squared_error(v, r):
 
 def test_expectile_closed_form_asymmetry():
     # tau = 0.8: u = R - V = 2 costs 0.8 * 4; u = -2 costs 0.2 * 4.
-    torch.testing.assert_close(expectile_loss(T(0.0, 0.0), T(2.0, -2.0), 0.8), T(3.2, 0.8), rtol=F64_RTOL, atol=0)
+    torch.testing.assert_close(
+        expectile_loss(T(0.0, 0.0), T(2.0, -2.0), 0.8), T(3.2, 0.8), rtol=F64_RTOL, atol=0
+    )
 
 
 def _expectile(targets: torch.Tensor, tau: float) -> float:
@@ -211,7 +228,9 @@ def test_expectile_minimiser_orders_with_tau(r, t1, t2):
 # --- the value network -----------------------------------------------------------------------------
 def test_value_network_shapes_and_zero_start():
     net = ValueNetwork(3, hidden_sizes=(5, 4), dtype=torch.float64)
-    assert torch.equal(net(torch.randn(7, 3, dtype=torch.float64)), torch.zeros(7, dtype=torch.float64))
+    assert torch.equal(
+        net(torch.randn(7, 3, dtype=torch.float64)), torch.zeros(7, dtype=torch.float64)
+    )
     head = ValueNetwork(3, hidden_sizes=())
     assert len(list(head.parameters())) == 2  # a linear head: one weight, one bias
 
@@ -241,9 +260,13 @@ def test_last_token_pool():
 def test_kto_worked_case():
     # r = log pi - log pi_ref = (0.5, -1.0); z0 = 0.25; beta = 2; lambda_D = 1, lambda_U = 1.5.
     desirable_mask = torch.tensor([True, False])
-    got = kto_loss(T(-1.0, -2.0), T(-1.5, -1.0), desirable_mask, 0.25, beta=2.0, lambda_d=1.0, lambda_u=1.5)
+    got = kto_loss(
+        T(-1.0, -2.0), T(-1.5, -1.0), desirable_mask, 0.25, beta=2.0, lambda_d=1.0, lambda_u=1.5
+    )
     desirable = 1 - 1 / (1 + math.exp(-2.0 * (0.5 - 0.25)))  # 1 - sigma(beta (r - z0))
-    undesirable = 1.5 * (1 - 1 / (1 + math.exp(-2.0 * (0.25 + 1.0))))  # lambda_U (1 - sigma(beta (z0 - r)))
+    undesirable = 1.5 * (
+        1 - 1 / (1 + math.exp(-2.0 * (0.25 + 1.0)))
+    )  # lambda_U (1 - sigma(beta (z0 - r)))
     torch.testing.assert_close(got, T(desirable, undesirable), rtol=F64_RTOL, atol=0)
 
 
@@ -281,7 +304,9 @@ def test_modpo_worked_case():
     # logits = (1 - 1) / 0.5 = 0 -> log 2.  Second pair: h = 0, margin 0.5 (1 - 3) = -1: logits 2.
     pc, pr, rc, rr = T(-1.0, -2.0), T(-3.0, -2.0), T(-2.0, -2.0), T(-2.0, -2.0)
     got = modpo_loss(pc, pr, rc, rr, T(3.0, 1.0), T(1.0, 3.0), 0.5, (0.5, 0.5))
-    torch.testing.assert_close(got, T(math.log(2.0), math.log1p(math.exp(-2.0))), rtol=F64_RTOL, atol=0)
+    torch.testing.assert_close(
+        got, T(math.log(2.0), math.log1p(math.exp(-2.0))), rtol=F64_RTOL, atol=0
+    )
 
 
 def test_modpo_several_margins_is_their_weighted_sum():
@@ -292,7 +317,9 @@ def test_modpo_several_margins_is_their_weighted_sum():
 
 
 def test_combine_rewards():
-    assert torch.equal(combine_rewards(T(1.0, 2.0, 3.0, 4.0).reshape(2, 2), (0.5, 2.0)), T(4.5, 9.5))
+    assert torch.equal(
+        combine_rewards(T(1.0, 2.0, 3.0, 4.0).reshape(2, 2), (0.5, 2.0)), T(4.5, 9.5)
+    )
 
 
 # --- bad inputs: each raises a ValueError that names the argument -----------------------------------
@@ -320,7 +347,10 @@ BAD = [
     ("beta", lambda: kto_loss(x2, x2, torch.tensor([True, False]), 0.0, 0.0)),
     ("w", lambda: modpo_loss(x2, x2, x2, x2, x2, x2, 0.1, (0.0, 1.0))),
     ("chosen_margin_rewards", lambda: modpo_loss(x2, x2, x2, x2, x2, x2, 0.1, (0.5, 0.2, 0.3))),
-    ("rejected_margin_rewards", lambda: modpo_loss(x2, x2, x2, x2, x2, T(math.nan, 0.0), 0.1, (0.5, 0.5))),
+    (
+        "rejected_margin_rewards",
+        lambda: modpo_loss(x2, x2, x2, x2, x2, T(math.nan, 0.0), 0.1, (0.5, 0.5)),
+    ),
     ("weights", lambda: combine_rewards(T(1.0, 2.0).reshape(1, 2), (1.0,))),
     ("in_features", lambda: ValueNetwork(0)),
     ("features", lambda: ValueNetwork(3)(torch.zeros(2, 4))),

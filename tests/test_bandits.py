@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from strategies import ADMISSIBLE_NAMES, divergence_of
+
 from upo_ref.analysis import paper_reachability_threshold
 from upo_ref.bandits import (
     BANDIT_FAST,
@@ -31,13 +31,21 @@ from upo_ref.losses import PreferenceLoss
 from upo_ref.optimal import expected_psi, optimal_policy, preference_matrix, psi_logit
 
 UNIFORM = torch.full((3,), 1 / 3, dtype=torch.float64)
-LBFGS_ATOL = 1e-8  # population_minimiser (L-BFGS, gradient < 1e-8) against a closed form, in probability
-BANDIT_ATOL = 5e-3  # mean over 40 seeds of a noisy Adam run against its population optimum, in probability
+LBFGS_ATOL = (
+    1e-8  # population_minimiser (L-BFGS, gradient < 1e-8) against a closed form, in probability
+)
+BANDIT_ATOL = (
+    5e-3  # mean over 40 seeds of a noisy Adam run against its population optimum, in probability
+)
 JS = divergence_of("jensen_shannon")
 IPO, DPO = PreferenceLoss("ipo"), PreferenceLoss("dpo")
 RKL_LIKE = [DPO, IPO, PreferenceLoss("iupo", JS, form="paper")]  # depend on theta_w - theta_l only
-F_LIKE = [PreferenceLoss("fdpo", JS), PreferenceLoss("fdpo", "forward_kl"),
-          PreferenceLoss("fdpo", divergence_of("alpha", 0.5)), PreferenceLoss("iupo", JS, form="kkt")]
+F_LIKE = [
+    PreferenceLoss("fdpo", JS),
+    PreferenceLoss("fdpo", "forward_kl"),
+    PreferenceLoss("fdpo", divergence_of("alpha", 0.5)),
+    PreferenceLoss("iupo", JS, form="kkt"),
+]
 
 
 def t64(*xs):
@@ -49,7 +57,14 @@ def test_datasets_are_azar_et_als():
     assert D1.pairs == ((0, 1), (1, 2), (0, 2))  # a > b, b > c, a > c
     assert D3.pairs == ((0, 1), (1, 0))  # a > b, b > a; c never observed
     assert [loss.label for loss in bandit_losses()] == [
-        "DPO", "IPO", "f-DPO (JS)", "f-DPO (FKL)", "f-DPO (alpha=0.5)", "JS-IUPO", "JS-IUPO (kkt)"]
+        "DPO",
+        "IPO",
+        "f-DPO (JS)",
+        "f-DPO (FKL)",
+        "f-DPO (alpha=0.5)",
+        "JS-IUPO",
+        "JS-IUPO (kkt)",
+    ]
 
 
 def test_empirical_preferences_by_hand():
@@ -59,7 +74,9 @@ def test_empirical_preferences_by_hand():
     torch.testing.assert_close(mu, UNIFORM, rtol=1e-15, atol=0)
     torch.testing.assert_close(empirical_rewards(D1), t64(5 / 6, 1 / 2, 1 / 6), rtol=1e-15, atol=0)
     P, mu = empirical_preferences(D3)
-    torch.testing.assert_close(P, t64([0.5, 0.5, nan], [0.5, 0.5, nan], [nan, nan, 0.5]), equal_nan=True)
+    torch.testing.assert_close(
+        P, t64([0.5, 0.5, nan], [0.5, 0.5, nan], [nan, nan, 0.5]), equal_nan=True
+    )
     assert mu.tolist() == [0.5, 0.5, 0.0]
     r = empirical_rewards(D3)
     assert r[:2].tolist() == [0.5, 0.5] and math.isnan(r[2].item())
@@ -104,10 +121,14 @@ def test_closed_form_target_refuses_d3_and_logit_on_d1():
 def test_ipo_population_minimiser_is_azars_closed_form(beta):
     # pi* proportional to pi_ref exp(P_hat(y > mu) / beta), with P_hat(y > mu) = (5/6, 1/2, 1/6) on D1
     azar = torch.softmax(t64(5 / 6, 1 / 2, 1 / 6) / beta, 0)
-    torch.testing.assert_close(closed_form_target(D1, UNIFORM, beta, "reverse_kl"), azar, rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        closed_form_target(D1, UNIFORM, beta, "reverse_kl"), azar, rtol=1e-13, atol=0
+    )
     assert (population_minimiser(D1, IPO, beta, UNIFORM) - azar).abs().max().item() <= LBFGS_ATOL
     target = bandit_target(D1, IPO, beta)
-    assert target.how == "closed form" and torch.equal(target.pi, closed_form_target(D1, UNIFORM, beta, "reverse_kl"))
+    assert target.how == "closed form" and torch.equal(
+        target.pi, closed_form_target(D1, UNIFORM, beta, "reverse_kl")
+    )
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.0])
@@ -126,7 +147,9 @@ def test_prop_3_2_fdpo_population_minimiser_is_the_upo_optimum_with_logit(name):
     pi_ref = t64(0.1, 0.2, 0.3, 0.4)
     mu = torch.full((4,), 0.25, dtype=torch.float64)
     closed = optimal_policy(expected_psi(P, mu, psi_logit), pi_ref, 0.5, div)
-    numeric = population_minimiser(preference_population(P), PreferenceLoss("fdpo", div), 0.5, pi_ref)
+    numeric = population_minimiser(
+        preference_population(P), PreferenceLoss("fdpo", div), 0.5, pi_ref
+    )
     assert (numeric - closed).abs().max().item() <= LBFGS_ATOL
 
 
@@ -135,7 +158,11 @@ def test_paper_form_js_iupo_has_a_finite_target_iff_c_zero_is_reachable(beta):
     # uniform pi_ref: every pair has reference log-ratio c = 0, reachable iff c*(beta) > 0 iff beta > 1/(2 log 2)
     loss = PreferenceLoss("iupo", JS, form="paper")
     target = bandit_target(D1, loss, beta)
-    assert (target.pi is not None) == (paper_reachability_threshold(beta, JS) > 0) == (beta > 1 / (2 * math.log(2)))
+    assert (
+        (target.pi is not None)
+        == (paper_reachability_threshold(beta, JS) > 0)
+        == (beta > 1 / (2 * math.log(2)))
+    )
     if target.pi is not None:
         theta = torch.log(target.pi).requires_grad_(True)
         (grad,) = torch.autograd.grad(population_loss(theta, D1, loss, beta, UNIFORM), theta)
@@ -145,7 +172,9 @@ def test_paper_form_js_iupo_has_a_finite_target_iff_c_zero_is_reachable(beta):
 @pytest.mark.parametrize("loss", [DPO] + F_LIKE[:3], ids=lambda loss: loss.label)
 def test_dpo_and_fdpo_have_no_finite_target_on_deterministic_preferences(loss):
     assert bandit_target(D1, loss, 0.5).pi is None
-    assert population_minimiser(D1, loss, 0.5, UNIFORM) is None  # the numerical check agrees with the theory
+    assert (
+        population_minimiser(D1, loss, 0.5, UNIFORM) is None
+    )  # the numerical check agrees with the theory
 
 
 @pytest.mark.parametrize("loss", bandit_losses(), ids=lambda loss: loss.label)
@@ -173,13 +202,20 @@ def test_train_bandit_ipo_converges_to_the_closed_form():
     for beta in (0.5, 1.0):
         run = train_bandit(D1, IPO, beta, config)
         assert run.pi.shape == (4, 40, 3) and run.steps.tolist() == [0, 500, 1000, 1500]
-        torch.testing.assert_close(run.pi[0], UNIFORM.expand(40, 3), rtol=0, atol=0)  # starts at pi_ref
+        torch.testing.assert_close(
+            run.pi[0], UNIFORM.expand(40, 3), rtol=0, atol=0
+        )  # starts at pi_ref
         target = closed_form_target(D1, UNIFORM, beta, "reverse_kl")
         assert (run.final.mean(0) - target).abs().max().item() <= BANDIT_ATOL
 
 
 def test_train_bandit_iupo_kkt_converges_to_the_js_upo_optimum():
-    run = train_bandit(D1, PreferenceLoss("iupo", JS, form="kkt"), 0.5, BanditConfig(steps=1500, seeds=40, record_every=500))
+    run = train_bandit(
+        D1,
+        PreferenceLoss("iupo", JS, form="kkt"),
+        0.5,
+        BanditConfig(steps=1500, seeds=40, record_every=500),
+    )
     target = optimal_policy(empirical_rewards(D1), UNIFORM, 0.5, JS)
     assert (run.final.mean(0) - target).abs().max().item() <= BANDIT_ATOL
 
@@ -194,7 +230,9 @@ def test_reverse_kl_losses_never_move_the_unobserved_action():
     config = BanditConfig(steps=300, seeds=8, record_every=300)
     for loss in RKL_LIKE:
         run = train_bandit(D3, loss, 0.1, config)
-        assert (run.theta[:, 2] == 0).all()  # exactly: Adam turns any nonzero gradient into a full step
+        assert (
+            run.theta[:, 2] == 0
+        ).all()  # exactly: Adam turns any nonzero gradient into a full step
         assert run.theta[:, :2].sum(1).abs().max().item() <= 1e-12  # theta_a + theta_b is conserved
         assert (run.theta[:, 0] != 0).any()  # while a and b do move
 
@@ -224,4 +262,6 @@ def test_train_bandit_weighted_data_and_sgd_follow_the_population_gradient():
     theta0 = torch.log(pi_ref) - torch.log(pi_ref).mean()
     at = theta0.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(population_loss(at, pair, IPO, 0.5, pi_ref), at)
-    torch.testing.assert_close(run.theta, (theta0 - 0.1 * grad).expand(2, 2), rtol=1e-15, atol=1e-16)
+    torch.testing.assert_close(
+        run.theta, (theta0 - 0.1 * grad).expand(2, 2), rtol=1e-15, atol=1e-16
+    )

@@ -3,7 +3,6 @@ FLOP count behind MFU matches torch's own count, and the loss bench covers every
 
 import copy
 
-import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -12,8 +11,16 @@ from upo_ref.bench import loss_zoo, random_pair_batch, reference_logps_of, step_
 from upo_ref.divergences import DIVERGENCE_NAMES
 from upo_ref.losses import LOSS_NAMES, PreferenceLoss
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=24, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0)
+TINY = dict(
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    vocab_size=97,
+    n_positions=24,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 CPU = torch.device("cpu")
 
 
@@ -30,7 +37,9 @@ def test_fast_and_naive_steps_compute_the_same_update():
     batch = random_pair_batch(3, 24, 10, TINY["vocab_size"])
     loss_fn = PreferenceLoss("iupo", "jensen_shannon")
     fast_model, naive_model = model, copy.deepcopy(model)
-    fast = step_fn(fast_model, ref, batch, reference_logps_of(ref, batch), loss_fn, 0.1, CPU, naive=False)
+    fast = step_fn(
+        fast_model, ref, batch, reference_logps_of(ref, batch), loss_fn, 0.1, CPU, naive=False
+    )
     naive = step_fn(naive_model, ref, batch, None, loss_fn, 0.1, CPU, naive=True)
     for _ in range(2):  # two steps: the second starts from the first's (equal) parameters
         torch.testing.assert_close(fast(), naive(), rtol=1e-5, atol=1e-6)
@@ -43,7 +52,16 @@ def test_step_flops_matches_torchs_flop_counter():
     model, ref = tiny_models(attn_implementation="eager")
     B, T, P = 3, 24, 10
     batch = random_pair_batch(B, T, P, TINY["vocab_size"])
-    fast = step_fn(model, ref, batch, reference_logps_of(ref, batch), PreferenceLoss("ipo"), 0.1, CPU, naive=False)
+    fast = step_fn(
+        model,
+        ref,
+        batch,
+        reference_logps_of(ref, batch),
+        PreferenceLoss("ipo"),
+        0.1,
+        CPU,
+        naive=False,
+    )
     with FlopCounterMode(display=False) as counter:
         fast()
     ours = step_flops(TINY["n_layer"], TINY["n_embd"], TINY["vocab_size"], B, T, T - P)
@@ -55,7 +73,9 @@ def test_step_flops_matches_torchs_flop_counter():
 def test_loss_bench_covers_every_loss_and_divergence():
     zoo = loss_zoo()
     assert {loss.name for loss in zoo} == set(LOSS_NAMES)
-    named = {(loss.name, loss.divergence.name if loss.divergence else None, loss.form) for loss in zoo}
+    named = {
+        (loss.name, loss.divergence.name if loss.divergence else None, loss.form) for loss in zoo
+    }
     for div in DIVERGENCE_NAMES:
         assert {("fdpo", div, "paper"), ("iupo", div, "paper"), ("iupo", div, "kkt")} <= named
     assert zoo[0] == PreferenceLoss("dpo")  # the baseline the ratios are taken against

@@ -11,11 +11,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from upo_ref.config import ModelConfig
 from upo_ref.data import (
     ASSISTANT_TAG,
-    CompactVocab,
     HH_LOCAL_SUBSETS,
     IGNORE_INDEX,
+    CompactVocab,
     DataError,
     PreferencePair,
     TokenizedPair,
@@ -34,7 +35,6 @@ from upo_ref.data import (
     truncate,
 )
 from upo_ref.models import load_tokenizer
-from upo_ref.config import ModelConfig
 from upo_ref.paths import hh_dir
 from upo_ref.synthetic import SyntheticTask
 
@@ -68,7 +68,10 @@ def gpt2_tokenizer():
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
 def test_malformed_json_line_names_file_and_line(tmp_path, suffix):
-    path = write_jsonl(tmp_path / f"test{suffix}", [hh_row("a", " b", " c"), hh_row("d", " e", " f"), '{"chosen": "x"'])
+    path = write_jsonl(
+        tmp_path / f"test{suffix}",
+        [hh_row("a", " b", " c"), hh_row("d", " e", " f"), '{"chosen": "x"'],
+    )
     with pytest.raises(DataError, match=rf"test{suffix.replace('.', '[.]')}:3: not valid JSON"):
         load_hh_file(path)
 
@@ -81,7 +84,9 @@ def test_non_object_and_blank_lines_are_errors(tmp_path):
 
 
 def test_missing_field_and_wrong_type(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [hh_row("a", " b", " c"), {"chosen": "\n\nHuman: q\n\nAssistant: a"}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl", [hh_row("a", " b", " c"), {"chosen": "\n\nHuman: q\n\nAssistant: a"}]
+    )
     with pytest.raises(DataError, match=r"t.jsonl:2: missing field\(s\) \['rejected'\]"):
         load_hh_file(path)
     path = write_jsonl(tmp_path / "u.jsonl", [{"chosen": 3, "rejected": "x"}])
@@ -90,21 +95,30 @@ def test_missing_field_and_wrong_type(tmp_path):
 
 
 def test_chosen_without_assistant_tag_is_an_error(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"chosen": "\n\nHuman: hello", "rejected": "\n\nHuman: hello"}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl", [{"chosen": "\n\nHuman: hello", "rejected": "\n\nHuman: hello"}]
+    )
     with pytest.raises(DataError, match=r"t.jsonl:1: the text has no '\\n\\nAssistant:'"):
         load_hh_file(path)
 
 
 def test_rejected_not_sharing_the_prompt_raises_or_is_dropped_and_reported(tmp_path):
     good = hh_row("q1", " yes", " no")
-    bad = {"chosen": "\n\nHuman: q2\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"}
+    bad = {
+        "chosen": "\n\nHuman: q2\n\nAssistant: a",
+        "rejected": "\n\nHuman: other\n\nAssistant: b",
+    }
     path = write_jsonl(tmp_path / "t.jsonl", [good, bad, good])
-    with pytest.raises(DataError, match=r"t.jsonl:2: rejected text does not start with the chosen text's prompt"):
+    with pytest.raises(
+        DataError, match=r"t.jsonl:2: rejected text does not start with the chosen text's prompt"
+    ):
         load_hh_file(path)
     pairs, report = load_hh_file(path, drop_mismatched=True)
     assert [p.origin for p in pairs] == [f"{path}:1", f"{path}:3"]
     assert report.n_rows == 3 and report.n_pairs == 2
-    assert report.dropped == {"rejected text does not start with the chosen text's prompt": [f"{path}:2"]}
+    assert report.dropped == {
+        "rejected text does not start with the chosen text's prompt": [f"{path}:2"]
+    }
     assert "dropped 1" in str(report) and f"{path}:2" in str(report)
 
 
@@ -118,7 +132,9 @@ def test_split_prompt_cuts_after_the_last_assistant_tag():
 def test_hh_pairs_are_prompt_plus_responses(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl.gz", [hh_row("q", " good answer", " bad answer")])
     (pair,), report = load_hh_file(path)
-    assert pair == PreferencePair("\n\nHuman: q\n\nAssistant:", " good answer", " bad answer", f"{path}:1")
+    assert pair == PreferencePair(
+        "\n\nHuman: q\n\nAssistant:", " good answer", " bad answer", f"{path}:1"
+    )
     assert report.dropped == {}
 
 
@@ -136,7 +152,9 @@ def test_download_hh_fetches_missing_files_only(tmp_path):
     dest = tmp_path / "hh"
     download_hh(dest, "train", ["helpful-base", "harmless-base"], base_url=source.as_uri())
     pairs, _ = load_hh(dest, "train", ["helpful-base", "harmless-base"])
-    assert [p.prompt for p in pairs] == [f"\n\nHuman: {s}{ASSISTANT_TAG}" for s in ("helpful-base", "harmless-base")]
+    assert [p.prompt for p in pairs] == [
+        f"\n\nHuman: {s}{ASSISTANT_TAG}" for s in ("helpful-base", "harmless-base")
+    ]
     # Files already there are not fetched again: with the mirror gone, a second call still succeeds.
     for f in source.rglob("*.gz"):
         f.unlink()
@@ -151,8 +169,13 @@ def test_download_hh_fetches_missing_files_only(tmp_path):
 # Pinned: the 7 rows of the local files whose rejected text does not start with the chosen's prompt,
 # and the sizes of the prompt-hash split at eval_fraction 0.1. A change to either is a change of data.
 LOCAL_MISMATCHED = [
-    ("harmless-base", 1255), ("harmless-base", 1689), ("harmless-base", 1953), ("harmless-base", 2037),
-    ("helpful-base", 568), ("helpful-base", 1167), ("helpful-rejection-sampled", 1598),
+    ("harmless-base", 1255),
+    ("harmless-base", 1689),
+    ("harmless-base", 1953),
+    ("harmless-base", 2037),
+    ("helpful-base", 568),
+    ("helpful-base", 1167),
+    ("helpful-rejection-sampled", 1598),
 ]
 LOCAL_SPLIT_SIZES = (6686, 722)
 
@@ -185,7 +208,9 @@ def test_prompt_hash_split_sizes_disjoint_prompts_and_order_independent(local_hh
 def test_prompt_hash_split_keeps_shared_prompts_together_and_rejects_bad_fractions():
     pairs = [PreferencePair(f"p{i % 50}", "a", "b", str(i)) for i in range(500)]
     train, held_out = split_by_prompt_hash(pairs, 0.3)
-    assert len(train) + len(held_out) == 500 and not {p.prompt for p in train} & {p.prompt for p in held_out}
+    assert len(train) + len(held_out) == 500 and not {p.prompt for p in train} & {
+        p.prompt for p in held_out
+    }
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="eval_fraction must be in"):
             split_by_prompt_hash(pairs, bad)
@@ -194,7 +219,11 @@ def test_prompt_hash_split_keeps_shared_prompts_together_and_rejects_bad_fractio
 
 
 def test_sft_examples_one_per_prompt_first_chosen():
-    pairs = [PreferencePair("x", "a1", "b1"), PreferencePair("y", "c", "d"), PreferencePair("x", "a2", "b2")]
+    pairs = [
+        PreferencePair("x", "a1", "b1"),
+        PreferencePair("y", "c", "d"),
+        PreferencePair("x", "a2", "b2"),
+    ]
     assert sft_examples(pairs) == [("x", "a1"), ("y", "c")]
 
 
@@ -204,14 +233,26 @@ def test_sft_examples_one_per_prompt_first_chosen():
 
 
 def shp_row(history, a, b, label, sa, sb):
-    return {"history": history, "human_ref_A": a, "human_ref_B": b, "labels": label, "score_A": sa, "score_B": sb,
-            "post_id": "x", "domain": "askscience_train"}
+    return {
+        "history": history,
+        "human_ref_A": a,
+        "human_ref_B": b,
+        "labels": label,
+        "score_A": sa,
+        "score_B": sb,
+        "post_id": "x",
+        "domain": "askscience_train",
+    }
 
 
 def test_shp_loader_recipe_and_counted_score_ratio_filter(tmp_path):
     rows = [
-        shp_row("Why is the sky blue?", "Rayleigh", "dunno", 1, 30, 10),  # ratio 3, A preferred: kept
-        shp_row("Why is the sky blue?", "ok", "better", 0, 5, 10),  # ratio exactly 2, B preferred: kept
+        shp_row(
+            "Why is the sky blue?", "Rayleigh", "dunno", 1, 30, 10
+        ),  # ratio 3, A preferred: kept
+        shp_row(
+            "Why is the sky blue?", "ok", "better", 0, 5, 10
+        ),  # ratio exactly 2, B preferred: kept
         shp_row("Best pizza?", "NY", "Chicago", 1, 15, 10),  # ratio 1.5: filtered, counted
     ]
     path = write_jsonl(tmp_path / "askscience" / "train.json", rows)
@@ -222,7 +263,11 @@ def test_shp_loader_recipe_and_counted_score_ratio_filter(tmp_path):
         PreferencePair(prompt, " Rayleigh", " dunno", f"{path}:1", (30.0, 10.0)),
         PreferencePair(prompt, " better", " ok", f"{path}:2", (10.0, 5.0)),
     ]
-    assert report.n_rows == 3 and report.n_pairs == 2 and report.dropped == {"score ratio < 2": [f"{path}:3"]}
+    assert (
+        report.n_rows == 3
+        and report.n_pairs == 2
+        and report.dropped == {"score ratio < 2": [f"{path}:3"]}
+    )
     # The SFT target of a prompt is its highest-scored response over all its pairs.
     assert sft_examples(pairs) == [(prompt, " Rayleigh")]
 
@@ -255,7 +300,9 @@ P = tuple(range(100, 110))  # a prompt of 10 tokens
 
 
 def test_truncation_nothing_to_do():
-    assert truncate(P, [(1, 2), (3,)], max_length=12, max_prompt_length=4, truncation_mode="keep_end") == (P, [(1, 2), (3,)])
+    assert truncate(
+        P, [(1, 2), (3,)], max_length=12, max_prompt_length=4, truncation_mode="keep_end"
+    ) == (P, [(1, 2), (3,)])
 
 
 def test_truncation_prompt_keep_end_and_keep_start():
@@ -302,7 +349,7 @@ def test_truncation_invariants(prompt_len, response_lens, max_length, data, mode
     responses = [tuple(range(r)) for r in response_lens]
     p, rs = truncate(prompt, responses, max_length, max_prompt_length, mode)
     assert all(len(p) + len(r) <= max_length for r in rs)
-    assert p == (prompt[len(prompt) - len(p):] if mode == "keep_end" else prompt[: len(p)])
+    assert p == (prompt[len(prompt) - len(p) :] if mode == "keep_end" else prompt[: len(p)])
     assert all(r == orig[: len(r)] and len(r) >= 1 for r, orig in zip(rs, responses))
     if prompt_len + max(response_lens) <= max_length:
         assert (p, rs) == (prompt, responses)
@@ -315,14 +362,24 @@ def test_truncation_invariants(prompt_len, response_lens, max_length, data, mode
 
 def test_tokenize_pairs_appends_eos_and_keeps_prompt_end(gpt2_tokenizer):
     tok = gpt2_tokenizer
-    pair = PreferencePair("\n\nHuman: Hello world, how are you today?\n\nAssistant:", " Fine, thanks.", " Go away.")
-    (full,) = tokenize_pairs([pair], tok, max_length=64, max_prompt_length=32, truncation_mode="keep_end")
+    pair = PreferencePair(
+        "\n\nHuman: Hello world, how are you today?\n\nAssistant:", " Fine, thanks.", " Go away."
+    )
+    (full,) = tokenize_pairs(
+        [pair], tok, max_length=64, max_prompt_length=32, truncation_mode="keep_end"
+    )
     eos = tok.eos_token_id
     assert eos == 50256
     assert full.prompt == tuple(tok(pair.prompt, add_special_tokens=False)["input_ids"])
     assert full.chosen == (*tok(" Fine, thanks.", add_special_tokens=False)["input_ids"], eos)
     assert full.rejected == (*tok(" Go away.", add_special_tokens=False)["input_ids"], eos)
-    (cut,) = tokenize_pairs([pair], tok, max_length=len(full.prompt) + 2, max_prompt_length=3, truncation_mode="keep_end")
+    (cut,) = tokenize_pairs(
+        [pair],
+        tok,
+        max_length=len(full.prompt) + 2,
+        max_prompt_length=3,
+        truncation_mode="keep_end",
+    )
     assert cut.prompt == full.prompt[-3:]  # HH keeps the end: "...\n\nAssistant:"
     assert tok.decode(cut.prompt).endswith("Assistant:")
 
@@ -345,12 +402,23 @@ def test_compact_vocab_keeps_the_most_frequent_tokens_then_eos_then_unk():
     # counts: 7 -> 3, 5 -> 2, 3 -> 2, 8 -> 1, eos -> 2 (kept whatever its count, so it does not compete)
     vocab = CompactVocab.build([(7, 5, 7, eos), (3, 7, 5, 3, 8, eos)], size=5, eos_id=eos)
     assert (vocab.size, vocab.eos_id, vocab.unk_id) == (5, 3, 4)
-    assert vocab.ids == {7: 0, 3: 1, 5: 2, eos: 3}  # 3 and 5 tie at 2: the lower original id first; 8 is cut
+    assert vocab.ids == {
+        7: 0,
+        3: 1,
+        5: 2,
+        eos: 3,
+    }  # 3 and 5 tie at 2: the lower original id first; 8 is cut
     assert vocab.encode((8, 7, 1234, eos, 5)) == (4, 0, 4, 3, 2)
     pairs = [TokenizedPair((7, 8), (3, 42, eos), (5,))]
     assert vocab.remap(pairs) == [TokenizedPair((0, 4), (1, 4, 3), (2,))]  # lengths unchanged
-    assert CompactVocab.coverage(vocab.remap(pairs), vocab.unk_id) == 3 / 4  # 42 is the one UNK response token
-    assert CompactVocab.build([(1, 2)], size=10, eos_id=eos).ids == {1: 0, 2: 1, eos: 8}  # room to spare
+    assert (
+        CompactVocab.coverage(vocab.remap(pairs), vocab.unk_id) == 3 / 4
+    )  # 42 is the one UNK response token
+    assert CompactVocab.build([(1, 2)], size=10, eos_id=eos).ids == {
+        1: 0,
+        2: 1,
+        eos: 8,
+    }  # room to spare
     with pytest.raises(ValueError, match="size >= 3"):
         CompactVocab.build([(1,)], size=2, eos_id=eos)
 
@@ -373,7 +441,12 @@ def test_collate_sequences_pads_right_and_masks_prompt():
 def test_collate_pairs_chosen_rows_first_then_rejected():
     pairs = [TokenizedPair((1,), (2, 3), (4,)), TokenizedPair((5, 6), (7,), (8, 9, 10))]
     batch = collate_pairs(pairs, [11, 3], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0], [5, 6, 7, 0, 0], [1, 4, 0, 0, 0], [5, 6, 8, 9, 10]]
+    assert batch["input_ids"].tolist() == [
+        [1, 2, 3, 0, 0],
+        [5, 6, 7, 0, 0],
+        [1, 4, 0, 0, 0],
+        [5, 6, 8, 9, 10],
+    ]
     assert batch["index"].tolist() == [11, 3]
     assert (batch["labels"] != IGNORE_INDEX).sum(-1).tolist() == [2, 1, 1, 3]
 

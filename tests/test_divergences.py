@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from strategies import ADMISSIBLE_NAMES, F32_RTOL, F64_RTOL, divergence_of, divergences
+
 from upo_ref.divergences import DIVERGENCE_NAMES, AlphaDivergence, get_divergence
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -42,7 +42,9 @@ def test_f_is_convex(div, u, v, lam):
 def test_f_prime_is_the_derivative_of_f(div, u):
     x = t64(u).requires_grad_(True)
     (autograd,) = torch.autograd.grad(div.f(x).sum(), x)
-    torch.testing.assert_close(div.f_prime(t64(u)), autograd, rtol=1e-10, atol=ROUNDING_ATOL * (1 + abs(math.log(u))))
+    torch.testing.assert_close(
+        div.f_prime(t64(u)), autograd, rtol=1e-10, atol=ROUNDING_ATOL * (1 + abs(math.log(u)))
+    )
 
 
 def test_total_variation_f_prime_is_the_subgradient_of_f():
@@ -96,8 +98,35 @@ def reference_f_prime_of_log(name: str, x: float, alpha: float) -> tuple[Decimal
 
 
 EXTREME_LOG_U = [
-    -1e4, -3e3, -745.0, -700.0, -100.0, -88.7, -50.0, -10.0, -1.0000001, -1.0, -0.9999999, -0.1, -1e-4,
-    -1e-10, -1e-30, 0.0, 1e-30, 1e-10, 1e-4, 0.1, 1.0, 10.0, 50.0, 88.7, 100.0, 700.0, 745.0, 3e3, 1e4,
+    -1e4,
+    -3e3,
+    -745.0,
+    -700.0,
+    -100.0,
+    -88.7,
+    -50.0,
+    -10.0,
+    -1.0000001,
+    -1.0,
+    -0.9999999,
+    -0.1,
+    -1e-4,
+    -1e-10,
+    -1e-30,
+    0.0,
+    1e-30,
+    1e-10,
+    1e-4,
+    0.1,
+    1.0,
+    10.0,
+    50.0,
+    88.7,
+    100.0,
+    700.0,
+    745.0,
+    3e3,
+    1e4,
 ]
 STABILITY = {torch.float32: F32_RTOL, torch.float64: F64_RTOL}
 # Gradients: float32 differences of O(1) numbers carry errors of a few float32 ulps of 1.
@@ -116,9 +145,13 @@ def _check_stability(name: str, alpha: float, xs: list[float], dtype: torch.dtyp
         ref, dref = reference_f_prime_of_log(name, xi, alpha)
         representable = abs(ref) <= Decimal(finfo.max)
         if not representable:
-            assert math.isinf(vi) and (vi > 0) == (ref > 0), f"{name}({xi}) = {vi}, true value {ref:.3e}"
+            assert math.isinf(vi) and (vi > 0) == (ref > 0), (
+                f"{name}({xi}) = {vi}, true value {ref:.3e}"
+            )
             continue
-        assert math.isfinite(vi), f"{name}({xi}) = {vi} but the true value {ref:.6e} is representable"
+        assert math.isfinite(vi), (
+            f"{name}({xi}) = {vi} but the true value {ref:.6e} is representable"
+        )
         err = abs(Decimal(vi) - ref)
         assert err <= Decimal(STABILITY[dtype]) * abs(ref) + Decimal(finfo.tiny), (
             f"{name}({xi!r}) [{dtype}] = {vi!r}, reference {ref:.17e}, relative error {err / max(abs(ref), Decimal(finfo.tiny)):.2e}"
@@ -139,8 +172,11 @@ def test_f_prime_of_log_is_stable_at_the_extremes(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@given(name=st.sampled_from(DIVERGENCE_NAMES), alpha=st.floats(0.01, 0.99),
-       xs=st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=8))
+@given(
+    name=st.sampled_from(DIVERGENCE_NAMES),
+    alpha=st.floats(0.01, 0.99),
+    xs=st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=8),
+)
 def test_f_prime_of_log_is_stable_on_random_log_ratios(dtype, name, alpha, xs):
     _check_stability(name, alpha, xs, dtype)
 
@@ -152,7 +188,9 @@ def test_alpha_divergence_tends_to_reverse_kl_as_alpha_goes_to_zero(u, alpha):
     L = math.log(u)
     # Taylor: |(1 - e^{-z})/alpha - L| = |1 - z - e^{-z}| / alpha <= z^2 e^{|z|} / (2 alpha), z = alpha L.
     bound = alpha * L * L * math.exp(alpha * abs(L)) / 2 + ROUNDING_ATOL * (1 + abs(L))
-    assert abs(a.f_prime(t64(u)).item() - (rkl.f_prime(t64(u)).item() - 1)) <= bound + F64_RTOL / alpha
+    assert (
+        abs(a.f_prime(t64(u)).item() - (rkl.f_prime(t64(u)).item() - 1)) <= bound + F64_RTOL / alpha
+    )
     # f_alpha -> u log u - u + 1: reverse KL's f plus a linear term that D_f averages to zero.
     f_lim = rkl.f(t64(u)).item() - (u - 1)
     assert abs(a.f(t64(u)).item() - f_lim) <= 10 * alpha * (1 + abs(L)) ** 3 * u + 1e-6
@@ -166,7 +204,9 @@ def test_alpha_divergence_tends_to_forward_kl_plus_one_as_alpha_goes_to_one(u, d
     bound = delta * 4 * (L + 2) * math.exp(L) + ROUNDING_ATOL * math.exp(L)
     assert abs(a.f_prime(t64(u)).item() - (fkl.f_prime(t64(u)).item() + 1)) <= bound
     f_lim = fkl.f(t64(u)).item() + (u - 1)
-    assert abs(a.f(t64(u)).item() - f_lim) <= delta * 8 * (L + 2) ** 2 * math.exp(L) * (1 + u) + 1e-6
+    assert (
+        abs(a.f(t64(u)).item() - f_lim) <= delta * 8 * (L + 2) ** 2 * math.exp(L) * (1 + u) + 1e-6
+    )
 
 
 # --- admissibility, ranges and errors ---------------------------------------------------------------
@@ -185,7 +225,10 @@ def test_f_prime_range_is_the_image_of_f_prime(name):
     values = div.f_prime_of_log(torch.linspace(-700, 700, 10001, dtype=torch.float64))
     assert values.min().item() >= lo and values.max().item() <= hi
     # and both ends are approached: the range is not wider than the image
-    for end, value in ((lo, div.f_prime_of_log(t64(-700.0)).item()), (hi, div.f_prime_of_log(t64(700.0)).item())):
+    for end, value in (
+        (lo, div.f_prime_of_log(t64(-700.0)).item()),
+        (hi, div.f_prime_of_log(t64(700.0)).item()),
+    ):
         if math.isinf(end):
             assert abs(value) > 500 and (value > 0) == (end > 0)
         else:
@@ -203,7 +246,13 @@ def test_optimal_ratio_extends_the_inverse():
 
 @pytest.mark.parametrize(
     "name, t",
-    [("jensen_shannon", math.log(2)), ("jensen_shannon", 1.0), ("forward_kl", 0.0), ("alpha", 2.0), ("chi_squared", -2.5)],
+    [
+        ("jensen_shannon", math.log(2)),
+        ("jensen_shannon", 1.0),
+        ("forward_kl", 0.0),
+        ("alpha", 2.0),
+        ("chi_squared", -2.5),
+    ],
 )
 def test_f_prime_inverse_outside_the_range_raises(name, t):
     with pytest.raises(ValueError, match="outside the range of f'"):
@@ -250,4 +299,6 @@ def test_jensen_shannon_custom_gradient_composes_with_torch_func():
     d2 = torch.func.vmap(torch.func.grad(torch.func.grad(js.f_prime_of_log)))(x)
     torch.testing.assert_close(d1, torch.sigmoid(-x), rtol=F64_RTOL, atol=0)
     # (the second derivative is autograd through sigmoid, y (1 - y): accurate in absolute terms only)
-    torch.testing.assert_close(d2, -torch.sigmoid(x) * torch.sigmoid(-x), rtol=F64_RTOL, atol=ROUNDING_ATOL)
+    torch.testing.assert_close(
+        d2, -torch.sigmoid(x) * torch.sigmoid(-x), rtol=F64_RTOL, atol=ROUNDING_ATOL
+    )

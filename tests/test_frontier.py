@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from strategies import F64_RTOL
+
 from upo_ref.frontier import (
     Bandit,
     FrontierPoint,
@@ -34,8 +34,12 @@ def toy():
 
 def two_action_bandit(r0: float, r1: float, p0: float) -> Bandit:
     ref = torch.log(torch.tensor([[p0, 1 - p0]], dtype=torch.float64))
-    return Bandit(ref, torch.tensor([[r0, r1]], dtype=torch.float64), torch.tensor([[1.0, -1.0]], dtype=torch.float64),
-                  torch.zeros(1, 2, dtype=torch.float64))
+    return Bandit(
+        ref,
+        torch.tensor([[r0, r1]], dtype=torch.float64),
+        torch.tensor([[1.0, -1.0]], dtype=torch.float64),
+        torch.zeros(1, 2, dtype=torch.float64),
+    )
 
 
 def test_win_rate_and_auxiliary_closed_form():
@@ -52,7 +56,9 @@ def test_oracle_is_the_kl_regularised_optimum():
     """beta log(pi*/pi_ref) - (r + lam R) is the same for every response of a prompt (-beta log Z)."""
     b = make_bandit(seed=3)
     beta, lam = 0.7, 1.3
-    gap = beta * (oracle_logps(b, beta, lam) - b.reference_logps) - (b.preference_reward + lam * b.auxiliary_reward)
+    gap = beta * (oracle_logps(b, beta, lam) - b.reference_logps) - (
+        b.preference_reward + lam * b.auxiliary_reward
+    )
     torch.testing.assert_close(gap - gap[:, :1], torch.zeros_like(gap), rtol=0, atol=1e-12)
 
 
@@ -67,9 +73,13 @@ def test_sampled_labels_follow_bradley_terry():
 
 def test_make_bandit_conflict():
     b = make_bandit(n_prompts=20, n_actions=20, conflict=0.8, seed=0)
-    corr = torch.corrcoef(torch.stack([b.preference_reward.flatten(), b.auxiliary_reward.flatten()]))[0, 1]
+    corr = torch.corrcoef(
+        torch.stack([b.preference_reward.flatten(), b.auxiliary_reward.flatten()])
+    )[0, 1]
     assert corr < -0.6  # 400 draws: the sample correlation is within 0.2 of -0.8
-    torch.testing.assert_close(b.reference_logps.exp().sum(-1), torch.ones(20, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        b.reference_logps.exp().sum(-1), torch.ones(20, dtype=torch.float64), rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("base", ["dpo", "kto"])
@@ -95,7 +105,9 @@ def test_fit_values_is_near_the_per_prompt_mean(toy):
     x = torch.cat([pairs.x, pairs.x])
     r = bandit.auxiliary_reward[x, torch.cat([pairs.y_w, pairs.y_l])]
     means = torch.stack([r[x == k].mean() for k in range(bandit.n_prompts)])
-    assert (fit_values(bandit, pairs, steps=400) - means).abs().max() < 0.05  # tau = 0.5: least squares
+    assert (
+        fit_values(bandit, pairs, steps=400) - means
+    ).abs().max() < 0.05  # tau = 0.5: least squares
 
 
 def test_summarise_means_and_intervals():
@@ -104,7 +116,9 @@ def test_summarise_means_and_intervals():
     assert rows[0]["n"] == 2
     assert rows[0]["win_rate"] == pytest.approx(0.7) and rows[0]["auxiliary"] == pytest.approx(2.0)
     # sample sd of (0.6, 0.8) is 0.1 sqrt 2; the half-width is 1.96 sd / sqrt 2 = 0.196.
-    assert rows[0]["win_rate_ci"] == pytest.approx(0.196) and rows[0]["auxiliary_ci"] == pytest.approx(1.96)
+    assert rows[0]["win_rate_ci"] == pytest.approx(0.196) and rows[0][
+        "auxiliary_ci"
+    ] == pytest.approx(1.96)
 
 
 def test_config_and_training_errors(toy):

@@ -8,7 +8,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from upo_ref.data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
-from upo_ref.logprobs import concatenated_logps, head_is_linear_readout, logps_from_logits, sequence_logps
+from upo_ref.logprobs import (
+    concatenated_logps,
+    head_is_linear_readout,
+    logps_from_logits,
+    sequence_logps,
+)
 
 # Summed log-probs of ~10 tokens under a random model are about -40; float32 rounding of a sum of
 # that size, computed along two different paths (different matmul shapes), stays well below this.
@@ -28,7 +33,11 @@ def random_pairs(n: int, seed: int) -> list[TokenizedPair]:
     g = torch.Generator().manual_seed(seed)
 
     def ids(lo, hi):
-        return tuple(torch.randint(0, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist())
+        return tuple(
+            torch.randint(
+                0, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
+            ).tolist()
+        )
 
     return [TokenizedPair(ids(1, 8), ids(1, 9), ids(1, 9)) for _ in range(n)]
 
@@ -51,8 +60,13 @@ def test_padded_batch_matches_token_by_token_loop(model, response_only):
     seqs = [(p.prompt, p.chosen) for p in pairs]
     batch = collate_sequences(seqs, pad_id=7)
     with torch.no_grad():
-        got = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                             response_only=response_only)
+        got = sequence_logps(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            response_only=response_only,
+        )
     want = torch.tensor([loop_logp(model, x, y) for x, y in seqs], dtype=torch.float64)
     assert got.shape == (6,) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=LOGP_ATOL, rtol=0)
@@ -70,12 +84,21 @@ def test_prompt_and_padding_tokens_contribute_nothing(model):
             ids = torch.cat([b["input_ids"], torch.full((2, extra), pad_id)], 1)
             mask = torch.cat([b["attention_mask"], torch.zeros(2, extra, dtype=torch.long)], 1)
             labels = torch.cat([b["labels"], torch.full((2, extra), IGNORE_INDEX)], 1)
-            torch.testing.assert_close(sequence_logps(model, ids, mask, labels)[0], ref, atol=LOGP_ATOL, rtol=0)
+            torch.testing.assert_close(
+                sequence_logps(model, ids, mask, labels)[0], ref, atol=LOGP_ATOL, rtol=0
+            )
     # Only the response's own labels count: labels (B, T) with the prompt unmasked give a different sum.
     leaky = base["labels"].clone()
     leaky[0, 1:4] = base["input_ids"][0, 1:4]
     with torch.no_grad():
-        assert abs(float(sequence_logps(model, base["input_ids"], base["attention_mask"], leaky)[0] - ref)) > 1.0
+        assert (
+            abs(
+                float(
+                    sequence_logps(model, base["input_ids"], base["attention_mask"], leaky)[0] - ref
+                )
+            )
+            > 1.0
+        )
 
 
 def test_concatenated_pass_equals_two_passes(model):

@@ -7,9 +7,15 @@ import math
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
+from strategies import (
+    ADMISSIBLE_NAMES,
+    admissible_divergences,
+    betas,
+    divergence_of,
+    dyadic_logp_batches,
+    logp_batches,
+)
 
-from strategies import ADMISSIBLE_NAMES, admissible_divergences, betas, divergence_of, dyadic_logp_batches, logp_batches
 from upo_ref.divergences import get_divergence
 from upo_ref.losses import (
     PreferenceLoss,
@@ -53,22 +59,47 @@ HAND = [
     ("IPO beta=0.5: (1 - 1)^2", lambda: ipo_loss(*CASE, 0.5), 0.0),
     ("IPO beta=0.1: (1 - 5)^2", lambda: ipo_loss(*CASE, 0.1), 16.0),
     ("f-DPO RKL = DPO", lambda: fdpo_loss(*CASE, 0.5, "reverse_kl"), math.log(1 + math.exp(-0.5))),
-    ("f-DPO FKL: f' = -1/u", lambda: fdpo_loss(*CASE, 0.5, "forward_kl"),
-     math.log(1 + math.exp(-0.5 * (-math.exp(-0.5) + math.exp(0.5))))),
-    ("f-DPO JS", lambda: fdpo_loss(*CASE, 0.5, "jensen_shannon"),
-     math.log(1 + math.exp(-0.5 * (js_f(0.5) - js_f(-0.5))))),
-    ("f-DPO alpha=0.5: f' = 2(1 - u^-1/2)", lambda: fdpo_loss(*CASE, 0.5, get_divergence("alpha", alpha=0.5)),
-     math.log(1 + math.exp(-0.5 * (2 * (1 - math.exp(-0.25)) - 2 * (1 - math.exp(0.25)))))),
-    ("JS-IUPO paper: f'(e^1) - f'(e^0), target 1", lambda: iupo_loss(*CASE, 0.5, "jensen_shannon"),
-     (math.log(2 * math.e / (1 + math.e)) - 0.0 - 1.0) ** 2),
-    ("JS-IUPO kkt: f'(e^.5) - f'(e^-.5), target 5", lambda: iupo_loss(*CASE, 0.1, "jensen_shannon", form="kkt"),
-     (js_f(0.5) - js_f(-0.5) - 5.0) ** 2),
-    ("FKL-IUPO paper: -e^-1 + e^0, target 1", lambda: iupo_loss(*CASE, 0.5, "forward_kl"),
-     (-math.exp(-1.0) + 1.0 - 1.0) ** 2),
-    ("h = 0 gives DPO = log 2", lambda: dpo_loss(t64(-3.0), t64(-3.0), t64(-7.0), t64(-7.0), 0.3), LN2),
+    (
+        "f-DPO FKL: f' = -1/u",
+        lambda: fdpo_loss(*CASE, 0.5, "forward_kl"),
+        math.log(1 + math.exp(-0.5 * (-math.exp(-0.5) + math.exp(0.5)))),
+    ),
+    (
+        "f-DPO JS",
+        lambda: fdpo_loss(*CASE, 0.5, "jensen_shannon"),
+        math.log(1 + math.exp(-0.5 * (js_f(0.5) - js_f(-0.5)))),
+    ),
+    (
+        "f-DPO alpha=0.5: f' = 2(1 - u^-1/2)",
+        lambda: fdpo_loss(*CASE, 0.5, get_divergence("alpha", alpha=0.5)),
+        math.log(1 + math.exp(-0.5 * (2 * (1 - math.exp(-0.25)) - 2 * (1 - math.exp(0.25))))),
+    ),
+    (
+        "JS-IUPO paper: f'(e^1) - f'(e^0), target 1",
+        lambda: iupo_loss(*CASE, 0.5, "jensen_shannon"),
+        (math.log(2 * math.e / (1 + math.e)) - 0.0 - 1.0) ** 2,
+    ),
+    (
+        "JS-IUPO kkt: f'(e^.5) - f'(e^-.5), target 5",
+        lambda: iupo_loss(*CASE, 0.1, "jensen_shannon", form="kkt"),
+        (js_f(0.5) - js_f(-0.5) - 5.0) ** 2,
+    ),
+    (
+        "FKL-IUPO paper: -e^-1 + e^0, target 1",
+        lambda: iupo_loss(*CASE, 0.5, "forward_kl"),
+        (-math.exp(-1.0) + 1.0 - 1.0) ** 2,
+    ),
+    (
+        "h = 0 gives DPO = log 2",
+        lambda: dpo_loss(t64(-3.0), t64(-3.0), t64(-7.0), t64(-7.0), 0.3),
+        LN2,
+    ),
     # h = -201, beta = 0.1: softplus(20.1), beyond torch's default softplus threshold of 20
-    ("DPO far on the wrong side", lambda: dpo_loss(t64(0.0), t64(0.0), t64(201.0), t64(0.0), 0.1),
-     20.1 + math.log1p(math.exp(-20.1))),
+    (
+        "DPO far on the wrong side",
+        lambda: dpo_loss(t64(0.0), t64(0.0), t64(201.0), t64(0.0), 0.1),
+        20.1 + math.log1p(math.exp(-20.1)),
+    ),
 ]
 
 
@@ -115,10 +146,14 @@ def test_prop_4_1_iupo_under_reverse_kl_is_ipo_on_extreme_logps(form, logps, bet
 
 
 def test_prop_4_1_on_float32_extremes():
-    pc, pr, rc, rr = (torch.tensor(v, dtype=torch.float32) for v in ([-9000.0], [-1.0], [-10.0], [-9500.0]))
+    pc, pr, rc, rr = (
+        torch.tensor(v, dtype=torch.float32) for v in ([-9000.0], [-1.0], [-10.0], [-9500.0])
+    )
     for form in ("paper", "kkt"):
         assert torch.isfinite(iupo_loss(pc, pr, rc, rr, 0.1, RKL, form=form)).all()
-        torch.testing.assert_close(iupo_loss(pc, pr, rc, rr, 0.1, RKL, form=form), ipo_loss(pc, pr, rc, rr, 0.1))
+        torch.testing.assert_close(
+            iupo_loss(pc, pr, rc, rr, 0.1, RKL, form=form), ipo_loss(pc, pr, rc, rr, 0.1)
+        )
 
 
 @given(logps=logp_batches(size=1, low=-50.0), beta=betas)
@@ -127,8 +162,12 @@ def test_the_two_iupo_forms_are_one_function_of_h_only_under_reverse_kl(logps, b
     # unchanged; it moves the paper form's two arguments but not the kkt form's.
     pc, pr, rc, rr = logps
     shifted = (pc + 3.0, pr, rc + 3.0, rr)
-    assert uh_pi(*shifted, JS, form="kkt").item() == pytest.approx(uh_pi(*logps, JS, form="kkt").item(), abs=1e-12)
-    assert uh_pi(*shifted, RKL, form="paper").item() == pytest.approx(uh_pi(*logps, RKL, form="paper").item(), abs=1e-12)
+    assert uh_pi(*shifted, JS, form="kkt").item() == pytest.approx(
+        uh_pi(*logps, JS, form="kkt").item(), abs=1e-12
+    )
+    assert uh_pi(*shifted, RKL, form="paper").item() == pytest.approx(
+        uh_pi(*logps, RKL, form="paper").item(), abs=1e-12
+    )
 
 
 def test_the_two_iupo_forms_differ_under_jensen_shannon():
@@ -195,15 +234,20 @@ def test_preference_metrics_by_hand():
     assert m["rewards/rejected"].tolist() == [-0.25, 1.0]
     assert m["rewards/margins"].tolist() == [0.5, -1.5]
     assert m["rewards/accuracies"].tolist() == [1.0, 0.0]
-    assert m["scores/chosen"].tolist() == pytest.approx([0.5 * js_f(0.5), 0.5 * js_f(-1.0)], rel=1e-15)
+    assert m["scores/chosen"].tolist() == pytest.approx(
+        [0.5 * js_f(0.5), 0.5 * js_f(-1.0)], rel=1e-15
+    )
     assert m["scores/margins"].tolist() == pytest.approx(
-        [0.5 * (js_f(0.5) - js_f(-0.5)), 0.5 * (js_f(-1.0) - js_f(2.0))], rel=1e-14)
+        [0.5 * (js_f(0.5) - js_f(-0.5)), 0.5 * (js_f(-1.0) - js_f(2.0))], rel=1e-14
+    )
 
 
 @given(logps=logp_batches(), beta=betas)
 def test_reverse_kl_scores_are_rewards_plus_beta_and_accuracy_is_margin_sign(logps, beta):
     m = preference_metrics(*logps, beta)
-    torch.testing.assert_close(m["scores/chosen"], m["rewards/chosen"] + beta, rtol=1e-12, atol=1e-12 * beta)
+    torch.testing.assert_close(
+        m["scores/chosen"], m["rewards/chosen"] + beta, rtol=1e-12, atol=1e-12 * beta
+    )
     assert torch.equal(m["rewards/accuracies"], (m["rewards/margins"] > 0).double())
     assert not m["rewards/chosen"].requires_grad
 
@@ -213,9 +257,13 @@ def test_reverse_kl_scores_are_rewards_plus_beta_and_accuracy_is_margin_sign(log
 def test_preference_loss_dispatches_to_the_functions(logps, beta):
     assert torch.equal(PreferenceLoss("dpo")(*logps, beta), dpo_loss(*logps, beta))
     assert torch.equal(PreferenceLoss("ipo")(*logps, beta), ipo_loss(*logps, beta))
-    assert torch.equal(PreferenceLoss("fdpo", "forward_kl")(*logps, beta), fdpo_loss(*logps, beta, "forward_kl"))
-    assert torch.equal(PreferenceLoss("iupo", "jensen_shannon", "kkt")(*logps, beta),
-                       iupo_loss(*logps, beta, "jensen_shannon", form="kkt"))
+    assert torch.equal(
+        PreferenceLoss("fdpo", "forward_kl")(*logps, beta), fdpo_loss(*logps, beta, "forward_kl")
+    )
+    assert torch.equal(
+        PreferenceLoss("iupo", "jensen_shannon", "kkt")(*logps, beta),
+        iupo_loss(*logps, beta, "jensen_shannon", form="kkt"),
+    )
 
 
 def test_preference_loss_labels_and_bad_combinations():
@@ -255,7 +303,12 @@ def test_bad_beta_raises(name, fn, beta):
 @pytest.mark.parametrize("position", range(4))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_logps_raise_naming_the_argument(name, fn, position, bad):
-    arg = ["policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps"][position]
+    arg = [
+        "policy_chosen_logps",
+        "policy_rejected_logps",
+        "reference_chosen_logps",
+        "reference_rejected_logps",
+    ][position]
     args = list(GOOD)
     args[position] = t64(-1.0, bad)
     with pytest.raises(ValueError, match=f"{arg} has 1 non-finite value.*at index 1"):
@@ -265,7 +318,10 @@ def test_non_finite_logps_raise_naming_the_argument(name, fn, position, bad):
 @pytest.mark.parametrize("name, fn", ALL_LOSSES, ids=[n for n, _ in ALL_LOSSES])
 def test_shape_and_type_errors(name, fn):
     pc, pr, rc, rr = GOOD
-    with pytest.raises(ValueError, match="reference_rejected_logps has shape \\(3,\\) but policy_chosen_logps has shape \\(2,\\)"):
+    with pytest.raises(
+        ValueError,
+        match="reference_rejected_logps has shape \\(3,\\) but policy_chosen_logps has shape \\(2,\\)",
+    ):
         fn(pc, pr, rc, t64(-1.0, -1.0, -1.0), beta=0.1)
     with pytest.raises(ValueError, match="policy_rejected_logps must be 1-D of shape \\(B,\\)"):
         fn(pc, pr[:, None], rc, rr, beta=0.1)
@@ -273,7 +329,9 @@ def test_shape_and_type_errors(name, fn):
         fn([-1.0, -2.0], pr, rc, rr, beta=0.1)
     with pytest.raises(ValueError, match="must be a floating-point tensor"):
         fn(pc, pr, torch.tensor([-1, -2]), rr, beta=0.1)
-    with pytest.raises(ValueError, match="dtype torch.float32 but policy_chosen_logps has torch.float64"):
+    with pytest.raises(
+        ValueError, match="dtype torch.float32 but policy_chosen_logps has torch.float64"
+    ):
         fn(pc, pr.float(), rc, rr, beta=0.1)
 
 
@@ -294,8 +352,10 @@ def test_losses_and_gradients_are_finite_for_long_sequences_in_float32(name):
     div = divergence_of(name)
     ref = -torch.rand(4, 256) * 5000
     pol = (ref + (torch.rand(4, 256) * 80 - 40)).requires_grad_(True)
-    losses = [fdpo_loss(pol[0], pol[1], ref[0], ref[1], 0.1, div),
-              iupo_loss(pol[0], pol[1], ref[0], ref[1], 0.1, div, form="kkt")]
+    losses = [
+        fdpo_loss(pol[0], pol[1], ref[0], ref[1], 0.1, div),
+        iupo_loss(pol[0], pol[1], ref[0], ref[1], 0.1, div, form="kkt"),
+    ]
     if name in ("reverse_kl", "jensen_shannon"):  # f' linear in the log-ratio: never overflows
         losses.append(iupo_loss(pol[0], pol[1], ref[0], ref[1], 0.1, div))
     for loss in losses:
@@ -306,7 +366,11 @@ def test_losses_and_gradients_are_finite_for_long_sequences_in_float32(name):
 @pytest.mark.parametrize("name", ["forward_kl", "alpha"])
 def test_paper_form_overflow_is_an_error_not_a_nan(name):
     # chosen and rejected differ by 5000 nats within the policy: f'_FKL(e^-5000) = -e^5000.
-    pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float32) for v in (-6000.0, -1000.0, -6000.0, -1000.0))
-    with pytest.raises(ValueError, match="iupo_loss: the loss is not representable in torch.float32 for 1 pair"):
+    pc, pr, rc, rr = (
+        torch.tensor([v], dtype=torch.float32) for v in (-6000.0, -1000.0, -6000.0, -1000.0)
+    )
+    with pytest.raises(
+        ValueError, match="iupo_loss: the loss is not representable in torch.float32 for 1 pair"
+    ):
         iupo_loss(pc, pr, rc, rr, 0.1, divergence_of(name))
     assert torch.isfinite(iupo_loss(pc, pr, rc, rr, 0.1, divergence_of(name), form="kkt")).all()

@@ -22,11 +22,21 @@ def test_notebook_runs_clean_in_fast_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.output_type == "error"
+    ]
     assert not errors
     # Every figure the notebook makes is also committed under figures/ (from the full run).
     made = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".svg", ".pdf"))
     assert made, f"{path.name} saved no figure under figures/"
     missing = [name for name in made if not (ROOT / "figures" / name).exists()]
-    assert not missing, f"{path.name} makes figures that are not committed under figures/: {missing}"
+    assert not missing, (
+        f"{path.name} makes figures that are not committed under figures/: {missing}"
+    )

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
 from strategies import ADMISSIBLE_NAMES, admissible_divergences, divergence_of
+
 from upo_ref.divergences import get_divergence
 from upo_ref.losses import fdpo_loss
 from upo_ref.optimal import (
@@ -27,7 +27,9 @@ from upo_ref.optimal import (
     upo_objective,
 )
 
-KKT_TOL = 1e-11  # residuals of the closed form, relative to the problem's scale (|r| <= 3, beta >= 0.05)
+KKT_TOL = (
+    1e-11  # residuals of the closed form, relative to the problem's scale (|r| <= 3, beta >= 0.05)
+)
 SOLVER_ATOL = 1e-5  # L-BFGS on softmax logits vs the closed form, in probability
 OBJECTIVE_RTOL = 1e-12  # J(closed form) >= J(anything else) - this * scale
 
@@ -74,17 +76,23 @@ def test_theorem_3_1_closed_form_matches_an_independent_numerical_solver(problem
 @given(problem=problems(), div=admissible_divergences(), seed=st.integers(0, 2**31))
 def test_theorem_3_1_closed_form_beats_random_feasible_policies(problem, div, seed):
     rewards, pi_ref, beta = problem
-    j_star = upo_objective(optimal_policy(rewards, pi_ref, beta, div), rewards, pi_ref, beta, div).item()
+    j_star = upo_objective(
+        optimal_policy(rewards, pi_ref, beta, div), rewards, pi_ref, beta, div
+    ).item()
     others, _ = random_policies(len(rewards), 50, seed)
     for other in others:
-        assert j_star >= upo_objective(other, rewards, pi_ref, beta, div).item() - OBJECTIVE_RTOL * (1 + abs(j_star))
+        assert j_star >= upo_objective(
+            other, rewards, pi_ref, beta, div
+        ).item() - OBJECTIVE_RTOL * (1 + abs(j_star))
 
 
 @given(problem=problems())
 def test_theorem_3_1_under_reverse_kl_is_the_softmax_policy(problem):
     rewards, pi_ref, beta = problem
     expected = torch.softmax(torch.log(pi_ref) + rewards / beta, dim=0)
-    torch.testing.assert_close(optimal_policy(rewards, pi_ref, beta, "reverse_kl"), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        optimal_policy(rewards, pi_ref, beta, "reverse_kl"), expected, rtol=1e-12, atol=0
+    )
 
 
 @given(problem=problems(), div=admissible_divergences(), seed=st.integers(0, 2**31))
@@ -93,7 +101,10 @@ def test_kkt_residual_flags_non_optimal_policies(problem, div, seed):
     pi = optimal_policy(rewards, pi_ref, beta, div)
     other, _ = random_policies(len(rewards), 1, seed)
     other = 0.5 * pi + 0.5 * other[0]  # feasible, with full support, not optimal
-    j_gap = (upo_objective(pi, rewards, pi_ref, beta, div) - upo_objective(other, rewards, pi_ref, beta, div)).item()
+    j_gap = (
+        upo_objective(pi, rewards, pi_ref, beta, div)
+        - upo_objective(other, rewards, pi_ref, beta, div)
+    ).item()
     if j_gap > 1e-8:  # a truly worse policy violates eq. (16) somewhere
         assert kkt_residual(other, rewards, pi_ref, beta, div).stationarity > 1e-6
 
@@ -127,7 +138,9 @@ def test_chi_squared_optimum_puts_zero_mass_where_the_theorem_says_it_cannot():
     # zero, 0.2 (3 - lam) + 0.3 (2 - lam) = 1 gives lam = 0.2 / 0.5 = 0.4, pi* = (0.52, 0.48, 0),
     # and y3 indeed has 1 + r3 - lam = -0.4 < 0.
     assert lam == pytest.approx(0.4, rel=1e-14)
-    torch.testing.assert_close(pi, torch.tensor([0.52, 0.48, 0.0], dtype=torch.float64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        pi, torch.tensor([0.52, 0.48, 0.0], dtype=torch.float64), rtol=1e-14, atol=0
+    )
     # It is still a KKT point: eta >= 0 with complementary slackness ...
     res = kkt_residual(pi, CHI_REWARDS, CHI_REF, CHI_BETA, CHI, lam=lam)
     assert res.max() <= KKT_TOL
@@ -155,7 +168,10 @@ def test_admissible_divergences_refuse_a_zero_probability():
     # With 0 not in dom f', pi(y) = 0 would need eta(y) = -inf: dual feasibility fails infinitely.
     pi = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
     for name in ADMISSIBLE_NAMES:
-        assert kkt_residual(pi, CHI_REWARDS, CHI_REF, CHI_BETA, divergence_of(name)).dual_feasibility == math.inf
+        assert (
+            kkt_residual(pi, CHI_REWARDS, CHI_REF, CHI_BETA, divergence_of(name)).dual_feasibility
+            == math.inf
+        )
 
 
 def test_total_variation_has_no_closed_form():
@@ -201,20 +217,29 @@ def test_prop_3_2_fdpo_population_loss_is_minimised_at_the_upo_optimum(problem, 
         assert population_fdpo_loss(other, r, pi_ref, beta, div).item() >= best.item() - 1e-12
 
 
-@given(r=arrays(np.float64, st.integers(2, 8), elements=st.floats(-10, 10)), seed=st.integers(0, 2**31))
+@given(
+    r=arrays(np.float64, st.integers(2, 8), elements=st.floats(-10, 10)), seed=st.integers(0, 2**31)
+)
 def test_eq_7_logit_of_bradley_terry_is_reward_plus_constant(r, seed):
     r = torch.from_numpy(r)
     g = torch.Generator().manual_seed(seed)
     mu = torch.softmax(torch.randn(len(r), generator=g, dtype=torch.float64), 0)
     # logit(sigma(d)) recovers d only to ~eps e^{|d|}: 1 - sigma(d) ~ e^{-d} is stored relative to 1.
     roundtrip = 4 * torch.finfo(torch.float64).eps * (1 + math.exp(r.max().item() - r.min().item()))
-    torch.testing.assert_close(expected_psi(preference_matrix(r), mu, psi_logit), r - (mu * r).sum(), rtol=0, atol=roundtrip)
+    torch.testing.assert_close(
+        expected_psi(preference_matrix(r), mu, psi_logit),
+        r - (mu * r).sum(),
+        rtol=0,
+        atol=roundtrip,
+    )
 
 
 @given(rw=st.floats(-30, 30), rl=st.floats(-30, 30))
 def test_bradley_terry_eq_1_equals_eq_2(rw, rl):
     eq1 = math.exp(rw) / (math.exp(rw) + math.exp(rl))
-    assert bradley_terry(torch.tensor(rw, dtype=torch.float64), torch.tensor(rl, dtype=torch.float64)).item() == pytest.approx(eq1, rel=1e-13, abs=1e-300)
+    assert bradley_terry(
+        torch.tensor(rw, dtype=torch.float64), torch.tensor(rl, dtype=torch.float64)
+    ).item() == pytest.approx(eq1, rel=1e-13, abs=1e-300)
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -229,4 +254,9 @@ def test_bad_problems_raise():
     with pytest.raises(ValueError, match="beta must be a positive finite number"):
         optimal_policy(r, torch.tensor([0.5, 0.5], dtype=torch.float64), -1.0, "jensen_shannon")
     with pytest.raises(ValueError, match="rewards has 1 non-finite value"):
-        optimal_policy(torch.tensor([1.0, math.nan], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64), 0.1, "reverse_kl")
+        optimal_policy(
+            torch.tensor([1.0, math.nan], dtype=torch.float64),
+            torch.tensor([0.5, 0.5], dtype=torch.float64),
+            0.1,
+            "reverse_kl",
+        )

@@ -8,8 +8,8 @@ import pytest
 from upo_ref.config import get_preset, smoke
 from upo_ref.models import load_tokenizer
 from upo_ref.overlap import GROUPS, format_overlap, main, overlap_check
-from upo_ref.reproduce import main as reproduce_main
 from upo_ref.reproduce import _first, _first_and_rest, prepare_data
+from upo_ref.reproduce import main as reproduce_main
 from upo_ref.train import read_metrics
 
 N_UNUSED = 48
@@ -39,7 +39,9 @@ def test_unused_pairs_are_training_pairs_preference_training_did_not_draw():
     cfg = smoke(get_preset("quick"))
     tok = load_tokenizer(cfg.model)
     plain, kept = prepare_data(cfg, tok), prepare_data(cfg, tok, keep_unused=5)
-    assert plain.pref_unused == [] and len(kept.pref_unused) == 5  # the main job does not tokenize them
+    assert (
+        plain.pref_unused == [] and len(kept.pref_unused) == 5
+    )  # the main job does not tokenize them
     assert not set(kept.pref_unused) & set(kept.pref_train)
     # Keeping them changes nothing else, the compact vocabulary included.
     for split in ("sft_train", "sft_eval", "pref_train", "pref_eval"):
@@ -53,18 +55,29 @@ def test_overlap_check_agrees_with_what_the_trainer_logged(smoke_run):
     models = list(dict.fromkeys(r.model for r in rows))
     assert models[0] == "pi_ref" and len(models) == 1 + len(cfg.losses) * len(cfg.betas)
     n = {r.group: r.n for r in rows}
-    assert n == {"trained": cfg.data.n_train_pairs, "unused": N_UNUSED, "eval": cfg.data.n_eval_pairs}
+    assert n == {
+        "trained": cfg.data.n_train_pairs,
+        "unused": N_UNUSED,
+        "eval": cfg.data.n_eval_pairs,
+    }
     assert [r.group for r in rows] == list(GROUPS) * len(models)
     # On the eval group a run's row is the trainer's last eval record: same batches, same log-probs.
     for r in rows:
         if r.model == "pi_ref" or r.group != "eval":
             continue
         label, beta = r.model.split(" beta=")
-        final = [m for m in read_metrics(out / f"{label.lower()}_beta{beta}" / "metrics.jsonl") if m["split"] == "eval"][-1]
+        final = [
+            m
+            for m in read_metrics(out / f"{label.lower()}_beta{beta}" / "metrics.jsonl")
+            if m["split"] == "eval"
+        ][-1]
         assert r.accuracy == final["rewards/accuracies"]
         assert r.margin == pytest.approx(final["rewards/margins"], rel=1e-6, abs=1e-9)
     table = format_overlap(rows).splitlines()
-    assert table[0].startswith("| model | trained acc. (16 pairs)") and len(table) == 2 + len(models) + 2
+    assert (
+        table[0].startswith("| model | trained acc. (16 pairs)")
+        and len(table) == 2 + len(models) + 2
+    )
 
 
 def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke_run, tmp_path):
@@ -74,7 +87,9 @@ def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke
     assert "python -m upo_ref.overlap --smoke" in text and format_overlap(rows) in text
     with pytest.raises(ValueError, match="n_unused must be a positive number"):
         overlap_check(cfg, out, n_unused=0)
-    other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shuffle_seed=1))  # not what wrote `out`
+    other = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, shuffle_seed=1)
+    )  # not what wrote `out`
     with pytest.raises(ValueError, match="made with another model or data config"):
         overlap_check(other, out, n_unused=8)
     with pytest.raises(FileNotFoundError, match="python -m upo_ref.reproduce"):
@@ -86,15 +101,24 @@ def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke
 def test_sft_disjoint_keeps_the_preference_training_prompts_out_of_sft():
     r = dataclasses.replace
     base = smoke(get_preset("quick"))
-    base = r(base, data=r(base.data, n_sft_examples=None, compact_vocab=None))  # every SFT prompt, GPT-2's ids
+    base = r(
+        base, data=r(base.data, n_sft_examples=None, compact_vocab=None)
+    )  # every SFT prompt, GPT-2's ids
     tok = load_tokenizer(base.model)
     paper_recipe = prepare_data(base, tok)
     control = prepare_data(r(base, data=r(base.data, sft_disjoint=True)), tok)
     pref_prompts = {p.prompt for p in paper_recipe.pref_train}
     assert len(pref_prompts) == base.data.n_train_pairs
-    assert pref_prompts <= {p.prompt for p in paper_recipe.sft_train}  # the paper's recipe: all are SFT prompts
+    assert pref_prompts <= {
+        p.prompt for p in paper_recipe.sft_train
+    }  # the paper's recipe: all are SFT prompts
     assert not pref_prompts & {p.prompt for p in control.sft_train}  # the control: none is
     assert len(control.sft_train) == len(paper_recipe.sft_train) - len(pref_prompts)
-    assert (control.pref_train, control.pref_eval) == (paper_recipe.pref_train, paper_recipe.pref_eval)
+    assert (control.pref_train, control.pref_eval) == (
+        paper_recipe.pref_train,
+        paper_recipe.pref_eval,
+    )
     quick = get_preset("quick")
-    assert get_preset("quick-sft-disjoint") == r(quick, name="quick-sft-disjoint", data=r(quick.data, sft_disjoint=True))
+    assert get_preset("quick-sft-disjoint") == r(
+        quick, name="quick-sft-disjoint", data=r(quick.data, sft_disjoint=True)
+    )

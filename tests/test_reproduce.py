@@ -20,7 +20,14 @@ from upo_ref.paths import REPO_ROOT, gpt2_tokenizer_dir
 from upo_ref.reproduce import RunResult, _parser, config_from_args, format_table, main, prepare_data
 from upo_ref.train import read_metrics
 
-GRID = [("IPO", 0.1), ("IPO", 0.2), ("IPO", 0.5), ("JS-IUPO", 0.1), ("JS-IUPO", 0.2), ("JS-IUPO", 0.5)]
+GRID = [
+    ("IPO", 0.1),
+    ("IPO", 0.2),
+    ("IPO", 0.5),
+    ("JS-IUPO", 0.1),
+    ("JS-IUPO", 0.2),
+    ("JS-IUPO", 0.5),
+]
 
 
 def check_outputs(out, name: str, eval_points: list[int]):
@@ -32,9 +39,14 @@ def check_outputs(out, name: str, eval_points: list[int]):
         f = r["final"]
         acc, n = f["rewards/accuracies"], r["n_eval_pairs"]
         data = summary["config"]["data"]
-        assert n == data["n_eval_pairs"] * len(data["datasets"])  # every eval pair of the (smoke) config
+        assert n == data["n_eval_pairs"] * len(
+            data["datasets"]
+        )  # every eval pair of the (smoke) config
         se = (acc * (1 - acc) / n) ** 0.5
-        assert f"| {r['label']} | {r['beta']:g} | {acc:.4f} +- {se:.4f} | {f['rewards/margins']:.4f} |" in table
+        assert (
+            f"| {r['label']} | {r['beta']:g} | {acc:.4f} +- {se:.4f} | {f['rewards/margins']:.4f} |"
+            in table
+        )
     figure = out / f"figure1_{name}.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label, beta in GRID:
@@ -44,8 +56,12 @@ def check_outputs(out, name: str, eval_points: list[int]):
         # Step 0: pi = pi_ref exactly, so h = Uh = 0 and both losses equal (0 - 1/(2 beta))^2 = 1/(4 beta^2).
         assert evals[0]["rewards/margins"] == 0.0
         assert evals[0]["loss"] == pytest.approx(1 / (4 * beta**2), rel=1e-12)
-        assert evals[-1]["rewards/accuracies"] == next(r for r in summary["runs"]
-                                                       if (r["label"], r["beta"]) == (label, beta))["final"]["rewards/accuracies"]
+        assert (
+            evals[-1]["rewards/accuracies"]
+            == next(r for r in summary["runs"] if (r["label"], r["beta"]) == (label, beta))[
+                "final"
+            ]["rewards/accuracies"]
+        )
     sft = read_metrics(out / "results" / "metrics" / "sft.jsonl")
     assert [r["examples_seen"] for r in sft if r["split"] == "eval"] == [0, 8]
     return summary
@@ -56,7 +72,10 @@ def test_quick_preset_smoke_end_to_end_and_resume(tmp_path):
     results = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert [(r.label, r.beta) for r in results] == GRID
     summary = check_outputs(out, "quick-smoke", [0, 8, 16])
-    assert summary["config"]["data"]["hh_split"] == "hash" and summary["config"]["model"]["n_layer"] == 2
+    assert (
+        summary["config"]["data"]["hh_split"] == "hash"
+        and summary["config"]["model"]["n_layer"] == 2
+    )
     # Running the same command again resumes from the finished checkpoints: nothing is retrained.
     before = {p.name: p.read_text() for p in (out / "results" / "metrics").iterdir()}
     again = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
@@ -73,7 +92,12 @@ def write_official_hh(root, n_train: int, n_test: int):
             rows = []
             for i in range(n):
                 prompt = f"\n\nHuman: {subset} {split} question {i}?{ASSISTANT_TAG}"
-                rows.append({"chosen": prompt + f" A helpful answer number {i}.", "rejected": prompt + " No."})
+                rows.append(
+                    {
+                        "chosen": prompt + f" A helpful answer number {i}.",
+                        "rejected": prompt + " No.",
+                    }
+                )
             path = root / subset / f"{split}.jsonl.gz"
             path.parent.mkdir(parents=True, exist_ok=True)
             with gzip.open(path, "wt", encoding="utf-8") as fh:
@@ -82,9 +106,27 @@ def write_official_hh(root, n_train: int, n_test: int):
 
 def write_shp(root, split: str, n: int):
     """n kept pairs (score ratio 3) and one filtered pair (ratio 1.5) in <root>/askscience/<split>.json."""
-    rows = [{"history": f"{split} question {i}?", "human_ref_A": f"Answer {i} in detail.", "human_ref_B": "No idea.",
-             "labels": 1, "score_A": 30, "score_B": 10} for i in range(n)]
-    rows.append({"history": "tie?", "human_ref_A": "a", "human_ref_B": "b", "labels": 0, "score_A": 2, "score_B": 3})
+    rows = [
+        {
+            "history": f"{split} question {i}?",
+            "human_ref_A": f"Answer {i} in detail.",
+            "human_ref_B": "No idea.",
+            "labels": 1,
+            "score_A": 30,
+            "score_B": 10,
+        }
+        for i in range(n)
+    ]
+    rows.append(
+        {
+            "history": "tie?",
+            "human_ref_A": "a",
+            "human_ref_B": "b",
+            "labels": 0,
+            "score_A": 2,
+            "score_B": 3,
+        }
+    )
     path = root / "askscience" / f"{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -98,11 +140,27 @@ def test_paper_preset_smoke_on_official_files_plus_shp(tmp_path, capsys):
     write_shp(shp, "train", 16)
     write_shp(shp, "test", 8)
     out = tmp_path / "run"
-    main(["--preset", "paper", "--smoke", "--hh-dir", str(hh), "--shp-dir", str(shp), "--out", str(out),
-          "--no-progress", "--device", "cpu"])
+    main(
+        [
+            "--preset",
+            "paper",
+            "--smoke",
+            "--hh-dir",
+            str(hh),
+            "--shp-dir",
+            str(shp),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "SHP: 17 rows read, 16 pairs kept\n  dropped 1 (score ratio < 2)" in printed
-    assert "preference: 32 train / 16 eval pairs" in printed  # 16 + 16 train, 8 + 8 eval (the smoke sizes, per dataset)
+    assert (
+        "preference: 32 train / 16 eval pairs" in printed
+    )  # 16 + 16 train, 8 + 8 eval (the smoke sizes, per dataset)
     summary = check_outputs(out, "paper-smoke", [0, 8, 16])
     cfg = summary["config"]
     assert cfg["data"]["datasets"] == ["hh", "shp"]
@@ -118,8 +176,13 @@ def test_paper_preset_is_the_papers_experiment():
     assert cfg.betas == (0.1, 0.2, 0.5)
     assert [(n, d) for n, d in cfg.losses] == [("ipo", None), ("iupo", "jensen_shannon")]
     for phase in (cfg.sft, cfg.pref):  # the DPO reference code's optimiser
-        assert (phase.optimizer, phase.lr, phase.warmup_steps, phase.max_grad_norm, phase.batch_size) == (
-            "rmsprop", 5e-7, 150, 10.0, 64)
+        assert (
+            phase.optimizer,
+            phase.lr,
+            phase.warmup_steps,
+            phase.max_grad_norm,
+            phase.batch_size,
+        ) == ("rmsprop", 5e-7, 150, 10.0, 64)
     assert cfg.data.hh_split == "official" and cfg.data.hh_subsets == HH_SUBSETS
 
 
@@ -132,10 +195,28 @@ def test_quick_preset_is_the_figure_1_grid():
 
 def test_command_line_overrides():
     parse = _parser().parse_args
-    cfg = config_from_args(parse(["--preset", "paper", "--model", "/m/SmolLM2.gguf", "--hh-split", "hash",
-                                  "--shp-dir", "/shp", "--threads", "3"]))
+    cfg = config_from_args(
+        parse(
+            [
+                "--preset",
+                "paper",
+                "--model",
+                "/m/SmolLM2.gguf",
+                "--hh-split",
+                "hash",
+                "--shp-dir",
+                "/shp",
+                "--threads",
+                "3",
+            ]
+        )
+    )
     assert cfg.model.name_or_path == "/m/SmolLM2.gguf"
-    assert cfg.data.hh_split == "hash" and cfg.data.datasets == ("hh", "shp") and cfg.data.shp_dir == "/shp"
+    assert (
+        cfg.data.hh_split == "hash"
+        and cfg.data.datasets == ("hh", "shp")
+        and cfg.data.shp_dir == "/shp"
+    )
     assert cfg.threads == 3 and cfg.name == "paper"
     assert config_from_args(parse(["--smoke"])) == smoke(get_preset("quick"))
     with pytest.raises(ValueError, match="unknown preset"):
@@ -145,7 +226,9 @@ def test_command_line_overrides():
 def test_asking_for_more_pairs_than_the_split_has_is_an_error():
     cfg = get_preset("quick")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval_pairs=10_000))
-    with pytest.raises(ValueError, match="asked for 10000 hh eval pairs but the split has only 722"):
+    with pytest.raises(
+        ValueError, match="asked for 10000 hh eval pairs but the split has only 722"
+    ):
         prepare_data(cfg, load_tokenizer(cfg.model))
 
 
@@ -154,23 +237,36 @@ def test_compact_vocabulary_is_built_from_the_training_split_and_maps_every_spli
     k = 4096
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, compact_vocab=k))
     tok = load_tokenizer(cfg.model)
-    full = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, compact_vocab=None)), tok)
+    full = prepare_data(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, compact_vocab=None)), tok
+    )
     data = prepare_data(cfg, tok)
-    assert (data.vocab_size, data.pad_id) == (k, k - 2) and any("compact vocabulary of 4096 ids" in r for r in data.reports)
-    train_tokens = {t for p in full.pref_train + full.sft_train for t in p.prompt + p.chosen + p.rejected}
+    assert (data.vocab_size, data.pad_id) == (k, k - 2) and any(
+        "compact vocabulary of 4096 ids" in r for r in data.reports
+    )
+    train_tokens = {
+        t for p in full.pref_train + full.sft_train for t in p.prompt + p.chosen + p.rejected
+    }
     assert len(train_tokens) < k - 1  # 16 smoke pairs: every training token is kept
     for split in ("sft_train", "sft_eval", "pref_train", "pref_eval"):
         for before, after in zip(getattr(full, split), getattr(data, split)):
-            for a, b in zip((before.prompt, before.chosen, before.rejected), (after.prompt, after.chosen, after.rejected)):
+            for a, b in zip(
+                (before.prompt, before.chosen, before.rejected),
+                (after.prompt, after.chosen, after.rejected),
+            ):
                 assert len(a) == len(b) and max(b) < k
                 # a token is UNK exactly when the training data does not have it; EOS maps to pad_id
                 assert [t not in train_tokens for t in a] == [u == k - 1 for u in b]
                 assert [t == tok.eos_token_id for t in a] == [u == k - 2 for u in b]
-    assert any(u == k - 1 for p in data.pref_eval for u in p.chosen + p.rejected)  # eval has unseen tokens
+    assert any(
+        u == k - 1 for p in data.pref_eval for u in p.chosen + p.rejected
+    )  # eval has unseen tokens
 
 
 def test_compact_vocabulary_is_for_a_random_init_model_only():
-    cfg = dataclasses.replace(get_preset("quick"), data=dataclasses.replace(get_preset("quick").data, compact_vocab=64))
+    cfg = dataclasses.replace(
+        get_preset("quick"), data=dataclasses.replace(get_preset("quick").data, compact_vocab=64)
+    )
     with pytest.raises(ValueError, match="has its own vocabulary"):
         dataclasses.replace(cfg, model=ModelConfig("gpt2"))
     args = _parser().parse_args(["--model", "gpt2"])
@@ -181,13 +277,23 @@ def test_compact_vocabulary_is_for_a_random_init_model_only():
 
 def test_trailing_mean_of_the_train_loss_curve():
     assert trailing_mean([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
-    assert trailing_mean([4.0, 2.0, 0.0], 10) == [4.0, 3.0, 2.0]  # a window longer than the run: running mean
+    assert trailing_mean([4.0, 2.0, 0.0], 10) == [
+        4.0,
+        3.0,
+        2.0,
+    ]  # a window longer than the run: running mean
     assert trailing_mean([3.0, -1.0], 1) == [3.0, -1.0]
 
 
 def test_format_table():
-    runs = [RunResult("IPO", 0.1, {"rewards/accuracies": 0.5, "rewards/margins": -0.01234, "loss": 25.0}, None),
-            RunResult("JS-IUPO", 0.5, {"rewards/accuracies": 0.625, "rewards/margins": 0.1, "loss": 1.5}, None)]
+    runs = [
+        RunResult(
+            "IPO", 0.1, {"rewards/accuracies": 0.5, "rewards/margins": -0.01234, "loss": 25.0}, None
+        ),
+        RunResult(
+            "JS-IUPO", 0.5, {"rewards/accuracies": 0.625, "rewards/margins": 0.1, "loss": 1.5}, None
+        ),
+    ]
     assert format_table(runs, {"nll_per_token": 5.4321, "loss": 145.0}).splitlines() == [
         "| run | beta | eval accuracy | eval reward margin | eval loss |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -214,7 +320,9 @@ def test_format_table():
 
 def test_local_checkpoint_folder_loads_with_its_tokenizer(tmp_path):
     torch.manual_seed(0)
-    saved = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=32))
+    saved = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_positions=32)
+    )
     saved.save_pretrained(tmp_path)
     for f in gpt2_tokenizer_dir().iterdir():
         shutil.copy(f, tmp_path / f.name)
@@ -235,16 +343,24 @@ def test_gguf_file_is_passed_to_transformers_as_gguf_file(tmp_path, monkeypatch)
 
     def fake_from_pretrained(path, **kwargs):
         calls.append((path, kwargs))
-        return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16))
+        return GPT2LMHeadModel(
+            GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16)
+        )
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake_from_pretrained)
+    )
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.write_bytes(b"GGUF")
     build_model(ModelConfig(name_or_path=str(gguf)), vocab_size=64, n_positions=16)
     assert calls == [(str(tmp_path), {"dtype": torch.float32, "gguf_file": gguf.name})]
     with pytest.raises(FileNotFoundError, match="no such gguf file"):
-        build_model(ModelConfig(name_or_path=str(tmp_path / "missing.gguf")), vocab_size=64, n_positions=16)
-    with pytest.raises(ValueError, match="has 64 token embeddings but the tokenizer has 100 tokens"):
+        build_model(
+            ModelConfig(name_or_path=str(tmp_path / "missing.gguf")), vocab_size=64, n_positions=16
+        )
+    with pytest.raises(
+        ValueError, match="has 64 token embeddings but the tokenizer has 100 tokens"
+    ):
         build_model(ModelConfig(name_or_path=str(gguf)), vocab_size=100, n_positions=16)
 
 
@@ -257,6 +373,8 @@ def test_importing_upo_ref_has_no_side_effects():
         "assert torch.get_num_threads() == n and torch.equal(torch.get_rng_state(), s)\n"
         "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""

@@ -8,8 +8,8 @@ import zlib
 
 import pytest
 import torch
-
 from strategies import F64_RTOL
+
 from upo_ref.rewards import (
     SAFETY_FEATURE_DIM,
     HHPair,
@@ -29,13 +29,48 @@ from upo_ref.rewards import (
 
 # Dictionary syllable counts (Merriam-Webster) of words each rule of count_syllables decides.
 SYLLABLES = {
-    "the": 1, "a": 1, "cat": 1, "you": 1, "yes": 1, "strength": 1, "queue": 1, "don't": 1,  # vowel groups, y
-    "cake": 1, "there": 1, "whole": 1, "are": 1, "eye": 1, "free": 1,  # silent final e; -ee
-    "table": 2, "people": 2, "simple": 2, "little": 2, "apple": 2, "syllable": 3,  # consonant + le
-    "walked": 1, "played": 1, "wanted": 2, "needed": 2,  # -ed
-    "makes": 1, "times": 1, "boxes": 2, "places": 2, "judges": 2, "houses": 2, "wishes": 2,  # -es
-    "play": 1, "they": 1, "player": 2, "beyond": 2, "happy": 2,  # y after a vowel is a consonant
-    "readability": 5, "beautiful": 3, "readers": 2, "matters": 2, "ago": 2, "rhetoric": 3,
+    "the": 1,
+    "a": 1,
+    "cat": 1,
+    "you": 1,
+    "yes": 1,
+    "strength": 1,
+    "queue": 1,
+    "don't": 1,  # vowel groups, y
+    "cake": 1,
+    "there": 1,
+    "whole": 1,
+    "are": 1,
+    "eye": 1,
+    "free": 1,  # silent final e; -ee
+    "table": 2,
+    "people": 2,
+    "simple": 2,
+    "little": 2,
+    "apple": 2,
+    "syllable": 3,  # consonant + le
+    "walked": 1,
+    "played": 1,
+    "wanted": 2,
+    "needed": 2,  # -ed
+    "makes": 1,
+    "times": 1,
+    "boxes": 2,
+    "places": 2,
+    "judges": 2,
+    "houses": 2,
+    "wishes": 2,  # -es
+    "play": 1,
+    "they": 1,
+    "player": 2,
+    "beyond": 2,
+    "happy": 2,  # y after a vowel is a consonant
+    "readability": 5,
+    "beautiful": 3,
+    "readers": 2,
+    "matters": 2,
+    "ago": 2,
+    "rhetoric": 3,
 }
 
 
@@ -47,7 +82,9 @@ def test_count_syllables_matches_the_dictionary(word, n):
 def test_count_syllables_edge_cases():
     assert count_syllables("") == 0 and count_syllables("123") == 0
     assert count_syllables("THE") == 1  # case-insensitive
-    assert count_syllables("rhythm") == 1  # no vowel letter in "thm": at least one syllable, a known miss
+    assert (
+        count_syllables("rhythm") == 1
+    )  # no vowel letter in "thm": at least one syllable, a known miss
 
 
 def test_flesch_worked_by_hand():
@@ -59,13 +96,20 @@ def test_flesch_worked_by_hand():
     # Readability(5) matters(2). Simple(2) words(1) help(1) readers(2).: 2 sentences, 6 words, 13 syllables.
     t = "Readability matters. Simple words help readers."
     assert text_stats(t) == TextStats(2, 6, 13)
-    assert flesch_reading_ease(t) == pytest.approx(206.835 - 1.015 * 3 - 84.6 * 13 / 6, rel=F64_RTOL)
+    assert flesch_reading_ease(t) == pytest.approx(
+        206.835 - 1.015 * 3 - 84.6 * 13 / 6, rel=F64_RTOL
+    )
     assert flesch_kincaid_grade(t) == pytest.approx(0.39 * 3 + 11.8 * 13 / 6 - 15.59, rel=F64_RTOL)
 
 
 @pytest.mark.parametrize(
     "text,sentences,words",
-    [("Hi! How are you? Fine.", 3, 5), ("no punctuation at all", 1, 4), ("Wait... what?!", 2, 2), ("...", 0, 0)],
+    [
+        ("Hi! How are you? Fine.", 3, 5),
+        ("no punctuation at all", 1, 4),
+        ("Wait... what?!", 2, 2),
+        ("...", 0, 0),
+    ],
 )
 def test_sentence_and_word_counts(text, sentences, words):
     s = text_stats(text)
@@ -82,7 +126,9 @@ def test_shorter_words_and_sentences_read_easier():
 def test_readability_rewards():
     texts = ["The cat sat on the mat.", "", "?!"]
     r = readability_rewards(texts, scale=0.01, empty=-1.0, dtype=torch.float64)
-    torch.testing.assert_close(r, torch.tensor([0.01 * flesch_reading_ease(texts[0]), -1.0, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        r, torch.tensor([0.01 * flesch_reading_ease(texts[0]), -1.0, -1.0], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="no words"):
         flesch_reading_ease("   ")
 
@@ -98,7 +144,11 @@ def test_hashed_features_worked_case():
 
 
 def test_bradley_terry_scorer_learns_the_separating_words():
-    chosen = ["i am glad to help kindly", "a kind and careful answer", "happy to help you kindly"] * 3
+    chosen = [
+        "i am glad to help kindly",
+        "a kind and careful answer",
+        "happy to help you kindly",
+    ] * 3
     rejected = ["here is how to harm them", "harm and hurt them badly", "i will hurt you"] * 3
     scorer = train_bradley_terry_scorer(chosen, rejected, dim=256, l2=1e-4)
     pairs = [HHPair("", c, r) for c, r in zip(chosen, rejected)]
@@ -118,7 +168,9 @@ def test_split_by_prompt_is_deterministic_and_keeps_prompts_together():
 def test_load_hh_pairs_splits_off_the_last_assistant_turn():
     pairs = load_hh_pairs("harmless-base")
     assert len(pairs) == 2312  # the official test split, shared/README.md
-    assert all(p.prompt.endswith("\n\nAssistant:") and p.prompt.startswith("\n\nHuman:") for p in pairs)
+    assert all(
+        p.prompt.endswith("\n\nAssistant:") and p.prompt.startswith("\n\nHuman:") for p in pairs
+    )
     assert not any("\n\nAssistant:" in p.chosen for p in pairs)
     with pytest.raises(ValueError, match="no HH-RLHF file"):
         load_hh_pairs("no-such-subset")

@@ -56,7 +56,9 @@ def test_mean_interval_has_95_percent_coverage_with_few_seeds():
     sd = math.sqrt(0.95 * 0.05 / trials)
     assert abs(coverage - 0.95) <= 4 * sd
     half = (hi - mean) * math.sqrt(seeds) / x.std(1)
-    torch.testing.assert_close(half, torch.full_like(half, student_t_quantile(0.975, 3)), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        half, torch.full_like(half, student_t_quantile(0.975, 3)), rtol=1e-14, atol=0
+    )
 
 
 def test_mean_interval_shapes_and_dimension():

@@ -108,7 +108,9 @@ def paper_reachability_threshold(beta: float, divergence: Divergence | str) -> f
     return math.log(div.f_prime_inverse(torch.tensor(s, dtype=torch.float64)).item())
 
 
-def paper_optimal_logratio(ref_logratio: Tensor, beta: float, divergence: Divergence | str) -> Tensor:
+def paper_optimal_logratio(
+    ref_logratio: Tensor, beta: float, divergence: Divergence | str
+) -> Tensor:
     r"""a*(c): the policy log-ratio log(pi(y_w)/pi(y_l)) at which the paper-form Uh equals 1/(2 beta).
 
     a* = log (f')^{-1}(T + f'(e^c)), the unique zero of the paper-form IUPO loss on one pair; +inf

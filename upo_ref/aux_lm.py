@@ -122,19 +122,25 @@ class TextReward:
     def texts(self, responses: Sequence[Sequence[int]]) -> list[str]:
         return [self.tokenizer.decode(list(r), skip_special_tokens=True) for r in responses]
 
-    def __call__(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> Tensor:
+    def __call__(
+        self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
+    ) -> Tensor:
         return torch.as_tensor(self.score(self.texts(responses))).float()
 
 
 def _checked_rewards(values, n: int, what: str) -> Tensor:
     r = torch.as_tensor(values)
     if r.shape != (n,) or not r.is_floating_point():
-        raise ValueError(f"the reward function must return a floating-point (N,) tensor with N = {n} for {what}, "
-                         f"got {'shape ' + str(tuple(r.shape)) + ' ' + str(r.dtype)}")
+        raise ValueError(
+            f"the reward function must return a floating-point (N,) tensor with N = {n} for {what}, "
+            f"got {'shape ' + str(tuple(r.shape)) + ' ' + str(r.dtype)}"
+        )
     if not bool(torch.isfinite(r).all()):
         i = int((~torch.isfinite(r)).nonzero()[0, 0])
-        raise ValueError(f"the reward function returned {int((~torch.isfinite(r)).sum())} non-finite value(s) for "
-                         f"{what}, the first {r[i].item()!r} at index {i}")
+        raise ValueError(
+            f"the reward function returned {int((~torch.isfinite(r)).sum())} non-finite value(s) for "
+            f"{what}, the first {r[i].item()!r} at index {i}"
+        )
     return r.float()
 
 
@@ -146,8 +152,12 @@ def pair_rewards(reward_fn: Reward, pairs: Sequence[TokenizedPair]) -> tuple[Ten
     if not pairs:
         raise ValueError("no pairs to score")
     prompts = [p.prompt for p in pairs]
-    chosen = _checked_rewards(reward_fn(prompts, [p.chosen for p in pairs]), len(pairs), "the chosen responses")
-    rejected = _checked_rewards(reward_fn(prompts, [p.rejected for p in pairs]), len(pairs), "the rejected responses")
+    chosen = _checked_rewards(
+        reward_fn(prompts, [p.chosen for p in pairs]), len(pairs), "the chosen responses"
+    )
+    rejected = _checked_rewards(
+        reward_fn(prompts, [p.rejected for p in pairs]), len(pairs), "the rejected responses"
+    )
     return chosen, rejected
 
 
@@ -164,14 +174,29 @@ def preference_agreement(chosen_rewards: Tensor, rejected_rewards: Tensor) -> di
     nothing about the preference, below 0.5 means they conflict), with its standard error
     ``p_se``; ``mean_difference``: mean of R(y_w) - R(y_l), with ``difference_se``; ``n``; ``ties``.
     """
-    chosen_rewards, rejected_rewards = torch.as_tensor(chosen_rewards), torch.as_tensor(rejected_rewards)
-    if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.dim() != 1 or len(chosen_rewards) < 2:
-        raise ValueError(f"need two (N,) reward tensors with N >= 2, got {tuple(chosen_rewards.shape)} and "
-                         f"{tuple(rejected_rewards.shape)}")
+    chosen_rewards, rejected_rewards = (
+        torch.as_tensor(chosen_rewards),
+        torch.as_tensor(rejected_rewards),
+    )
+    if (
+        chosen_rewards.shape != rejected_rewards.shape
+        or chosen_rewards.dim() != 1
+        or len(chosen_rewards) < 2
+    ):
+        raise ValueError(
+            f"need two (N,) reward tensors with N >= 2, got {tuple(chosen_rewards.shape)} and "
+            f"{tuple(rejected_rewards.shape)}"
+        )
     p, p_se = mean_se(_ranked_correct(chosen_rewards, rejected_rewards))
     d, d_se = mean_se(chosen_rewards - rejected_rewards)
-    return {"p_chosen_higher": p, "p_se": p_se, "mean_difference": d, "difference_se": d_se,
-            "n": len(chosen_rewards), "ties": int((chosen_rewards == rejected_rewards).sum())}
+    return {
+        "p_chosen_higher": p,
+        "p_se": p_se,
+        "mean_difference": d,
+        "difference_se": d_se,
+        "n": len(chosen_rewards),
+        "ties": int((chosen_rewards == rejected_rewards).sum()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +224,9 @@ def prompt_features(
             batch = collate_sequences(chunk, pad_id)  # (b, T) each
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             with autocast(device):
-                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
+                hidden = model.base_model(
+                    input_ids=ids, attention_mask=mask
+                ).last_hidden_state  # (b, T, H)
             out.append(last_token_pool(hidden.float(), mask).cpu())  # (b, H)
     finally:
         model.train(was_training)
@@ -224,7 +251,9 @@ class PromptValues:
         """V(x) for features (N, H): (N,) float32, detached."""
         return self.network((features - self.mean) / self.std).float()
 
-    def r_squared(self, features: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, baseline: float) -> float:
+    def r_squared(
+        self, features: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, baseline: float
+    ) -> float:
         """1 - SSE(V) / SSE(baseline) over both responses of every pair; ``baseline`` is the training mean."""
         v = self(features)
         r = torch.cat([chosen_rewards, rejected_rewards]).double()
@@ -250,45 +279,79 @@ def fit_prompt_values(
     with their training mean and standard deviation (so one learning rate suits any model's hidden
     size and scale). ``hidden_sizes=()`` is a linear head. Deterministic given ``seed``.
     """
-    if features.dim() != 2 or chosen_rewards.shape != (features.shape[0],) or rejected_rewards.shape != chosen_rewards.shape:
-        raise ValueError(f"features must be (N, H) and the rewards (N,) each; got {tuple(features.shape)}, "
-                         f"{tuple(chosen_rewards.shape)}, {tuple(rejected_rewards.shape)}")
+    if (
+        features.dim() != 2
+        or chosen_rewards.shape != (features.shape[0],)
+        or rejected_rewards.shape != chosen_rewards.shape
+    ):
+        raise ValueError(
+            f"features must be (N, H) and the rewards (N,) each; got {tuple(features.shape)}, "
+            f"{tuple(chosen_rewards.shape)}, {tuple(rejected_rewards.shape)}"
+        )
     features = features.float()
     mean = features.mean(0)
     std = features.std(0, unbiased=False).clamp(min=1e-6)  # a constant feature stays 0, not NaN
-    with torch.random.fork_rng(devices=[]):  # seeds the initial weights, leaves the global RNG alone
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # seeds the initial weights, leaves the global RNG alone
         torch.manual_seed(seed)
         network = ValueNetwork(features.shape[1], hidden_sizes)
     z = (features - mean) / std
-    losses = fit_value_network(network, torch.cat([z, z]), torch.cat([chosen_rewards, rejected_rewards]).float(),
-                               tau=tau, steps=steps, lr=lr)
+    losses = fit_value_network(
+        network,
+        torch.cat([z, z]),
+        torch.cat([chosen_rewards, rejected_rewards]).float(),
+        tau=tau,
+        steps=steps,
+        lr=lr,
+    )
     values = PromptValues(network.eval(), mean, std, losses)
     baseline = torch.cat([chosen_rewards, rejected_rewards]).double().mean().item()
     values.r2_train = values.r_squared(features, chosen_rewards, rejected_rewards, baseline)
     return values
 
 
-def aux_extras(chosen_rewards: Tensor, rejected_rewards: Tensor, values: Tensor) -> dict[str, Tensor]:
+def aux_extras(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, values: Tensor
+) -> dict[str, Tensor]:
     """One split's ``PreferencePhase`` extras: {``chosen_rewards``, ``rejected_rewards``, ``values``}, (N,) each."""
     n = chosen_rewards.shape
     if len(n) != 1 or rejected_rewards.shape != n or values.shape != n:
-        raise ValueError(f"chosen_rewards, rejected_rewards and values must be (N,) each, got {tuple(chosen_rewards.shape)}, "
-                         f"{tuple(rejected_rewards.shape)}, {tuple(values.shape)}")
-    return dict(zip(EXTRA_KEYS, (chosen_rewards.float(), rejected_rewards.float(), values.float().detach())))
+        raise ValueError(
+            f"chosen_rewards, rejected_rewards and values must be (N,) each, got {tuple(chosen_rewards.shape)}, "
+            f"{tuple(rejected_rewards.shape)}, {tuple(values.shape)}"
+        )
+    return dict(
+        zip(EXTRA_KEYS, (chosen_rewards.float(), rejected_rewards.float(), values.float().detach()))
+    )
 
 
-def weight_statistics(extras: dict[str, Tensor], alpha: float, cap: float = WEIGHT_CAP) -> dict[str, float]:
+def weight_statistics(
+    extras: dict[str, Tensor], alpha: float, cap: float = WEIGHT_CAP
+) -> dict[str, float]:
     """The advantages and UPO weights of one split's 2N responses (A = R - V is fixed before training,
     so these describe the whole run): ``mean_advantage``, ``std_advantage``, ``mean_weight``,
     ``max_weight`` and ``at_cap`` (fraction of weights clamped at ``cap``)."""
     values = extras["values"]
-    a = torch.cat([advantages(extras["chosen_rewards"], values), advantages(extras["rejected_rewards"], values)])
+    a = torch.cat(
+        [
+            advantages(extras["chosen_rewards"], values),
+            advantages(extras["rejected_rewards"], values),
+        ]
+    )
     w = advantage_weights(a, alpha, cap)
-    return {"mean_advantage": a.mean().item(), "std_advantage": a.std().item(), "mean_weight": w.mean().item(),
-            "max_weight": w.max().item(), "at_cap": (a / alpha >= math.log(cap)).double().mean().item()}
+    return {
+        "mean_advantage": a.mean().item(),
+        "std_advantage": a.std().item(),
+        "mean_weight": w.mean().item(),
+        "max_weight": w.max().item(),
+        "at_cap": (a / alpha >= math.log(cap)).double().mean().item(),
+    }
 
 
-def shorter_response_agreement(pairs: Sequence[TokenizedPair], chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+def shorter_response_agreement(
+    pairs: Sequence[TokenizedPair], chosen_rewards: Tensor, rejected_rewards: Tensor
+) -> Tensor:
     """A baseline for the auxiliary-ranking accuracy: over the pairs whose two R differ, 1 where the
     response of higher R is the shorter one (in tokens), 1/2 on equal lengths, 0 otherwise. (M,)
 
@@ -298,7 +361,9 @@ def shorter_response_agreement(pairs: Sequence[TokenizedPair], chosen_rewards: T
     length_l = torch.tensor([len(p.rejected) for p in pairs], dtype=torch.float64)
     differ = chosen_rewards != rejected_rewards
     higher_w = chosen_rewards > rejected_rewards
-    length_of_higher = torch.where(higher_w, length_w, length_l)[differ]  # (M,) the higher-R response's length
+    length_of_higher = torch.where(higher_w, length_w, length_l)[
+        differ
+    ]  # (M,) the higher-R response's length
     length_of_lower = torch.where(higher_w, length_l, length_w)[differ]
     return _ranked_correct(-length_of_higher, -length_of_lower)  # "higher" score = shorter
 
@@ -311,12 +376,16 @@ def shorter_response_agreement(pairs: Sequence[TokenizedPair], chosen_rewards: T
 def _batch_extras(batch: dict[str, Tensor] | None, pc: Tensor) -> tuple[Tensor, ...]:
     missing = [k for k in EXTRA_KEYS if batch is None or k not in batch]
     if missing:
-        raise ValueError(f"the batch has no {missing}: give PreferencePhase extras={{'train': aux_extras(...), "
-                         f"'eval': aux_extras(...)}} so that every pair carries R(x, y_w), R(x, y_l) and V(x)")
+        raise ValueError(
+            f"the batch has no {missing}: give PreferencePhase extras={{'train': aux_extras(...), "
+            f"'eval': aux_extras(...)}} so that every pair carries R(x, y_w), R(x, y_l) and V(x)"
+        )
     out = tuple(batch[k] for k in EXTRA_KEYS)
     for k, v in zip(EXTRA_KEYS, out):
         if v.shape != pc.shape:
-            raise ValueError(f"batch[{k!r}] has shape {tuple(v.shape)} but the batch has {pc.shape[0]} pairs")
+            raise ValueError(
+                f"batch[{k!r}] has shape {tuple(v.shape)} but the batch has {pc.shape[0]} pairs"
+            )
     return out
 
 
@@ -335,7 +404,9 @@ class UPODPOLoss:
     cap: float = WEIGHT_CAP
     takes_batch: ClassVar[bool] = True
 
-    def __post_init__(self):  # the functions that use gamma, alpha and cap check them, with their messages
+    def __post_init__(
+        self,
+    ):  # the functions that use gamma, alpha and cap check them, with their messages
         upo_loss(torch.zeros(1), torch.zeros(1), self.gamma)
         advantage_weights(torch.zeros(1), self.alpha, self.cap)
 
@@ -343,22 +414,37 @@ class UPODPOLoss:
     def label(self) -> str:
         return "DPO (gamma=0)" if self.gamma == 0 else f"UPO-DPO gamma={self.gamma:g}"
 
-    def __call__(self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, batch=None) -> Tensor:
+    def __call__(
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, batch=None
+    ) -> Tensor:
         r_w, r_l, v = _batch_extras(batch, pc)
         return upo_dpo_loss(pc, pr, rc, rr, r_w, r_l, v, beta, self.gamma, self.alpha, self.cap)
 
-    def metrics(self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, batch=None) -> dict[str, Tensor]:
+    def metrics(
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, batch=None
+    ) -> dict[str, Tensor]:
         """Per pair, averaged over its two responses: ``aux/advantage`` A, ``aux/weight`` w(A),
         ``aux/at_cap`` (fraction of the two weights clamped at ``cap``), and the loss's two terms,
         ``aux/dpo_loss`` and ``aux/weighted_nll`` (L_pi, before the factor gamma). (B,) each."""
         r_w, r_l, v = _batch_extras(batch, pc)
         a_w, a_l = advantages(r_w, v), advantages(r_l, v)
-        w_w, w_l = advantage_weights(a_w, self.alpha, self.cap), advantage_weights(a_l, self.alpha, self.cap)
+        w_w, w_l = (
+            advantage_weights(a_w, self.alpha, self.cap),
+            advantage_weights(a_l, self.alpha, self.cap),
+        )
         limit = math.log(self.cap)
         at_cap = ((a_w / self.alpha >= limit).float() + (a_l / self.alpha >= limit).float()) / 2
-        nll = (auxiliary_loss(pc, a_w, self.alpha, self.cap) + auxiliary_loss(pr, a_l, self.alpha, self.cap)) / 2
-        return {"aux/advantage": (a_w + a_l) / 2, "aux/weight": (w_w + w_l) / 2, "aux/at_cap": at_cap,
-                "aux/dpo_loss": dpo_loss(pc, pr, rc, rr, beta), "aux/weighted_nll": nll}
+        nll = (
+            auxiliary_loss(pc, a_w, self.alpha, self.cap)
+            + auxiliary_loss(pr, a_l, self.alpha, self.cap)
+        ) / 2
+        return {
+            "aux/advantage": (a_w + a_l) / 2,
+            "aux/weight": (w_w + w_l) / 2,
+            "aux/at_cap": at_cap,
+            "aux/dpo_loss": dpo_loss(pc, pr, rc, rr, beta),
+            "aux/weighted_nll": nll,
+        }
 
 
 @dataclass(frozen=True)
@@ -370,14 +456,22 @@ class MODPOLoss:
     takes_batch: ClassVar[bool] = True
 
     def __post_init__(self):
-        if isinstance(self.w_aux, bool) or not isinstance(self.w_aux, numbers.Real) or not 0.0 <= self.w_aux < 1.0:
-            raise ValueError(f"w_aux must be in [0, 1) so that the preference weight 1 - w_aux is > 0, got {self.w_aux!r}")
+        if (
+            isinstance(self.w_aux, bool)
+            or not isinstance(self.w_aux, numbers.Real)
+            or not 0.0 <= self.w_aux < 1.0
+        ):
+            raise ValueError(
+                f"w_aux must be in [0, 1) so that the preference weight 1 - w_aux is > 0, got {self.w_aux!r}"
+            )
 
     @property
     def label(self) -> str:
         return f"MODPO w_aux={self.w_aux:g}"
 
-    def __call__(self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, batch=None) -> Tensor:
+    def __call__(
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, batch=None
+    ) -> Tensor:
         r_w, r_l, _ = _batch_extras(batch, pc)
         return modpo_loss(pc, pr, rc, rr, r_w, r_l, beta, (1.0 - self.w_aux, self.w_aux))
 
@@ -410,7 +504,9 @@ def sample_responses(
     autocast on CUDA (the sampling itself in float32).
     """
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+        raise ValueError(
+            f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}"
+        )
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample_responses needs a non-empty list of non-empty prompts")
     generator = torch.Generator().manual_seed(seed)
@@ -424,8 +520,8 @@ def sample_responses(
             ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T), left-padded
             mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
             for i, p in enumerate(chunk):
-                ids[i, T - len(p):] = torch.tensor(p)
-                mask[i, T - len(p):] = 1
+                ids[i, T - len(p) :] = torch.tensor(p)
+                mask[i, T - len(p) :] = 1
             ids, mask = ids.to(device), mask.to(device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at each prompt's first token
             step_ids, past = ids, None
@@ -433,14 +529,22 @@ def sample_responses(
             tokens = []
             for _ in range(max_new_tokens):
                 with autocast(device):
-                    o = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                              use_cache=True, logits_to_keep=1)
+                    o = model(
+                        input_ids=step_ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        past_key_values=past,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                 past = o.past_key_values
                 logits = o.logits[:, -1].float().cpu()  # (B, V)
                 if greedy:
                     nxt = logits.argmax(-1)  # (B,)
                 else:
-                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+                    nxt = torch.multinomial(
+                        F.softmax(logits, dim=-1), 1, generator=generator
+                    ).squeeze(-1)  # (B,)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 tokens.append(nxt)
                 done |= nxt == eos_id
@@ -458,14 +562,18 @@ def sample_responses(
     return out
 
 
-def generation_prompts(pairs: Sequence[TokenizedPair], n: int, max_prompt_tokens: int) -> list[tuple[int, ...]]:
+def generation_prompts(
+    pairs: Sequence[TokenizedPair], n: int, max_prompt_tokens: int
+) -> list[tuple[int, ...]]:
     """The prompts of the first n pairs, each cut to its last ``max_prompt_tokens`` tokens (the turn
     being answered, as HH truncation keeps it). A prompt shared by several pairs appears once per pair,
     as prompts do in the held-out data; each gets its own sample."""
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     if not 1 <= n <= len(pairs):
-        raise ValueError(f"asked for {n} generation prompts from {len(pairs)} pairs; need 1 <= n <= {len(pairs)}")
+        raise ValueError(
+            f"asked for {n} generation prompts from {len(pairs)} pairs; need 1 <= n <= {len(pairs)}"
+        )
     return [tuple(p.prompt[-max_prompt_tokens:]) for p in pairs[:n]]
 
 
@@ -490,8 +598,11 @@ class AuxEvaluation:
         """Means and standard errors: ``preference_accuracy``, ``auxiliary_accuracy``, ``generation_reward``
         (each with ``_se``), and ``generation_length``."""
         out = {}
-        for key, x in (("preference_accuracy", self.preference_correct), ("auxiliary_accuracy", self.auxiliary_correct),
-                       ("generation_reward", self.generation_rewards)):
+        for key, x in (
+            ("preference_accuracy", self.preference_correct),
+            ("auxiliary_accuracy", self.auxiliary_correct),
+            ("generation_reward", self.generation_rewards),
+        ):
             out[key], out[key + "_se"] = mean_se(x)
         out["generation_length"] = self.generation_lengths.double().mean().item()
         return out
@@ -522,17 +633,29 @@ def evaluate_aux(
     accuracies (every implicit reward is 0: all ties). ``rewards``: R(x, y_w), R(x, y_l) of the pairs.
     Responses to ``prompts`` are sampled by :func:`sample_responses` (temperature 1, ``seed``).
     """
-    pc, pr = reference_logps(model, pairs, batch_size, pad_id, device, average, response_only)  # (N,), (N,)
+    pc, pr = reference_logps(
+        model, pairs, batch_size, pad_id, device, average, response_only
+    )  # (N,), (N,)
     ref_c, ref_r = reference
     r_w, r_l = beta * (pc - ref_c), beta * (pr - ref_r)  # implicit rewards (N,)
     R_w, R_l = rewards
     differ = R_w != R_l
     higher = torch.where(R_w > R_l, r_w, r_l)[differ]  # implicit reward of the response of higher R
     lower = torch.where(R_w > R_l, r_l, r_w)[differ]
-    samples = sample_responses(model, prompts, max_new_tokens, eos_id, pad_id, device, seed, batch_size)
-    gen_rewards = _checked_rewards(reward_fn(prompts, samples), len(prompts), "the generated responses")
-    return AuxEvaluation(label, _ranked_correct(r_w, r_l), _ranked_correct(higher, lower), gen_rewards,
-                         torch.tensor([len(s) for s in samples], dtype=torch.float64), samples)
+    samples = sample_responses(
+        model, prompts, max_new_tokens, eos_id, pad_id, device, seed, batch_size
+    )
+    gen_rewards = _checked_rewards(
+        reward_fn(prompts, samples), len(prompts), "the generated responses"
+    )
+    return AuxEvaluation(
+        label,
+        _ranked_correct(r_w, r_l),
+        _ranked_correct(higher, lower),
+        gen_rewards,
+        torch.tensor([len(s) for s in samples], dtype=torch.float64),
+        samples,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -575,29 +698,42 @@ class AuxLMConfig:
 
     def __post_init__(self):
         if not self.gammas or self.gammas[0] != 0.0:
-            raise ValueError(f"gammas must start with 0.0 (plain DPO, the baseline of every comparison), got {self.gammas}")
+            raise ValueError(
+                f"gammas must start with 0.0 (plain DPO, the baseline of every comparison), got {self.gammas}"
+            )
         for g in self.gammas:
             UPODPOLoss(g, self.alpha)  # raises on a bad gamma or alpha
         for w in self.modpo_w_aux:
             MODPOLoss(w)
         if self.pref.seed in self.extra_seeds:
-            raise ValueError(f"extra_seeds {self.extra_seeds} must differ from the preference phase's seed "
-                             f"{self.pref.seed}: a run with the same seed is the first run again")
+            raise ValueError(
+                f"extra_seeds {self.extra_seeds} must differ from the preference phase's seed "
+                f"{self.pref.seed}: a run with the same seed is the first run again"
+            )
         if self.max_new_tokens >= self.data.max_length:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must leave room for a prompt within "
-                             f"max_length ({self.data.max_length}), the tiny model's number of positions")
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must leave room for a prompt within "
+                f"max_length ({self.data.max_length}), the tiny model's number of positions"
+            )
 
     def experiment(self) -> ExperimentConfig:
         """The pipeline's view of this config (model, data, SFT, preference phase; beta), for
         ``reproduce.prepare_data`` and ``reproduce.prepare_reference``."""
-        return ExperimentConfig(self.name, self.model, self.data, self.sft, self.pref, losses=(), betas=(self.beta,))
+        return ExperimentConfig(
+            self.name, self.model, self.data, self.sft, self.pref, losses=(), betas=(self.beta,)
+        )
 
     def runs(self) -> list[tuple[str, UPODPOLoss | MODPOLoss, PhaseConfig]]:
         """(label, loss, preference phase) of every run, DPO first."""
         upo = [UPODPOLoss(g, self.alpha) for g in self.gammas]
-        out = [(loss.label, loss, self.pref) for loss in upo + [MODPOLoss(w) for w in self.modpo_w_aux]]
+        out = [
+            (loss.label, loss, self.pref) for loss in upo + [MODPOLoss(w) for w in self.modpo_w_aux]
+        ]
         for seed in self.extra_seeds:
-            out += [(f"{loss.label} seed={seed}", loss, dataclasses.replace(self.pref, seed=seed)) for loss in upo]
+            out += [
+                (f"{loss.label} seed={seed}", loss, dataclasses.replace(self.pref, seed=seed))
+                for loss in upo
+            ]
         return out
 
 
@@ -617,23 +753,68 @@ def aux_lm_config(fast: bool = False) -> AuxLMConfig:
         return AuxLMConfig(
             name="aux-lm-fast",
             model=ModelConfig(TINY_GPT2, n_layer=2, n_head=2, n_embd=32),
-            data=DataConfig(("hh",), max_length=40, max_prompt_length=24, n_train_pairs=64, n_eval_pairs=32,
-                            n_sft_examples=128),
-            sft=PhaseConfig(n_examples=128, batch_size=32, microbatch_size=8, eval_every=128, lr=1e-3, optimizer="adamw",
-                            warmup_steps=2, eval_batch_size=8),
-            pref=PhaseConfig(n_examples=64, batch_size=16, microbatch_size=4, eval_every=64, lr=1e-4, optimizer="adamw",
-                             warmup_steps=2, eval_batch_size=8),
-            n_generation_prompts=16, max_new_tokens=12,
+            data=DataConfig(
+                ("hh",),
+                max_length=40,
+                max_prompt_length=24,
+                n_train_pairs=64,
+                n_eval_pairs=32,
+                n_sft_examples=128,
+            ),
+            sft=PhaseConfig(
+                n_examples=128,
+                batch_size=32,
+                microbatch_size=8,
+                eval_every=128,
+                lr=1e-3,
+                optimizer="adamw",
+                warmup_steps=2,
+                eval_batch_size=8,
+            ),
+            pref=PhaseConfig(
+                n_examples=64,
+                batch_size=16,
+                microbatch_size=4,
+                eval_every=64,
+                lr=1e-4,
+                optimizer="adamw",
+                warmup_steps=2,
+                eval_batch_size=8,
+            ),
+            n_generation_prompts=16,
+            max_new_tokens=12,
         )
     return AuxLMConfig(
         name="aux-lm",
         model=ModelConfig(TINY_GPT2, n_layer=2, n_head=2, n_embd=64),
-        data=DataConfig(("hh",), max_length=64, max_prompt_length=32, n_train_pairs=384, n_eval_pairs=192,
-                        n_sft_examples=1024),
-        sft=PhaseConfig(n_examples=1024, batch_size=32, microbatch_size=4, eval_every=1024, lr=1e-3, optimizer="adamw",
-                        warmup_steps=5, eval_batch_size=4),
-        pref=PhaseConfig(n_examples=384, batch_size=16, microbatch_size=2, eval_every=384, lr=1e-4, optimizer="adamw",
-                         warmup_steps=5, eval_batch_size=4),
+        data=DataConfig(
+            ("hh",),
+            max_length=64,
+            max_prompt_length=32,
+            n_train_pairs=384,
+            n_eval_pairs=192,
+            n_sft_examples=1024,
+        ),
+        sft=PhaseConfig(
+            n_examples=1024,
+            batch_size=32,
+            microbatch_size=4,
+            eval_every=1024,
+            lr=1e-3,
+            optimizer="adamw",
+            warmup_steps=5,
+            eval_batch_size=4,
+        ),
+        pref=PhaseConfig(
+            n_examples=384,
+            batch_size=16,
+            microbatch_size=2,
+            eval_every=384,
+            lr=1e-4,
+            optimizer="adamw",
+            warmup_steps=5,
+            eval_batch_size=4,
+        ),
     )
 
 
@@ -702,42 +883,94 @@ def run_aux_experiment(
     tokenizer, data = load_experiment_data(exp)
     if reward_fn is None:
         if tokenizer is None:
-            raise ValueError("the synthetic task has no text: pass reward_fn, a function of token ids")
+            raise ValueError(
+                "the synthetic task has no text: pass reward_fn, a function of token ids"
+            )
         reward_fn = TextReward(tokenizer)
-    rewards = {"train": pair_rewards(reward_fn, data.pref_train), "eval": pair_rewards(reward_fn, data.pref_eval)}
+    rewards = {
+        "train": pair_rewards(reward_fn, data.pref_train),
+        "eval": pair_rewards(reward_fn, data.pref_eval),
+    }
 
     ref = prepare_reference(exp, data, out_dir, device, resume, progress)
     model, batch = ref.model, cfg.pref.eval_batch_size
-    features = {split: prompt_features(model, [p.prompt for p in pairs], batch, data.pad_id, device)
-                for split, pairs in (("train", data.pref_train), ("eval", data.pref_eval))}
-    values = fit_prompt_values(features["train"], *rewards["train"], cfg.value_hidden_sizes, cfg.tau, cfg.value_steps,
-                               cfg.value_lr)
+    features = {
+        split: prompt_features(model, [p.prompt for p in pairs], batch, data.pad_id, device)
+        for split, pairs in (("train", data.pref_train), ("eval", data.pref_eval))
+    }
+    values = fit_prompt_values(
+        features["train"],
+        *rewards["train"],
+        cfg.value_hidden_sizes,
+        cfg.tau,
+        cfg.value_steps,
+        cfg.value_lr,
+    )
     baseline = torch.cat(rewards["train"]).double().mean().item()
     values.r2_eval = values.r_squared(features["eval"], *rewards["eval"], baseline)
-    extras = {split: aux_extras(*rewards[split], values(features[split])) for split in ("train", "eval")}
+    extras = {
+        split: aux_extras(*rewards[split], values(features[split])) for split in ("train", "eval")
+    }
 
-    prompts = generation_prompts(data.pref_eval, cfg.n_generation_prompts, cfg.data.max_length - cfg.max_new_tokens)
-    evaluation = dict(pairs=data.pref_eval, reference=ref.reference["eval"], rewards=rewards["eval"], beta=cfg.beta,
-                      prompts=prompts, reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens, eos_id=data.pad_id,
-                      pad_id=data.pad_id, device=device, batch_size=batch, seed=cfg.generation_seed,
-                      average=ref.common["average"], response_only=ref.common["response_only"])
+    prompts = generation_prompts(
+        data.pref_eval, cfg.n_generation_prompts, cfg.data.max_length - cfg.max_new_tokens
+    )
+    evaluation = dict(
+        pairs=data.pref_eval,
+        reference=ref.reference["eval"],
+        rewards=rewards["eval"],
+        beta=cfg.beta,
+        prompts=prompts,
+        reward_fn=reward_fn,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_id=data.pad_id,
+        pad_id=data.pad_id,
+        device=device,
+        batch_size=batch,
+        seed=cfg.generation_seed,
+        average=ref.common["average"],
+        response_only=ref.common["response_only"],
+    )
     before = evaluate_aux(model, "SFT (pi_ref, before)", **evaluation)
 
-    aux_identity = {"reward": reward_name, "alpha": cfg.alpha, "value": [cfg.value_hidden_sizes, cfg.value_steps,
-                                                                         cfg.value_lr, cfg.tau]}
+    aux_identity = {
+        "reward": reward_name,
+        "alpha": cfg.alpha,
+        "value": [cfg.value_hidden_sizes, cfg.value_steps, cfg.value_lr, cfg.tau],
+    }
     runs = []
     for label, loss, pref in cfg.runs():
         policy = copy.deepcopy(model)
         phase = PreferencePhase(loss, cfg.beta, ref.reference, extras=extras, **ref.common)
         run_dir = out_dir / _run_name(label)
-        identity = {**ref.identity, "pref": dataclasses.asdict(pref), "loss": repr(loss), "beta": cfg.beta,
-                    "aux": aux_identity}
-        final = train(policy, phase, data.pref_train, data.pref_eval, pref, run_dir, device, resume, progress,
-                      desc=label, identity=identity)
+        identity = {
+            **ref.identity,
+            "pref": dataclasses.asdict(pref),
+            "loss": repr(loss),
+            "beta": cfg.beta,
+            "aux": aux_identity,
+        }
+        final = train(
+            policy,
+            phase,
+            data.pref_train,
+            data.pref_eval,
+            pref,
+            run_dir,
+            device,
+            resume,
+            progress,
+            desc=label,
+            identity=identity,
+        )
         evaluated = evaluate_aux(policy, label, **evaluation)
-        runs.append(AuxRun(label, loss, pref.seed, final, read_metrics(run_dir / METRICS), evaluated))
+        runs.append(
+            AuxRun(label, loss, pref.seed, final, read_metrics(run_dir / METRICS), evaluated)
+        )
         del policy
-    return AuxExperiment(cfg, data, rewards, values, extras, before, runs, ref.sft_final, time.perf_counter() - t0)
+    return AuxExperiment(
+        cfg, data, rewards, values, extras, before, runs, ref.sft_final, time.perf_counter() - t0
+    )
 
 
 def dpo_baseline(runs: Sequence[AuxRun], run: AuxRun) -> AuxRun | None:
@@ -754,18 +987,28 @@ def format_before_after(before: AuxEvaluation, runs: Sequence[AuxRun]) -> str:
     its samples (mean +- one standard error), and the change of each against its DPO baseline
     (:func:`dpo_baseline`), paired over the same pairs / prompts (+- the standard error of the paired
     difference)."""
+
     def pm(x: Tensor) -> str:
         m, se = mean_se(x)
         return f"{m:.3f} +- {se:.3f}"
 
     keys = ("preference_correct", "auxiliary_correct", "generation_rewards")
-    lines = ["| model | pref. acc. | aux-rank acc. | R of samples | len | compared with | d pref. | d aux-rank | d R |",
-             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    lines = [
+        "| model | pref. acc. | aux-rank acc. | R of samples | len | compared with | d pref. | d aux-rank | d R |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
     for run in [None, *runs]:
         e = before if run is None else run.evaluation
         base = None if run is None else dpo_baseline(runs, run)
-        diffs = ["", "", "", ""] if base is None else [base.label] + [
-            pm(getattr(e, k) - getattr(base.evaluation, k)) for k in keys]
-        lines.append(f"| {e.label} | {pm(e.preference_correct)} | {pm(e.auxiliary_correct)} | "
-                     f"{pm(e.generation_rewards)} | {e.generation_lengths.mean().item():.1f} | " + " | ".join(diffs) + " |")
+        diffs = (
+            ["", "", "", ""]
+            if base is None
+            else [base.label] + [pm(getattr(e, k) - getattr(base.evaluation, k)) for k in keys]
+        )
+        lines.append(
+            f"| {e.label} | {pm(e.preference_correct)} | {pm(e.auxiliary_correct)} | "
+            f"{pm(e.generation_rewards)} | {e.generation_lengths.mean().item():.1f} | "
+            + " | ".join(diffs)
+            + " |"
+        )
     return "\n".join(lines)

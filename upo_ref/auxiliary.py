@@ -44,7 +44,6 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_beta, check_logps
@@ -80,7 +79,9 @@ def _check_number(value: float, name: str, what: str, allow_zero: bool = False) 
     """A finite real number > 0 (>= 0 with ``allow_zero``); returns it as a float."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
@@ -90,12 +91,16 @@ def _check_number(value: float, name: str, what: str, allow_zero: bool = False) 
 
 
 def _check_alpha(alpha: float) -> float:
-    return _check_number(alpha, "alpha", "the temperature of the advantage weights exp(A / alpha), e.g. 1.0")
+    return _check_number(
+        alpha, "alpha", "the temperature of the advantage weights exp(A / alpha), e.g. 1.0"
+    )
 
 
 def _check_cap(cap: float) -> float:
     return _check_number(
-        cap, "cap", f"the largest weight; without one exp(A / alpha) overflows, default WEIGHT_CAP = {WEIGHT_CAP:g}"
+        cap,
+        "cap",
+        f"the largest weight; without one exp(A / alpha) overflows, default WEIGHT_CAP = {WEIGHT_CAP:g}",
     )
 
 
@@ -113,8 +118,14 @@ def _check_vectors(*tensors: Tensor, names: tuple[str, ...], finite: bool = True
     first = tensors[0]
     for x, name in zip(tensors, names):
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 1:
-            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a 1-D floating-point torch.Tensor of shape (B,), got {got}")
+            got = (
+                f"shape {tuple(x.shape)}, dtype {x.dtype}"
+                if isinstance(x, Tensor)
+                else type(x).__name__
+            )
+            raise ValueError(
+                f"{name} must be a 1-D floating-point torch.Tensor of shape (B,), got {got}"
+            )
         if x.shape != first.shape or x.dtype != first.dtype:
             raise ValueError(
                 f"{name} is {tuple(x.shape)} {x.dtype} but {names[0]} is {tuple(first.shape)} {first.dtype}: "
@@ -134,16 +145,22 @@ def _check_all_finite(x: Tensor, name: str) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point torch.Tensor, got {type(x).__name__}")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} has {int((~torch.isfinite(x)).sum())} non-finite value(s); rewards and "
-                         f"features must be finite")
+        raise ValueError(
+            f"{name} has {int((~torch.isfinite(x)).sum())} non-finite value(s); rewards and "
+            f"features must be finite"
+        )
 
 
 def _check_mask(mask: Tensor, like: Tensor, name: str) -> None:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"{name} must be a torch.bool tensor of shape (B,) (True = desirable), got "
-                         f"{type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}")
+        raise ValueError(
+            f"{name} must be a torch.bool tensor of shape (B,) (True = desirable), got "
+            f"{type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}"
+        )
     if mask.shape != like.shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the log-probs have shape {tuple(like.shape)}")
+        raise ValueError(
+            f"{name} has shape {tuple(mask.shape)} but the log-probs have shape {tuple(like.shape)}"
+        )
 
 
 # --- advantages and their weights ----------------------------------------------------------------
@@ -177,7 +194,9 @@ def advantage_weights(advantages: Tensor, alpha: float, cap: float = WEIGHT_CAP)
     return torch.exp(exponent)
 
 
-def auxiliary_loss(policy_logps: Tensor, advantages: Tensor, alpha: float, cap: float = WEIGHT_CAP) -> Tensor:
+def auxiliary_loss(
+    policy_logps: Tensor, advantages: Tensor, alpha: float, cap: float = WEIGHT_CAP
+) -> Tensor:
     r"""UPO's auxiliary term L_pi(x, y) = -w(A(x, y)) log pi(y|x), advantage-weighted MLE. (B,)
 
     Its gradient with respect to log pi(y|x) is exactly -w(A): every response in the data has its
@@ -214,10 +233,17 @@ class ValueNetwork(nn.Module):
     so V = 0 and A = R before training.
     """
 
-    def __init__(self, in_features: int, hidden_sizes: Sequence[int] = (64,), dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes: Sequence[int] = (64,),
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int (the feature size), got {in_features!r}")
+            raise ValueError(
+                f"in_features must be a positive int (the feature size), got {in_features!r}"
+            )
         sizes = [in_features, *hidden_sizes]
         if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive ints, got {tuple(hidden_sizes)!r}")
@@ -282,7 +308,9 @@ def last_token_pool(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
         )
     lengths = attention_mask.sum(dim=1)  # (B,)
     if bool((lengths == 0).any()):
-        raise ValueError("attention_mask has a row with no token; every prompt needs at least one token")
+        raise ValueError(
+            "attention_mask has a row with no token; every prompt needs at least one token"
+        )
     index = (lengths - 1).long()  # (B,)
     return hidden_states[torch.arange(hidden_states.shape[0], device=index.device), index]  # (B, H)
 
@@ -296,7 +324,9 @@ def kto_reference_point(policy_kl_logps: Tensor, reference_kl_logps: Tensor) -> 
     It is detached (no gradient flows through the reference point) and clamped at 0 because a KL is
     non-negative. Returns a 0-dim tensor.
     """
-    check_logps(policy_kl_logps, reference_kl_logps, names=("policy_kl_logps", "reference_kl_logps"))
+    check_logps(
+        policy_kl_logps, reference_kl_logps, names=("policy_kl_logps", "reference_kl_logps")
+    )
     return (policy_kl_logps - reference_kl_logps).mean().detach().clamp(min=0)
 
 
@@ -324,11 +354,15 @@ def kto_loss(
     _check_mask(desirable, policy_logps, "desirable")
     beta = check_beta(beta)
     lambda_d = _check_number(lambda_d, "lambda_d", "KTO's weight of desirable responses, e.g. 1.0")
-    lambda_u = _check_number(lambda_u, "lambda_u", "KTO's weight of undesirable responses, e.g. 1.0")
+    lambda_u = _check_number(
+        lambda_u, "lambda_u", "KTO's weight of undesirable responses, e.g. 1.0"
+    )
     # z0 is a constant: no gradient flows through the reference point.
     z0 = torch.as_tensor(z0, dtype=policy_logps.dtype, device=policy_logps.device).detach()
     if z0.numel() != 1:
-        raise ValueError(f"z0 must be a single number (the batch KL estimate), got shape {tuple(z0.shape)}")
+        raise ValueError(
+            f"z0 must be a single number (the batch KL estimate), got shape {tuple(z0.shape)}"
+        )
     _check_all_finite(z0, "z0")
     r = policy_logps - reference_logps  # log pi / pi_ref
     desirable_losses = lambda_d * torch.sigmoid(-beta * (r - z0))
@@ -356,9 +390,13 @@ def modpo_loss(
     (B, K) for K. Its optimum has beta log(pi / pi_ref) = w_0 r_pref + sum_k w_k r_k (+ a function of x):
     the KL-regularised optimum of the weighted reward. With w = (1,) (no margin) it is DPO.
     """
-    check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    check_logps(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     beta = check_beta(beta)
-    w = [float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan for v in w]
+    w = [
+        float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan for v in w
+    ]
     if len(w) < 1 or not all(math.isfinite(v) for v in w) or w[0] <= 0:
         raise ValueError(
             f"w must be finite numbers (w_0 > 0 for the preference, then one per margin reward), got {w!r}"
@@ -369,12 +407,16 @@ def modpo_loss(
     B = policy_chosen_logps.shape[0]
     for m, name in ((chosen_m, "chosen_margin_rewards"), (rejected_m, "rejected_margin_rewards")):
         if m.shape != (B, len(w) - 1):
-            raise ValueError(f"{name} must be (B,) or (B, K) with B = {B} and K = len(w) - 1 = {len(w) - 1}, "
-                             f"got {tuple(m.shape)}")
+            raise ValueError(
+                f"{name} must be (B,) or (B, K) with B = {B} and K = len(w) - 1 = {len(w) - 1}, "
+                f"got {tuple(m.shape)}"
+            )
         _check_all_finite(m, name)
     w_rest = torch.tensor(w[1:], dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
     margin = (chosen_m - rejected_m) @ w_rest  # (B, K) @ (K,) -> (B,)
-    h = h_pi(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = h_pi(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     logits = (beta * h - margin) / w[0]
     return softplus(-logits)
 
@@ -389,7 +431,9 @@ def combine_rewards(rewards: Tensor, weights: Sequence[float]) -> Tensor:
     normalised silently.
     """
     if rewards.dim() != 2 or rewards.shape[1] != len(weights):
-        raise ValueError(f"rewards must be (B, K) with K = len(weights) = {len(weights)}, got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be (B, K) with K = len(weights) = {len(weights)}, got {tuple(rewards.shape)}"
+        )
     _check_all_finite(rewards, "rewards")
     c = torch.tensor([float(v) for v in weights], dtype=rewards.dtype, device=rewards.device)
     _check_all_finite(c, "weights")
@@ -402,10 +446,14 @@ def upo_loss(preference_losses: Tensor, auxiliary_losses: Tensor, gamma: float) 
     gamma = 0 returns the base loss exactly (x + 0 * finite = x in floating point), with exactly the
     base gradients; larger gamma trades preference fit for auxiliary reward.
     """
-    gamma = _check_number(gamma, "gamma", "the weight of the auxiliary term; 0 is the base method", allow_zero=True)
+    gamma = _check_number(
+        gamma, "gamma", "the weight of the auxiliary term; 0 is the base method", allow_zero=True
+    )
     if preference_losses.shape != auxiliary_losses.shape:
-        raise ValueError(f"preference_losses {tuple(preference_losses.shape)} and auxiliary_losses "
-                         f"{tuple(auxiliary_losses.shape)} must have the same shape (B,)")
+        raise ValueError(
+            f"preference_losses {tuple(preference_losses.shape)} and auxiliary_losses "
+            f"{tuple(auxiliary_losses.shape)} must have the same shape (B,)"
+        )
     return preference_losses + gamma * auxiliary_losses
 
 
@@ -428,7 +476,13 @@ def upo_dpo_loss(
     is V(x), shared by both responses of a pair. Averaging L_pi over the pair's two responses is a
     reconstruction: it weighs every response of the data equally, so gamma is "per response".
     """
-    pref = dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
+    pref = dpo_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        beta,
+    )
     a_w, a_l = advantages(chosen_rewards, values), advantages(rejected_rewards, values)
     aux_w = auxiliary_loss(policy_chosen_logps, a_w, alpha, cap)  # L_pi(x, y_w)
     aux_l = auxiliary_loss(policy_rejected_logps, a_l, alpha, cap)  # L_pi(x, y_l)

@@ -101,7 +101,9 @@ class PreferenceData:
         if self.weights is not None and (
             len(self.weights) != len(self.pairs) or min(self.weights) < 0 or sum(self.weights) <= 0
         ):
-            raise ValueError(f"{self.name}: weights must be {len(self.pairs)} non-negative numbers with a positive sum")
+            raise ValueError(
+                f"{self.name}: weights must be {len(self.pairs)} non-negative numbers with a positive sum"
+            )
 
     @property
     def winners(self) -> Tensor:
@@ -117,11 +119,17 @@ class PreferenceData:
     def probabilities(self) -> Tensor:
         """(N,) float64: the probability of drawing each pair (uniform when ``weights`` is None)."""
         n = len(self.pairs)
-        w = torch.ones(n, dtype=torch.float64) if self.weights is None else torch.tensor(self.weights, dtype=torch.float64)
+        w = (
+            torch.ones(n, dtype=torch.float64)
+            if self.weights is None
+            else torch.tensor(self.weights, dtype=torch.float64)
+        )
         return w / w.sum()
 
 
-def preference_population(P: Tensor, mu: Tensor | None = None, name: str = "population") -> PreferenceData:
+def preference_population(
+    P: Tensor, mu: Tensor | None = None, name: str = "population"
+) -> PreferenceData:
     r"""Every ordered pair (i, j), i != j, labelled i > j, weighted mu(i) mu(j) P[i, j].
 
     This is the population of labelled pairs when (y, y') ~ mu x mu and y wins with probability
@@ -179,7 +187,9 @@ def empirical_rewards(data: PreferenceData, psi=psi_identity) -> Tensor:
     return expected_psi(p_hat[:, support], mu[support], psi)
 
 
-def closed_form_target(data: PreferenceData, pi_ref: Tensor, beta: float, divergence, psi=psi_identity) -> Tensor:
+def closed_form_target(
+    data: PreferenceData, pi_ref: Tensor, beta: float, divergence, psi=psi_identity
+) -> Tensor:
     r"""The UPO optimum (eq. 11-12) for the dataset's empirical preferences: (K,).
 
     optimal_policy(empirical_rewards(data, psi), pi_ref, beta, divergence). With Psi = identity and
@@ -199,12 +209,16 @@ def closed_form_target(data: PreferenceData, pi_ref: Tensor, beta: float, diverg
             reason = f"action {name} is never compared with the support of mu, so p({name} > mu) is not in the data"
         else:
             reason = "Psi(P_hat) is infinite (Psi = logit of a 0/1 preference): the optimum is at infinity"
-        raise ValueError(f"{data.name}: no closed-form optimum: r({name}) = {r[y].item()}; {reason}")
+        raise ValueError(
+            f"{data.name}: no closed-form optimum: r({name}) = {r[y].item()}; {reason}"
+        )
     return optimal_policy(r, pi_ref, beta, divergence)
 
 
 # --- the population loss and its minimiser -------------------------------------------------------
-def population_loss(theta: Tensor, data: PreferenceData, loss: PreferenceLoss, beta: float, pi_ref: Tensor) -> Tensor:
+def population_loss(
+    theta: Tensor, data: PreferenceData, loss: PreferenceLoss, beta: float, pi_ref: Tensor
+) -> Tensor:
     r"""The (weighted) dataset mean of ``loss`` for the policy softmax(theta): the expected mini-batch loss. Scalar.
 
     theta: (K,) logits; pi_ref: (K,) reference policy. Both float64 in practice.
@@ -216,7 +230,11 @@ def population_loss(theta: Tensor, data: PreferenceData, loss: PreferenceLoss, b
 
 
 def population_minimiser(
-    data: PreferenceData, loss: PreferenceLoss, beta: float, pi_ref: Tensor, theta0: Tensor | None = None,
+    data: PreferenceData,
+    loss: PreferenceLoss,
+    beta: float,
+    pi_ref: Tensor,
+    theta0: Tensor | None = None,
     max_iter: int = 2000,
 ) -> Tensor | None:
     r"""A minimiser of :func:`population_loss` found by L-BFGS from theta0, as pi = softmax(theta).
@@ -236,8 +254,15 @@ def population_minimiser(
         theta0 = torch.log(pi_ref) - torch.log(pi_ref).mean()
     theta0 = theta0.to(torch.float64)
     theta = theta0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=_STATIONARY_GRAD / 10,
-                            tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=_STATIONARY_GRAD / 10,
+        tolerance_change=0.0,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -279,7 +304,9 @@ class BanditTarget:
     note: str
 
 
-def bandit_target(data: PreferenceData, loss: PreferenceLoss, beta: float, pi_ref: Tensor | None = None) -> BanditTarget:
+def bandit_target(
+    data: PreferenceData, loss: PreferenceLoss, beta: float, pi_ref: Tensor | None = None
+) -> BanditTarget:
     r"""The population optimum of ``loss`` on ``data``, in closed form where the theory gives one.
 
     * IPO and IUPO in the kkt form (Psi = identity): the UPO optimum of eq. (11)-(12),
@@ -296,17 +323,29 @@ def bandit_target(data: PreferenceData, loss: PreferenceLoss, beta: float, pi_re
     if loss.name == "ipo" or (loss.name == "iupo" and loss.form == "kkt"):
         try:
             pi = closed_form_target(data, pi_ref, beta, loss.divergence or ReverseKL())
-            return BanditTarget(pi, "closed form", "the UPO optimum of eq. (11) with Psi = identity (optimal_policy)")
+            return BanditTarget(
+                pi,
+                "closed form",
+                "the UPO optimum of eq. (11) with Psi = identity (optimal_policy)",
+            )
         except ValueError:
             pass  # an action without r(y): fall back to the stationary point reached from pi_ref
     if loss.name in ("dpo", "fdpo"):
         p_hat, _ = empirical_preferences(data)
         if ((p_hat == 0) | (p_hat == 1)).any():
-            return BanditTarget(None, "none", "Psi = logit of a 0/1 preference is infinite: the optimum is deterministic")
+            return BanditTarget(
+                None,
+                "none",
+                "Psi = logit of a 0/1 preference is infinite: the optimum is deterministic",
+            )
     pi = population_minimiser(data, loss, beta, pi_ref)
     if pi is None:
-        return BanditTarget(None, "none", "the population loss decreases forever: no finite minimiser")
-    return BanditTarget(pi, "numerical", "minimiser of the population loss reached by L-BFGS from pi_ref")
+        return BanditTarget(
+            None, "none", "the population loss decreases forever: no finite minimiser"
+        )
+    return BanditTarget(
+        pi, "numerical", "minimiser of the population loss reached by L-BFGS from pi_ref"
+    )
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -387,7 +426,10 @@ class BanditRun:
 
 
 def train_bandit(
-    data: PreferenceData, loss: PreferenceLoss, beta: float, config: BanditConfig = BANDIT_FULL,
+    data: PreferenceData,
+    loss: PreferenceLoss,
+    beta: float,
+    config: BanditConfig = BANDIT_FULL,
     pi_ref: Tensor | None = None,
 ) -> BanditRun:
     r"""Train pi = softmax(theta) on ``data`` with ``loss``, for ``config.seeds`` seeds at once, in float64.
@@ -404,7 +446,9 @@ def train_bandit(
     probabilities = None if data.weights is None else data.probabilities  # (N,)
     generator = torch.Generator().manual_seed(config.seed)
 
-    theta = (log_ref - log_ref.mean()).expand(s, k).clone().requires_grad_(True)  # (S, K); 0 for uniform pi_ref
+    theta = (
+        (log_ref - log_ref.mean()).expand(s, k).clone().requires_grad_(True)
+    )  # (S, K); 0 for uniform pi_ref
     if config.optimizer == "adam":
         opt = torch.optim.Adam([theta], lr=config.lr)
     else:
@@ -421,12 +465,17 @@ def train_bandit(
         if probabilities is None:
             idx = torch.randint(len(data.pairs), (s, b), generator=generator)  # (S, B)
         else:
-            idx = torch.multinomial(probabilities, s * b, replacement=True, generator=generator).view(s, b)
+            idx = torch.multinomial(
+                probabilities, s * b, replacement=True, generator=generator
+            ).view(s, b)
         w, l = winners[idx], losers[idx]  # (S, B)
         logp = torch.log_softmax(theta, dim=1)  # (S, K)
         per_pair = loss(
-            logp.gather(1, w).reshape(-1), logp.gather(1, l).reshape(-1),  # (S*B,)
-            log_ref[w].reshape(-1), log_ref[l].reshape(-1), beta,
+            logp.gather(1, w).reshape(-1),
+            logp.gather(1, l).reshape(-1),  # (S*B,)
+            log_ref[w].reshape(-1),
+            log_ref[l].reshape(-1),
+            beta,
         )
         opt.zero_grad()
         per_pair.view(s, b).mean(1).sum().backward()  # sum over seeds of each seed's own batch mean

@@ -40,11 +40,17 @@ def loss_zoo() -> list[PreferenceLoss]:
     zoo = [PreferenceLoss("dpo"), PreferenceLoss("ipo")]
     for name in DIVERGENCE_NAMES:
         div = get_divergence(name, alpha=0.5 if name == "alpha" else None)
-        zoo += [PreferenceLoss("fdpo", div), PreferenceLoss("iupo", div), PreferenceLoss("iupo", div, "kkt")]
+        zoo += [
+            PreferenceLoss("fdpo", div),
+            PreferenceLoss("iupo", div),
+            PreferenceLoss("iupo", div, "kkt"),
+        ]
     return zoo
 
 
-def time_losses(pairs: int = 65536, repeats: int = 50, beta: float = 0.1, seed: int = 0) -> list[LossTiming]:
+def time_losses(
+    pairs: int = 65536, repeats: int = 50, beta: float = 0.1, seed: int = 0
+) -> list[LossTiming]:
     """Median forward+backward seconds per loss on float32 log-probs of ``pairs`` pairs."""
     g = torch.Generator().manual_seed(seed)
     # Summed log-probs: reference chosen in [-300, 0], rejected within +-20 nats of it (so that the
@@ -69,8 +75,10 @@ def time_losses(pairs: int = 65536, repeats: int = 50, beta: float = 0.1, seed: 
 
 def _losses_main(args) -> None:
     rows = time_losses(args.pairs, args.repeats)
-    print(f"forward+backward, {args.pairs} pairs, float32, CPU, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"forward+backward, {args.pairs} pairs, float32, CPU, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
     print(f"{'loss':<28}{'ms':>10}{'x DPO':>8}")
     for row in rows:
         print(f"{row.label:<28}{row.seconds * 1e3:>10.3f}{row.ratio_to_dpo:>8.2f}")
@@ -81,8 +89,14 @@ def _losses_main(args) -> None:
 # --- one preference-training step ---------------------------------------------------------------
 # Dense bf16 tensor-core peaks (TFLOP/s) by device name, from the vendors' data sheets; override with
 # --peak-tflops. MFU is only as meaningful as this number.
-BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-                    "H200": 989.4, "A100": 312.0}
+BF16_PEAK_TFLOPS = {
+    "H100 80GB HBM3": 989.4,
+    "H100 SXM": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.4,
+    "A100": 312.0,
+}
 
 
 def bf16_peak_tflops(device: torch.device) -> float | None:
@@ -96,7 +110,9 @@ def bf16_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
-def step_flops(n_layer: int, n_embd: int, vocab: int, batch: int, length: int, response: int) -> float:
+def step_flops(
+    n_layer: int, n_embd: int, vocab: int, batch: int, length: int, response: int
+) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward), counting what the step
     needs: the transformer body on all 2 * batch * length tokens (6 N_body per token plus the
     attention scores and values, 12 n_layer n_embd length per token, as in PaLM's MFU) and the
@@ -117,7 +133,9 @@ class StepTiming:
     mfu: float | None
 
 
-def step_fn(model, ref_model, batch: dict, ref_logps: tuple, loss_fn, beta: float, device, naive: bool):
+def step_fn(
+    model, ref_model, batch: dict, ref_logps: tuple, loss_fn, beta: float, device, naive: bool
+):
     """A closure running one preference step, fast or naive; returns the loss (a 0-dim tensor).
 
     ``batch`` is a ``data.collate_pairs`` batch of 2B rows (chosen first, then rejected).
@@ -142,11 +160,19 @@ def step_fn(model, ref_model, batch: dict, ref_logps: tuple, loss_fn, beta: floa
         return loss.detach()
 
     def slow():
-        pc, pr = (sequence_logps(model, h["input_ids"], h["attention_mask"], h["labels"], response_only=False)
-                  for h in halves)  # two forwards, full (B, T, V) logits
+        pc, pr = (
+            sequence_logps(
+                model, h["input_ids"], h["attention_mask"], h["labels"], response_only=False
+            )
+            for h in halves
+        )  # two forwards, full (B, T, V) logits
         with torch.no_grad():
-            rc, rr = (sequence_logps(ref_model, h["input_ids"], h["attention_mask"], h["labels"], response_only=False)
-                      for h in halves)  # the reference model, every step
+            rc, rr = (
+                sequence_logps(
+                    ref_model, h["input_ids"], h["attention_mask"], h["labels"], response_only=False
+                )
+                for h in halves
+            )  # the reference model, every step
         loss = loss_fn(pc, pr, rc, rr, beta).mean()
         loss.backward()
         opt.step()
@@ -176,8 +202,21 @@ def random_pair_batch(batch: int, length: int, prompt: int, vocab: int, seed: in
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def time_steps(n_layer=12, n_head=12, n_embd=768, vocab=50257, batch=64, length=512, prompt=256,
-               steps=10, warmup=3, device=None, peak_tflops=None, beta=0.1, naive=True) -> list[StepTiming]:
+def time_steps(
+    n_layer=12,
+    n_head=12,
+    n_embd=768,
+    vocab=50257,
+    batch=64,
+    length=512,
+    prompt=256,
+    steps=10,
+    warmup=3,
+    device=None,
+    peak_tflops=None,
+    beta=0.1,
+    naive=True,
+) -> list[StepTiming]:
     """Time the fast step (and the naive one, when ``naive``) on the same model and batch."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -185,8 +224,18 @@ def time_steps(n_layer=12, n_head=12, n_embd=768, vocab=50257, batch=64, length=
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=length,
-                     bos_token_id=vocab - 1, eos_token_id=vocab - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        vocab_size=vocab,
+        n_positions=length,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(cfg).to(device)
     ref_model = GPT2LMHeadModel(cfg).to(device).eval()
     batch_t = {k: v.to(device) for k, v in random_pair_batch(batch, length, prompt, vocab).items()}
@@ -196,7 +245,9 @@ def time_steps(n_layer=12, n_head=12, n_embd=768, vocab=50257, batch=64, length=
     peak = peak_tflops if peak_tflops is not None else bf16_peak_tflops(device)
     out = []
     for how in ("fast", "naive") if naive else ("fast",):
-        fn = step_fn(model, ref_model, batch_t, ref_logps, loss_fn, beta, device, naive=how == "naive")
+        fn = step_fn(
+            model, ref_model, batch_t, ref_logps, loss_fn, beta, device, naive=how == "naive"
+        )
         for _ in range(warmup):
             fn()
         if device.type == "cuda":
@@ -214,12 +265,30 @@ def time_steps(n_layer=12, n_head=12, n_embd=768, vocab=50257, batch=64, length=
 
 def _step_main(args) -> None:
     device = torch.device(args.device) if args.device else None
-    rows = time_steps(args.n_layer, args.n_head, args.n_embd, args.vocab, args.batch, args.length, args.prompt,
-                      args.steps, args.warmup, device, args.peak_tflops, naive=not args.no_naive)
+    rows = time_steps(
+        args.n_layer,
+        args.n_head,
+        args.n_embd,
+        args.vocab,
+        args.batch,
+        args.length,
+        args.prompt,
+        args.steps,
+        args.warmup,
+        device,
+        args.peak_tflops,
+        naive=not args.no_naive,
+    )
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"preference step: GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab}, batch {args.batch} "
-          f"pairs x {args.length} tokens (prompt {args.prompt}), JS-IUPO, {name}, mean of {args.steps} steps")
+    name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"preference step: GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab}, batch {args.batch} "
+        f"pairs x {args.length} tokens (prompt {args.prompt}), JS-IUPO, {name}, mean of {args.steps} steps"
+    )
     print(f"{'how':<8}{'s/step':>10}{'pairs/s':>10}{'tokens/s':>12}{'MFU':>8}")
     for r in rows:
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
@@ -229,8 +298,11 @@ def _step_main(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m upo_ref.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m upo_ref.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("losses", help="forward+backward time of every loss and divergence")
     p.add_argument("--pairs", type=int, default=65536)
@@ -242,12 +314,21 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--n-embd", type=int, default=768)
     q.add_argument("--vocab", type=int, default=50257)
     q.add_argument("--batch", type=int, default=64, help="preference pairs per step")
-    q.add_argument("--length", type=int, default=512, help="tokens per sequence (prompt + response)")
-    q.add_argument("--prompt", type=int, default=256, help="prompt tokens per sequence (not scored)")
+    q.add_argument(
+        "--length", type=int, default=512, help="tokens per sequence (prompt + response)"
+    )
+    q.add_argument(
+        "--prompt", type=int, default=256, help="prompt tokens per sequence (not scored)"
+    )
     q.add_argument("--steps", type=int, default=10)
     q.add_argument("--warmup", type=int, default=3)
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    q.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by device name)")
+    q.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="bf16 peak for MFU (default: by device name)",
+    )
     q.add_argument("--no-naive", action="store_true", help="time only the fast step")
     q.set_defaults(func=_step_main)
     args = parser.parse_args(argv)

@@ -25,9 +25,16 @@ def check_beta(beta: float, name: str = "beta") -> float:
     """beta must be a positive finite real number; returns it as a float."""
     if isinstance(beta, Tensor):
         if beta.numel() != 1:
-            raise ValueError(f"{name} must be a single number, got a tensor of shape {tuple(beta.shape)}")
+            raise ValueError(
+                f"{name} must be a single number, got a tensor of shape {tuple(beta.shape)}"
+            )
         beta = beta.item()
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta <= 0:
+    if (
+        isinstance(beta, bool)
+        or not isinstance(beta, numbers.Real)
+        or not math.isfinite(beta)
+        or beta <= 0
+    ):
         raise ValueError(
             f"{name} must be a positive finite number (the regularisation strength), got {beta!r}; "
             f"the paper's experiments use 0.1, 0.2 and 0.5"

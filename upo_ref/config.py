@@ -19,7 +19,7 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .data import HH_LOCAL_SUBSETS, HH_SUBSETS
 
@@ -97,16 +97,26 @@ class DataConfig:
     def __post_init__(self):
         known = {"hh", "shp", "synthetic"}
         if not self.datasets or set(self.datasets) - known:
-            raise ValueError(f"datasets must be a non-empty subset of {sorted(known)}, got {self.datasets}")
+            raise ValueError(
+                f"datasets must be a non-empty subset of {sorted(known)}, got {self.datasets}"
+            )
         if "synthetic" in self.datasets and len(self.datasets) > 1:
-            raise ValueError("the synthetic task has its own vocabulary and cannot be mixed with text data")
+            raise ValueError(
+                "the synthetic task has its own vocabulary and cannot be mixed with text data"
+            )
         if self.hh_split not in ("hash", "official"):
             raise ValueError(f"hh_split must be 'hash' or 'official', got {self.hh_split!r}")
         if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(f"need 0 < max_prompt_length < max_length, got {self.max_prompt_length}, {self.max_length}")
-        if self.compact_vocab is not None and (self.compact_vocab < 3 or "synthetic" in self.datasets):
-            raise ValueError(f"compact_vocab must be None or >= 3 (tokens, EOS, UNK), and is for text data only; got "
-                             f"{self.compact_vocab} with datasets {self.datasets}")
+            raise ValueError(
+                f"need 0 < max_prompt_length < max_length, got {self.max_prompt_length}, {self.max_length}"
+            )
+        if self.compact_vocab is not None and (
+            self.compact_vocab < 3 or "synthetic" in self.datasets
+        ):
+            raise ValueError(
+                f"compact_vocab must be None or >= 3 (tokens, EOS, UNK), and is for text data only; got "
+                f"{self.compact_vocab} with datasets {self.datasets}"
+            )
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,9 @@ class PhaseConfig:
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 example, got {self.eval_every}")
         if self.microbatch_size is not None and self.batch_size % self.microbatch_size:
-            raise ValueError(f"microbatch_size {self.microbatch_size} must divide batch_size {self.batch_size}")
+            raise ValueError(
+                f"microbatch_size {self.microbatch_size} must divide batch_size {self.batch_size}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0 or self.warmup_steps < 0 or not self.max_grad_norm > 0:
@@ -171,8 +183,10 @@ class ExperimentConfig:
 
     def __post_init__(self):
         if self.data.compact_vocab is not None and self.model.name_or_path != TINY_GPT2:
-            raise ValueError(f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} has its "
-                             f"own vocabulary (set data.compact_vocab=None)")
+            raise ValueError(
+                f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} has its "
+                f"own vocabulary (set data.compact_vocab=None)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,24 +201,52 @@ def _quick() -> ExperimentConfig:
     return ExperimentConfig(
         name="quick",
         model=ModelConfig(TINY_GPT2, n_layer=4, n_head=4, n_embd=128),
-        data=DataConfig(("hh",), max_length=64, max_prompt_length=32, n_train_pairs=2048, n_eval_pairs=None,
-                        compact_vocab=4096),
-        sft=PhaseConfig(n_examples=16_384, batch_size=32, eval_every=4096, lr=1e-3, optimizer="adamw", warmup_steps=10,
-                        eval_batch_size=64),
+        data=DataConfig(
+            ("hh",),
+            max_length=64,
+            max_prompt_length=32,
+            n_train_pairs=2048,
+            n_eval_pairs=None,
+            compact_vocab=4096,
+        ),
+        sft=PhaseConfig(
+            n_examples=16_384,
+            batch_size=32,
+            eval_every=4096,
+            lr=1e-3,
+            optimizer="adamw",
+            warmup_steps=10,
+            eval_batch_size=64,
+        ),
         # RMSprop as in the reference code; at lr 1e-4 the losses of beta 0.2 and 0.5 rise instead of falling.
-        pref=PhaseConfig(n_examples=2048, batch_size=16, eval_every=512, lr=2e-5, warmup_steps=5, eval_batch_size=64),
+        pref=PhaseConfig(
+            n_examples=2048,
+            batch_size=16,
+            eval_every=512,
+            lr=2e-5,
+            warmup_steps=5,
+            eval_batch_size=64,
+        ),
         threads=2,
     )
 
 
 def _paper() -> ExperimentConfig:
     dpo_optim = dict(optimizer="rmsprop", lr=5e-7, warmup_steps=150, max_grad_norm=10.0)
-    batch = dict(batch_size=64, microbatch_size=8, eval_batch_size=32, eval_every=20_000)  # DPO: eval every 20k
+    batch = dict(
+        batch_size=64, microbatch_size=8, eval_batch_size=32, eval_every=20_000
+    )  # DPO: eval every 20k
     return ExperimentConfig(
         name="paper",
         model=ModelConfig("gpt2"),
-        data=DataConfig(("hh",), hh_split="official", hh_subsets=HH_SUBSETS, max_length=512,
-                        max_prompt_length=256, n_eval_pairs=256),
+        data=DataConfig(
+            ("hh",),
+            hh_split="official",
+            hh_subsets=HH_SUBSETS,
+            max_length=512,
+            max_prompt_length=256,
+            n_eval_pairs=256,
+        ),
         # About one epoch over the official HH train split (160,800 pairs), in whole batches of 64.
         sft=PhaseConfig(n_examples=2_512 * 64, **batch, **dpo_optim),
         # The paper's curves run to "1.1M steps", read as examples seen (the x-axis of the reference
@@ -219,10 +261,19 @@ def _synthetic() -> ExperimentConfig:
     return ExperimentConfig(
         name="synthetic",
         model=ModelConfig(TINY_GPT2, n_layer=2, n_head=2, n_embd=32),
-        data=DataConfig(("synthetic",), max_length=16, max_prompt_length=8, n_train_pairs=1536, n_eval_pairs=256),
+        data=DataConfig(
+            ("synthetic",), max_length=16, max_prompt_length=8, n_train_pairs=1536, n_eval_pairs=256
+        ),
         sft=PhaseConfig(n_examples=0, batch_size=32, eval_every=32, lr=1e-3),
-        pref=PhaseConfig(n_examples=1536, batch_size=32, eval_every=384, lr=5e-4, optimizer="adamw", warmup_steps=0,
-                         eval_batch_size=256),
+        pref=PhaseConfig(
+            n_examples=1536,
+            batch_size=32,
+            eval_every=384,
+            lr=5e-4,
+            optimizer="adamw",
+            warmup_steps=0,
+            eval_batch_size=256,
+        ),
         losses=(("dpo", None), ("ipo", None), ("iupo", "jensen_shannon")),
         betas=(0.1,),
     )
@@ -232,10 +283,17 @@ def _quick_sft_disjoint() -> ExperimentConfig:
     # The quick preset with SFT on the training prompts that preference training does not use (4,636
     # of 6,684): the control experiment for the SFT overlap (README, "Why the train loss falls").
     q = _quick()
-    return dataclasses.replace(q, name="quick-sft-disjoint", data=dataclasses.replace(q.data, sft_disjoint=True))
+    return dataclasses.replace(
+        q, name="quick-sft-disjoint", data=dataclasses.replace(q.data, sft_disjoint=True)
+    )
 
 
-PRESETS = {"quick": _quick, "paper": _paper, "synthetic": _synthetic, "quick-sft-disjoint": _quick_sft_disjoint}
+PRESETS = {
+    "quick": _quick,
+    "paper": _paper,
+    "synthetic": _synthetic,
+    "quick-sft-disjoint": _quick_sft_disjoint,
+}
 
 
 def get_preset(name: str) -> ExperimentConfig:
@@ -252,9 +310,17 @@ def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
     preset out."""
     r = dataclasses.replace
     model = r(cfg.model, name_or_path=TINY_GPT2, n_layer=2, n_head=2, n_embd=32, tokenizer=None)
-    data = r(cfg.data, max_length=min(cfg.data.max_length, 32), max_prompt_length=min(cfg.data.max_prompt_length, 16),
-             n_train_pairs=16, n_eval_pairs=8, n_sft_examples=16)
+    data = r(
+        cfg.data,
+        max_length=min(cfg.data.max_length, 32),
+        max_prompt_length=min(cfg.data.max_prompt_length, 16),
+        n_train_pairs=16,
+        n_eval_pairs=8,
+        n_sft_examples=16,
+    )
     phase = dict(batch_size=4, microbatch_size=2, eval_batch_size=8, warmup_steps=2)
     sft = r(cfg.sft, n_examples=8 if cfg.sft.n_examples else 0, eval_every=8, **phase)
     pref = r(cfg.pref, n_examples=16, eval_every=8, **phase)
-    return r(cfg, name=cfg.name + "-smoke", model=model, data=data, sft=sft, pref=pref, threads=None)
+    return r(
+        cfg, name=cfg.name + "-smoke", model=model, data=data, sft=sft, pref=pref, threads=None
+    )

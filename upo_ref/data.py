@@ -66,7 +66,9 @@ __all__ = [
     "collate_pairs",
 ]
 
-IGNORE_INDEX = -100  # label of a position that enters no log-prob (prompt, padding); torch's ignore_index
+IGNORE_INDEX = (
+    -100
+)  # label of a position that enters no log-prob (prompt, padding); torch's ignore_index
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
 
@@ -118,7 +120,9 @@ class LoadReport:
     def __str__(self) -> str:
         lines = [f"{self.source}: {self.n_rows} rows read, {self.n_pairs} pairs kept"]
         for reason, origins in self.dropped.items():
-            shown = ", ".join(origins[:8]) + (f", ... ({len(origins) - 8} more)" if len(origins) > 8 else "")
+            shown = ", ".join(origins[:8]) + (
+                f", ... ({len(origins) - 8} more)" if len(origins) > 8 else ""
+            )
             lines.append(f"  dropped {len(origins)} ({reason}): {shown}")
         return "\n".join(lines)
 
@@ -143,9 +147,13 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+                raise DataError(
+                    f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(
+                    f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}"
+                )
             yield line_no, row
 
 
@@ -163,7 +171,9 @@ def split_prompt(text: str, origin: str = "") -> tuple[str, str]:
     ``"\n\nAssistant:"``; the response is the rest (it usually starts with a space)."""
     cut = text.rfind(ASSISTANT_TAG)
     if cut == -1:
-        raise DataError(f"{origin}: the text has no {ASSISTANT_TAG!r}, so there is no prompt to split off: {text[:80]!r}")
+        raise DataError(
+            f"{origin}: the text has no {ASSISTANT_TAG!r}, so there is no prompt to split off: {text[:80]!r}"
+        )
     cut += len(ASSISTANT_TAG)
     return text[:cut], text[cut:]
 
@@ -175,7 +185,9 @@ def split_prompt(text: str, origin: str = "") -> tuple[str, str]:
 MISMATCH = "rejected text does not start with the chosen text's prompt"
 
 
-def load_hh_file(path: str | Path, drop_mismatched: bool = False) -> tuple[list[PreferencePair], LoadReport]:
+def load_hh_file(
+    path: str | Path, drop_mismatched: bool = False
+) -> tuple[list[PreferencePair], LoadReport]:
     """Pairs of one official HH file (``{"chosen": ..., "rejected": ...}`` per line).
 
     The prompt is split off the chosen text; the rejected text must start with the same prompt.
@@ -198,7 +210,7 @@ def load_hh_file(path: str | Path, drop_mismatched: bool = False) -> tuple[list[
                 f"{origin}: {MISMATCH} (prompt ends {prompt[-60:]!r}); pass drop_mismatched=True to drop "
                 f"and report such rows"
             )
-        pairs.append(PreferencePair(prompt, chosen, row["rejected"][len(prompt):], origin))
+        pairs.append(PreferencePair(prompt, chosen, row["rejected"][len(prompt) :], origin))
     report.n_pairs = len(pairs)
     return pairs, report
 
@@ -227,7 +239,9 @@ def load_hh(
     return pairs, report
 
 
-def download_hh(dest: str | Path, split: str, subsets: Sequence[str] = HH_SUBSETS, base_url: str = HH_URL) -> Path:
+def download_hh(
+    dest: str | Path, split: str, subsets: Sequence[str] = HH_SUBSETS, base_url: str = HH_URL
+) -> Path:
     """Fetch the official ``<subset>/<split>.jsonl.gz`` files into ``dest`` (those not there yet).
 
     Each file is written to a temporary name and renamed, so an interrupted download leaves no
@@ -241,7 +255,9 @@ def download_hh(dest: str | Path, split: str, subsets: Sequence[str] = HH_SUBSET
         target.parent.mkdir(parents=True, exist_ok=True)
         url = f"{base_url}/{subset}/{split}.jsonl.gz"
         with urllib.request.urlopen(url) as response:
-            with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".part", delete=False) as tmp:
+            with tempfile.NamedTemporaryFile(
+                dir=target.parent, suffix=".part", delete=False
+            ) as tmp:
                 try:
                     shutil.copyfileobj(response, tmp)
                 except BaseException:
@@ -263,7 +279,9 @@ def shp_files(shp_dir: str | Path, split: str) -> list[Path]:
     """The official hub layout: ``<shp_dir>/<subreddit>/<split>.json`` (JSON lines), sorted."""
     files = sorted(Path(shp_dir).glob(f"*/{split}.json"))
     if not files:
-        raise FileNotFoundError(f"no SHP files {shp_dir}/*/{split}.json; download stanfordnlp/SHP from the hub there")
+        raise FileNotFoundError(
+            f"no SHP files {shp_dir}/*/{split}.json; download stanfordnlp/SHP from the hub there"
+        )
     return files
 
 
@@ -284,13 +302,20 @@ def load_shp(
             report.n_rows += 1
             missing = [k for k in SHP_FIELDS if k not in row]
             if missing:
-                raise DataError(f"{origin}: missing field(s) {missing}; an SHP row has {list(SHP_FIELDS)}")
+                raise DataError(
+                    f"{origin}: missing field(s) {missing}; an SHP row has {list(SHP_FIELDS)}"
+                )
             _require_str(row, ("history", "human_ref_A", "human_ref_B"), origin)
             if row["labels"] not in (0, 1) or isinstance(row["labels"], bool):
                 raise DataError(f"{origin}: labels must be 0 or 1, got {row['labels']!r}")
             s_a, s_b = row["score_A"], row["score_B"]
-            if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in (s_a, s_b)):
-                raise DataError(f"{origin}: score_A and score_B must be positive numbers, got {s_a!r}, {s_b!r}")
+            if not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
+                for s in (s_a, s_b)
+            ):
+                raise DataError(
+                    f"{origin}: score_A and score_B must be positive numbers, got {s_a!r}, {s_b!r}"
+                )
             if max(s_a / s_b, s_b / s_a) < min_score_ratio:
                 report.drop(f"score ratio < {min_score_ratio:g}", origin)
                 continue
@@ -384,7 +409,9 @@ def truncate(
     len(prompt) + len(response) <= max_length for every response.
     """
     if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+        raise ValueError(
+            f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}"
+        )
     if not 0 < max_prompt_length < max_length:
         raise ValueError(
             f"need 0 < max_prompt_length < max_length (room for a response), got {max_prompt_length}, {max_length}"
@@ -392,7 +419,11 @@ def truncate(
     prompt, responses = tuple(prompt), [tuple(r) for r in responses]
     longest = max(len(r) for r in responses)
     if len(prompt) + longest > max_length:
-        prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
+        prompt = (
+            prompt[-max_prompt_length:]
+            if truncation_mode == "keep_end"
+            else prompt[:max_prompt_length]
+        )
     if len(prompt) + longest > max_length:
         responses = [r[: max_length - max_prompt_length] for r in responses]
     return prompt, responses
@@ -404,7 +435,9 @@ def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def _check_tokens(ids: Sequence[int], eos_id: int, what: str, origin: str) -> None:
     if eos_id in ids:
-        raise DataError(f"{origin}: the {what} contains the EOS token {eos_id} before the end; clean the text")
+        raise DataError(
+            f"{origin}: the {what} contains the EOS token {eos_id} before the end; clean the text"
+        )
 
 
 def tokenize_pairs(
@@ -426,8 +459,12 @@ def tokenize_pairs(
         for ids, what in ((x, "prompt"), (yw, "chosen response"), (yl, "rejected response")):
             _check_tokens(ids, eos, what, p.origin)
         if not x:
-            raise DataError(f"{p.origin}: the prompt is empty; the first response token would have no context")
-        x, (yw, yl) = truncate(x, [yw + [eos], yl + [eos]], max_length, max_prompt_length, truncation_mode)
+            raise DataError(
+                f"{p.origin}: the prompt is empty; the first response token would have no context"
+            )
+        x, (yw, yl) = truncate(
+            x, [yw + [eos], yl + [eos]], max_length, max_prompt_length, truncation_mode
+        )
         out.append(TokenizedPair(x, yw, yl))
     return out
 
@@ -469,7 +506,9 @@ class CompactVocab:
         """Count the tokens of ``sequences`` (original ids) and keep the ``size - 2`` most frequent
         besides ``eos_id``."""
         if size < 3:
-            raise ValueError(f"a compact vocabulary needs room for a token, EOS and UNK: size >= 3, got {size}")
+            raise ValueError(
+                f"a compact vocabulary needs room for a token, EOS and UNK: size >= 3, got {size}"
+            )
         counts: dict[int, int] = {}
         for seq in sequences:
             for t in seq:
@@ -484,7 +523,10 @@ class CompactVocab:
 
     def remap(self, pairs: Sequence[TokenizedPair]) -> list[TokenizedPair]:
         """Every pair with its prompt and responses encoded; lengths are unchanged."""
-        return [TokenizedPair(self.encode(p.prompt), self.encode(p.chosen), self.encode(p.rejected)) for p in pairs]
+        return [
+            TokenizedPair(self.encode(p.prompt), self.encode(p.chosen), self.encode(p.rejected))
+            for p in pairs
+        ]
 
     @staticmethod
     def coverage(pairs: Sequence[TokenizedPair], unk_id: int) -> float:
@@ -498,7 +540,9 @@ class CompactVocab:
 # ------------------------------------------------------------------------------------------------
 
 
-def collate_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, Tensor]:
+def collate_sequences(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+) -> dict[str, Tensor]:
     """(prompt, response) id lists -> ``input_ids``, ``attention_mask``, ``labels``, each (N, T).
 
     input = prompt + response, right-padded with ``pad_id`` to the longest T; labels = input with
@@ -518,9 +562,13 @@ def collate_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int) -> dict[str, Tensor]:
+def collate_pairs(
+    pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int
+) -> dict[str, Tensor]:
     """B pairs -> one concatenated batch: rows 0..B-1 (x, y_w), rows B..2B-1 (x, y_l), each (2B, T),
     plus ``index`` (B,), the pairs' positions in their dataset (to look up pi_ref's log-probs)."""
-    batch = collate_sequences([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], pad_id)
+    batch = collate_sequences(
+        [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], pad_id
+    )
     batch["index"] = torch.tensor(list(indices), dtype=torch.long)  # (B,)
     return batch

@@ -385,7 +385,9 @@ def get_divergence(name: str, alpha: float | None = None) -> Divergence:
             raise ValueError("the 'alpha' divergence needs alpha in (0, 1), e.g. alpha=0.5")
         return AlphaDivergence(alpha)
     if alpha is not None:
-        raise ValueError(f"alpha={alpha!r} was given but only the 'alpha' divergence takes it, not {name!r}")
+        raise ValueError(
+            f"alpha={alpha!r} was given but only the 'alpha' divergence takes it, not {name!r}"
+        )
     return _REGISTRY[name]()
 
 

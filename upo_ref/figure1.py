@@ -64,7 +64,9 @@ def figure1(
         for row, (key, split, ylabel) in enumerate(ROWS):
             ax = axes[row][col]
             for label in labels:
-                records = [r for r in runs.get((label, beta), ()) if r["split"] == split and key in r]
+                records = [
+                    r for r in runs.get((label, beta), ()) if r["split"] == split and key in r
+                ]
                 if key == "rewards/accuracies":
                     records = [r for r in records if r["examples_seen"] > 0]
                 if not records:
@@ -73,8 +75,17 @@ def figure1(
                 y = [r[key] for r in records]
                 if split == "train":
                     y = trailing_mean(y, smooth or max(1, len(y) // 10))
-                ax.plot(x, y, color=colors[label], label=label, marker="o" if split == "eval" else None, ms=3)
-            if key == "rewards/accuracies":  # chance, and a y-range of at least 0.4..0.6 so noise looks like noise
+                ax.plot(
+                    x,
+                    y,
+                    color=colors[label],
+                    label=label,
+                    marker="o" if split == "eval" else None,
+                    ms=3,
+                )
+            if (
+                key == "rewards/accuracies"
+            ):  # chance, and a y-range of at least 0.4..0.6 so noise looks like noise
                 ax.axhline(0.5, color="grey", ls="--", lw=1)
                 low, high = ax.get_ylim()
                 ax.set_ylim(min(low, 0.4), max(high, 0.6))

@@ -112,7 +112,9 @@ def make_bandit(
     so R has unit scale; pi_ref = softmax(N(0, 0.5^2)) logits; features ~ N(0, 1).
     """
     if not -1.0 <= conflict <= 1.0:
-        raise ValueError(f"conflict must be in [-1, 1] (the negative correlation of R with r), got {conflict!r}")
+        raise ValueError(
+            f"conflict must be in [-1, 1] (the negative correlation of R with r), got {conflict!r}"
+        )
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     reference_logps = F.log_softmax(0.5 * randn(n_prompts, n_actions), dim=-1)
@@ -190,13 +192,17 @@ class ToyConfig:
             )
 
 
-def fit_values(bandit: Bandit, pairs: Pairs, tau: float = 0.5, steps: int = 300, seed: int = 0) -> Tensor:
+def fit_values(
+    bandit: Bandit, pairs: Pairs, tau: float = 0.5, steps: int = 300, seed: int = 0
+) -> Tensor:
     """V(x) for every prompt, (K,): a small MLP on the prompt features fitted by expectile regression
     to R(x, y) over all 2N responses of the data (both sides of every pair)."""
     x = torch.cat([pairs.x, pairs.x])
     y = torch.cat([pairs.y_w, pairs.y_l])
     rewards = bandit.auxiliary_reward[x, y]  # (2N,)
-    with torch.random.fork_rng(devices=[]):  # seed the initial weights without touching the global RNG
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # seed the initial weights without touching the global RNG
         torch.manual_seed(seed)
         net = ValueNetwork(bandit.features.shape[1], hidden_sizes=(32,), dtype=torch.float64)
     with _one_thread():
@@ -205,7 +211,9 @@ def fit_values(bandit: Bandit, pairs: Pairs, tau: float = 0.5, steps: int = 300,
         return net(bandit.features)
 
 
-def method_loss(bandit: Bandit, pairs: Pairs, logps: Tensor, config: ToyConfig, values: Tensor | None = None) -> Tensor:
+def method_loss(
+    bandit: Bandit, pairs: Pairs, logps: Tensor, config: ToyConfig, values: Tensor | None = None
+) -> Tensor:
     """The method's mean loss at the policy ``logps`` (K, n), a scalar; what :func:`train_policy` minimises.
 
     ``values`` (K,) is needed by the UPO methods.
@@ -220,10 +228,14 @@ def method_loss(bandit: Bandit, pairs: Pairs, logps: Tensor, config: ToyConfig, 
     if m == "modpo":
         return modpo_loss(pc, pr, rc, rr, R_w, R_l, beta, (1.0 - config.w_aux, config.w_aux)).mean()
     if m == "upo-dpo":
-        return upo_dpo_loss(pc, pr, rc, rr, R_w, R_l, values[x], beta, config.gamma, config.alpha).mean()
+        return upo_dpo_loss(
+            pc, pr, rc, rr, R_w, R_l, values[x], beta, config.gamma, config.alpha
+        ).mean()
     # KTO-based: every response is one example; chosen are desirable, rejected undesirable.
     policy, reference = torch.cat([pc, pr]), torch.cat([rc, rr])  # (2N,)
-    desirable = torch.cat([torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool)])
+    desirable = torch.cat(
+        [torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool)]
+    )
     # z0 from mismatched pairs: prompt i with the response of example i + 1 (HALOs' KL batch).
     xs, ys = torch.cat([x, x]), torch.cat([y_w, y_l])
     ys_mismatched = ys.roll(1)
@@ -231,10 +243,14 @@ def method_loss(bandit: Bandit, pairs: Pairs, logps: Tensor, config: ToyConfig, 
     if m == "kto":
         return kto_loss(policy, reference, desirable, z0, beta).mean()
     rewards = bandit.auxiliary_reward[xs, ys]
-    return upo_kto_loss(policy, reference, desirable, z0, rewards, values[xs], beta, config.gamma, config.alpha).mean()
+    return upo_kto_loss(
+        policy, reference, desirable, z0, rewards, values[xs], beta, config.gamma, config.alpha
+    ).mean()
 
 
-def train_policy(bandit: Bandit, pairs: Pairs, config: ToyConfig, values: Tensor | None = None) -> Tensor:
+def train_policy(
+    bandit: Bandit, pairs: Pairs, config: ToyConfig, values: Tensor | None = None
+) -> Tensor:
     """Train theta (K, n) from pi_ref by full-batch Adam on :func:`method_loss`; returns log pi (K, n), detached."""
     if config.method.startswith("upo") and values is None:
         raise ValueError(f"{config.method} needs values V(x), shape (K,): see fit_values")
@@ -259,7 +275,11 @@ class FrontierPoint:
 
 
 def run_frontier(
-    bandit: Bandit, configs: list[ToyConfig], seeds: list[int], n_pairs: int = 200, value_steps: int = 300
+    bandit: Bandit,
+    configs: list[ToyConfig],
+    seeds: list[int],
+    n_pairs: int = 200,
+    value_steps: int = 300,
 ) -> list[FrontierPoint]:
     """Train every config on the data of every seed (one dataset and one value network per seed)."""
     points = []
@@ -270,7 +290,9 @@ def run_frontier(
             values = None
             if config.method.startswith("upo"):
                 if config.tau not in values_by_tau:
-                    values_by_tau[config.tau] = fit_values(bandit, pairs, config.tau, value_steps, seed)
+                    values_by_tau[config.tau] = fit_values(
+                        bandit, pairs, config.tau, value_steps, seed
+                    )
                 values = values_by_tau[config.tau]
             logps = train_policy(bandit, pairs, config, values)
             win, aux = win_rate(bandit, logps).item(), auxiliary_value(bandit, logps).item()

@@ -40,7 +40,9 @@ def _reduce(token_logps: Tensor, rows: Tensor, n_rows: int, average: bool) -> Te
     if average:
         counts = torch.bincount(rows, minlength=n_rows).to(out.dtype)  # (B,)
         if bool((counts == 0).any()):
-            raise ValueError("average=True on a sequence with no response tokens: its mean log-prob is undefined")
+            raise ValueError(
+                "average=True on a sequence with no response tokens: its mean log-prob is undefined"
+            )
         out = out / counts
     return out
 
@@ -48,7 +50,9 @@ def _reduce(token_logps: Tensor, rows: Tensor, n_rows: int, average: bool) -> Te
 def logps_from_logits(logits: Tensor, labels: Tensor, average: bool = False) -> Tensor:
     """log pi(y|x) per row from full logits (B, T, V) and labels (B, T) -> (B,). The plain path."""
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)"
+        )
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (B, T-1)
     rows = mask.nonzero()[:, 0]  # (N,) the row of each response token
@@ -73,7 +77,9 @@ def sequence_logps(
     if not response_only:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
         return logps_from_logits(logits, labels, average)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask
+    ).last_hidden_state  # (B, T, C)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX  # (B, T-1)
     rows = mask.nonzero()[:, 0]  # (N,)

@@ -103,7 +103,9 @@ def uh_pi(
     (f' = log + 1) both forms equal h (Prop. 4.1); under Jensen-Shannon they differ (tests pin both).
     """
     if form not in IUPO_FORMS:
-        raise ValueError(f"form must be one of {IUPO_FORMS} (eq. 23 as printed, or the eq. 17 form), got {form!r}")
+        raise ValueError(
+            f"form must be one of {IUPO_FORMS} (eq. 23 as printed, or the eq. 17 form), got {form!r}"
+        )
     f_prime_of_log = as_divergence(divergence).f_prime_of_log
     if form == "paper":
         return f_prime_of_log(policy_chosen_logps - policy_rejected_logps) - f_prime_of_log(
@@ -150,9 +152,13 @@ def dpo_loss(
     Written as softplus(-beta h) = -log sigma(beta h), which is finite for every finite h
     (:func:`softplus`, exact to rounding also above torch's default threshold).
     """
-    check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    check_logps(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     beta = check_beta(beta)
-    h = h_pi(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = h_pi(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     return softplus(-beta * h)
 
 
@@ -168,9 +174,13 @@ def ipo_loss(
     The target 1/(2 beta) is finite, so unlike DPO the loss stops pushing once the policy's
     log-ratio margin exceeds the reference's by 1/(2 beta): IPO stays regularised towards pi_ref.
     """
-    check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    check_logps(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     beta = check_beta(beta)
-    h = h_pi(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = h_pi(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     return (h - 1 / (2 * beta)) ** 2
 
 
@@ -188,11 +198,17 @@ def fdpo_loss(
 
     With reverse KL, f' = log + 1 and the +1 cancels: f-DPO is DPO (section 2.4).
     """
-    check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    check_logps(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     beta = check_beta(beta)
     margin = uh_pi(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        divergence, form="kkt",
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        divergence,
+        form="kkt",
     )  # f'(u_w) - f'(u_l)
     return _check_representable(softplus(-beta * margin), divergence, "fdpo_loss")
 
@@ -222,11 +238,17 @@ def iupo_loss(
     responses is routinely hundreds of nats. Where f' grows exponentially (forward KL, alpha) its
     value is then beyond float32 and this function raises a ValueError rather than return inf/NaN.
     """
-    check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    check_logps(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     beta = check_beta(beta)
     uh = uh_pi(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        divergence, form=form,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        divergence,
+        form=form,
     )
     return _check_representable((uh - 1 / (2 * beta)) ** 2, divergence, "iupo_loss")
 
@@ -252,7 +274,9 @@ def preference_metrics(
     ``scores/rejected``, ``scores/margins``. Since f' is increasing, scores and rewards rank the
     two responses alike whenever f' is strictly increasing.
     """
-    check_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    check_logps(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     beta = check_beta(beta)
     div = ReverseKL() if divergence is None else as_divergence(divergence)
     log_u_w = policy_chosen_logps - reference_chosen_logps
@@ -296,16 +320,30 @@ class PreferenceLoss:
             )
         if self.name in ("fdpo", "iupo"):
             if self.divergence is None:
-                raise ValueError(f"{self.name} needs a divergence, e.g. PreferenceLoss({self.name!r}, 'jensen_shannon')")
+                raise ValueError(
+                    f"{self.name} needs a divergence, e.g. PreferenceLoss({self.name!r}, 'jensen_shannon')"
+                )
             object.__setattr__(self, "divergence", as_divergence(self.divergence))
         if self.form not in IUPO_FORMS:
             raise ValueError(f"form must be one of {IUPO_FORMS}, got {self.form!r}")
         if self.name != "iupo" and self.form != "paper":
             raise ValueError(f"form={self.form!r} applies to iupo only, not {self.name!r}")
 
-    def __call__(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                 reference_rejected_logps, beta) -> Tensor:
-        args = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
+    def __call__(
+        self,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        beta,
+    ) -> Tensor:
+        args = (
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
+            beta,
+        )
         if self.name == "dpo":
             return dpo_loss(*args)
         if self.name == "ipo":
@@ -321,8 +359,13 @@ class PreferenceLoss:
         if self.divergence is None:
             return base
         d = self.divergence
-        short = {"reverse_kl": "RKL", "forward_kl": "FKL", "jensen_shannon": "JS",
-                 "chi_squared": "chi2", "total_variation": "TV"}.get(d.name, d.name)
+        short = {
+            "reverse_kl": "RKL",
+            "forward_kl": "FKL",
+            "jensen_shannon": "JS",
+            "chi_squared": "chi2",
+            "total_variation": "TV",
+        }.get(d.name, d.name)
         if d.name == "alpha":
             short = f"alpha={d.alpha:g}"
         out = f"f-DPO ({short})" if self.name == "fdpo" else f"{short}-IUPO"

@@ -37,12 +37,16 @@ def load_tokenizer(cfg: ModelConfig):
 
     if cfg.tokenizer is None and cfg.name_or_path in (TINY_GPT2, "gpt2"):
         local = gpt2_tokenizer_dir()
-        tok = AutoTokenizer.from_pretrained(str(local) if (local / "vocab.json").is_file() else "gpt2")
+        tok = AutoTokenizer.from_pretrained(
+            str(local) if (local / "vocab.json").is_file() else "gpt2"
+        )
     else:
         directory, kwargs = _gguf_parts(cfg.tokenizer or cfg.name_or_path)
         tok = AutoTokenizer.from_pretrained(directory, **kwargs)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer of {cfg.name_or_path!r} has no EOS token; responses must end with one")
+        raise ValueError(
+            f"tokenizer of {cfg.name_or_path!r} has no EOS token; responses must end with one"
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -67,8 +71,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, n_positions: int, eos_id: int
 
     if cfg.name_or_path == TINY_GPT2:
         config = GPT2Config(
-            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=vocab_size, n_positions=n_positions,
-            bos_token_id=vocab_size - 1 if eos_id is None else eos_id, eos_token_id=vocab_size - 1 if eos_id is None else eos_id,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            vocab_size=vocab_size,
+            n_positions=n_positions,
+            bos_token_id=vocab_size - 1 if eos_id is None else eos_id,
+            eos_token_id=vocab_size - 1 if eos_id is None else eos_id,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)

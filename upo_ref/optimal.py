@@ -82,13 +82,19 @@ def expected_psi(P: Tensor, mu: Tensor, psi=psi_identity) -> Tensor:
 
 
 # --- the objective and its optimum -------------------------------------------------------------
-def _check_problem(rewards: Tensor, pi_ref: Tensor, beta: float, divergence) -> tuple[float, Divergence]:
+def _check_problem(
+    rewards: Tensor, pi_ref: Tensor, beta: float, divergence
+) -> tuple[float, Divergence]:
     for x, name in ((rewards, "rewards"), (pi_ref, "pi_ref")):
         if not isinstance(x, Tensor) or x.dim() != 1 or not x.is_floating_point():
-            raise ValueError(f"{name} must be a 1-D floating tensor of shape (K,), got {getattr(x, 'shape', type(x))}")
+            raise ValueError(
+                f"{name} must be a 1-D floating tensor of shape (K,), got {getattr(x, 'shape', type(x))}"
+            )
         check_finite(x, name)
     if rewards.shape != pi_ref.shape:
-        raise ValueError(f"rewards has shape {tuple(rewards.shape)} but pi_ref has {tuple(pi_ref.shape)}; both must be (K,)")
+        raise ValueError(
+            f"rewards has shape {tuple(rewards.shape)} but pi_ref has {tuple(pi_ref.shape)}; both must be (K,)"
+        )
     if bool((pi_ref <= 0).any()) or abs(pi_ref.sum().item() - 1) > 1e-9:
         raise ValueError(
             "pi_ref must be a strictly positive distribution summing to 1 (Theorem 3.1 assumes "
@@ -103,7 +109,9 @@ def upo_objective(pi: Tensor, rewards: Tensor, pi_ref: Tensor, beta: float, dive
     return (pi * rewards).sum() - beta * (pi_ref * div.f(pi / pi_ref)).sum()
 
 
-def optimal_policy(rewards: Tensor, pi_ref: Tensor, beta: float, divergence, return_lam: bool = False):
+def optimal_policy(
+    rewards: Tensor, pi_ref: Tensor, beta: float, divergence, return_lam: bool = False
+):
     r"""The maximiser pi* of eq. (11) on K actions, in closed form: pi_ref u*((r - lambda) / beta).
 
     Args:
@@ -148,7 +156,9 @@ def optimal_policy(rewards: Tensor, pi_ref: Tensor, beta: float, divergence, ret
     return (pi, lam) if return_lam else pi
 
 
-def solve_numerically(rewards: Tensor, pi_ref: Tensor, beta: float, divergence, max_steps: int = 500) -> Tensor:
+def solve_numerically(
+    rewards: Tensor, pi_ref: Tensor, beta: float, divergence, max_steps: int = 500
+) -> Tensor:
     r"""An independent solver for the same problem: Newton's method on the simplex, in pi itself.
 
     It uses only f, differentiated twice by autograd, never f' or (f')^{-1}, so agreeing with
@@ -185,7 +195,11 @@ def solve_numerically(rewards: Tensor, pi_ref: Tensor, beta: float, divergence, 
             free &= ~stuck
         step = torch.where(free, -(g - nu) / h, torch.zeros_like(pi))
         shrinking = step < 0
-        t = min(1.0, 0.99 * (pi[shrinking] / -step[shrinking]).min().item()) if shrinking.any() else 1.0
+        t = (
+            min(1.0, 0.99 * (pi[shrinking] / -step[shrinking]).min().item())
+            if shrinking.any()
+            else 1.0
+        )
         for _ in range(60):  # backtracking until J increases
             candidate = pi + t * step
             new_value = objective(candidate).item()
@@ -235,7 +249,12 @@ class KKTResidual:
     eta: Tensor
 
     def max(self) -> float:
-        return max(self.stationarity, self.primal_feasibility, self.dual_feasibility, self.complementary_slackness)
+        return max(
+            self.stationarity,
+            self.primal_feasibility,
+            self.dual_feasibility,
+            self.complementary_slackness,
+        )
 
 
 def kkt_residual(

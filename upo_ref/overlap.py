@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ExperimentConfig, get_preset, smoke, PRESETS
+from .config import PRESETS, ExperimentConfig, get_preset, smoke
 from .logprobs import head_is_linear_readout
 from .losses import PreferenceLoss, preference_metrics
 from .models import build_model
@@ -58,18 +58,24 @@ def _load_weights(model, path: Path, cfg: ExperimentConfig) -> None:
     """Load a checkpoint of the main job into ``model``, after checking it was made with ``cfg``'s
     model and data (the check reads the identity the trainer stores in every checkpoint)."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python -m upo_ref.reproduce` for this preset and --out first")
+        raise FileNotFoundError(
+            f"{path} is missing: run `python -m upo_ref.reproduce` for this preset and --out first"
+        )
     state = torch.load(path, map_location="cpu", weights_only=False)
     e = cfg.to_dict()
     made_with = {k: state["identity"].get(k) for k in ("model", "data")}
     if made_with != {k: e[k] for k in ("model", "data")}:
-        raise ValueError(f"{path} was made with another model or data config than preset {cfg.name!r}:\n"
-                         f"  checkpoint: {made_with}\n  preset:     {({k: e[k] for k in ('model', 'data')})}\n"
-                         f"pass the --preset (and --smoke) that wrote this --out")
+        raise ValueError(
+            f"{path} was made with another model or data config than preset {cfg.name!r}:\n"
+            f"  checkpoint: {made_with}\n  preset:     { ({k: e[k] for k in ('model', 'data')}) }\n"
+            f"pass the --preset (and --smoke) that wrote this --out"
+        )
     model.load_state_dict(state["model"])
 
 
-def overlap_check(cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | None = None) -> list[GroupStats]:
+def overlap_check(
+    cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | None = None
+) -> list[GroupStats]:
     """The check on the finished run of ``cfg`` under ``out_dir`` (CPU); see the module docstring.
     ``n_unused``: how many of the unused training pairs to score (None: all).
 
@@ -80,13 +86,19 @@ def overlap_check(cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | No
     if not cfg.sft.n_examples:
         raise ValueError(f"preset {cfg.name!r} has no SFT phase: there is no overlap to check")
     if cfg.data.n_train_pairs is None:
-        raise ValueError(f"preset {cfg.name!r} uses every training pair for preference training (n_train_pairs=None): "
-                         f"no 'unused' group")
+        raise ValueError(
+            f"preset {cfg.name!r} uses every training pair for preference training (n_train_pairs=None): "
+            f"no 'unused' group"
+        )
     if n_unused is not None and n_unused < 1:
-        raise ValueError(f"n_unused must be a positive number of pairs or None (all), got {n_unused}")
+        raise ValueError(
+            f"n_unused must be a positive number of pairs or None (all), got {n_unused}"
+        )
     _, data = load_experiment_data(cfg, keep_unused=n_unused)
     if not data.pref_unused:
-        raise ValueError(f"preset {cfg.name!r} uses every training pair for preference training: no 'unused' group")
+        raise ValueError(
+            f"preset {cfg.name!r} uses every training pair for preference training: no 'unused' group"
+        )
     groups = {"trained": data.pref_train, "unused": data.pref_unused, "eval": data.pref_eval}
     device, batch = torch.device("cpu"), cfg.pref.eval_batch_size
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
@@ -94,23 +106,41 @@ def overlap_check(cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | No
 
     def logps(pairs):
         # The trainer's batches (train.reference_logps forms the same ones as train.evaluate).
-        return reference_logps(model, pairs, batch, data.pad_id, device, cfg.average_logps, response_only)
+        return reference_logps(
+            model, pairs, batch, data.pad_id, device, cfg.average_logps, response_only
+        )
 
     _load_weights(model, out_dir / "sft" / CHECKPOINT, cfg)
     ref = {g: logps(pairs) for g, pairs in groups.items()}
     rows = []
     for g, (rc, rr) in ref.items():
         diff = rc - rr  # (N,)
-        rows.append(GroupStats("pi_ref", g, len(diff), float((diff > 0).double().mean()), float(diff.double().mean())))
+        rows.append(
+            GroupStats(
+                "pi_ref",
+                g,
+                len(diff),
+                float((diff > 0).double().mean()),
+                float(diff.double().mean()),
+            )
+        )
     for loss_name, divergence in cfg.losses:
         label = PreferenceLoss(loss_name, divergence).label
         for beta in cfg.betas:
-            _load_weights(model, out_dir / RunResult(label, beta, {}, Path()).name / CHECKPOINT, cfg)
+            _load_weights(
+                model, out_dir / RunResult(label, beta, {}, Path()).name / CHECKPOINT, cfg
+            )
             for g, pairs in groups.items():
                 m = preference_metrics(*logps(pairs), *ref[g], beta)
-                rows.append(GroupStats(f"{label} beta={beta:g}", g, len(pairs),
-                                       float(m["rewards/accuracies"].double().mean()),
-                                       float(m["rewards/margins"].double().mean())))
+                rows.append(
+                    GroupStats(
+                        f"{label} beta={beta:g}",
+                        g,
+                        len(pairs),
+                        float(m["rewards/accuracies"].double().mean()),
+                        float(m["rewards/margins"].double().mean()),
+                    )
+                )
     return rows
 
 
@@ -126,29 +156,49 @@ def format_overlap(rows: list[GroupStats]) -> str:
             a = by[g].accuracy
             cells += [f"{a:.3f} +- {binomial_se(a, by[g].n):.3f}", f"{by[g].margin:+.4f}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines += ["", "pi_ref's row: accuracy is P(log pi_ref(y_w|x) > log pi_ref(y_l|x)), margin its mean log-ratio "
-              "(nats); the runs' rows: the trainer's implicit-reward accuracy and beta * h."]
+    lines += [
+        "",
+        "pi_ref's row: accuracy is P(log pi_ref(y_w|x) > log pi_ref(y_l|x)), margin its mean log-ratio "
+        "(nats); the runs' rows: the trainer's implicit-reward accuracy and beta * h.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[GroupStats]:
-    p = argparse.ArgumentParser(prog="python -m upo_ref.overlap", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m upo_ref.overlap", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
-    p.add_argument("--smoke", action="store_true", help="the preset's smoke version (as reproduce --smoke)")
+    p.add_argument(
+        "--smoke", action="store_true", help="the preset's smoke version (as reproduce --smoke)"
+    )
     p.add_argument("--out", help="the run folder reproduce wrote (default runs/<preset>)")
-    p.add_argument("--n-unused", type=int, help="score only this many unused training pairs (default all)")
-    p.add_argument("--results", help="where to write overlap.md (default: results/<preset>, or --out with --smoke)")
+    p.add_argument(
+        "--n-unused", type=int, help="score only this many unused training pairs (default all)"
+    )
+    p.add_argument(
+        "--results",
+        help="where to write overlap.md (default: results/<preset>, or --out with --smoke)",
+    )
     args = p.parse_args(argv)
     cfg = get_preset(args.preset)
     cfg = smoke(cfg) if args.smoke else cfg
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
     rows = overlap_check(cfg, out_dir, args.n_unused)
     table = format_overlap(rows)
-    results = Path(args.results) if args.results else (out_dir if args.smoke else REPO_ROOT / "results" / cfg.name)
+    results = (
+        Path(args.results)
+        if args.results
+        else (out_dir if args.smoke else REPO_ROOT / "results" / cfg.name)
+    )
     results.mkdir(parents=True, exist_ok=True)
-    command = "python -m upo_ref.overlap" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    (results / "overlap.md").write_text(f"# SFT-overlap check of preset `{cfg.name}`\n\nCommand: `{command}`\n\n"
-                                        f"{table}\n", encoding="utf-8")
+    command = "python -m upo_ref.overlap" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv)
+    )
+    (results / "overlap.md").write_text(
+        f"# SFT-overlap check of preset `{cfg.name}`\n\nCommand: `{command}`\n\n{table}\n",
+        encoding="utf-8",
+    )
     print(f"{table}\n\nwritten to {results / 'overlap.md'}")
     return rows
 

@@ -26,7 +26,9 @@ def save_figure(fig: plt.Figure, name: str) -> Path:
     return path
 
 
-def plot_mean_band(ax: plt.Axes, steps: Tensor, x: Tensor, label: str, color=None, level: float = 0.95, **kwargs):
+def plot_mean_band(
+    ax: plt.Axes, steps: Tensor, x: Tensor, label: str, color=None, level: float = 0.95, **kwargs
+):
     """Plot the mean over seeds of ``x`` (T, S) against ``steps`` (T,), with its ``level`` confidence band.
 
     The band is the Student-t interval of :func:`upo_ref.stats.mean_interval`. Returns the line.

@@ -156,7 +156,9 @@ def flesch_kincaid_grade(text: str) -> float:
     return 0.39 * words_per_sentence + 11.8 * syllables_per_word - 15.59
 
 
-def readability_rewards(texts: list[str], scale: float = 0.01, empty: float = 0.0, dtype=torch.float32) -> Tensor:
+def readability_rewards(
+    texts: list[str], scale: float = 0.01, empty: float = 0.0, dtype=torch.float32
+) -> Tensor:
     """Readability reward per response, (B,): ``scale`` x Flesch reading ease (``empty`` for no words).
 
     The default scale 1/100 puts the reward in "hundreds of FRE points" (the chosen replies of HH
@@ -169,7 +171,9 @@ def readability_rewards(texts: list[str], scale: float = 0.01, empty: float = 0.
 
 
 # --- safety: a linear Bradley-Terry scorer on hashed n-grams -------------------------------------
-SAFETY_FEATURE_DIM = 2**14  # hashed feature buckets: collisions are rare for HH's ~20k distinct n-grams
+SAFETY_FEATURE_DIM = (
+    2**14
+)  # hashed feature buckets: collisions are rare for HH's ~20k distinct n-grams
 _TOKEN = re.compile(r"[a-z0-9']+")
 
 
@@ -178,7 +182,9 @@ def word_tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def hashed_ngram_features(texts: list[str], dim: int = SAFETY_FEATURE_DIM, ngrams: tuple[int, ...] = (1, 2)) -> Tensor:
+def hashed_ngram_features(
+    texts: list[str], dim: int = SAFETY_FEATURE_DIM, ngrams: tuple[int, ...] = (1, 2)
+) -> Tensor:
     """Count the word n-grams of each text into ``dim`` buckets by CRC-32 (stable across runs, unlike
     Python's salted ``hash``), then scale each row to unit L2 norm; a sparse (B, dim) float64 tensor.
 
@@ -232,7 +238,9 @@ def train_bradley_terry_scorer(
         raise ValueError(
             f"chosen and rejected must be non-empty lists of equal length, got {len(chosen)} and {len(rejected)}"
         )
-    diff = (hashed_ngram_features(chosen, dim, ngrams) - hashed_ngram_features(rejected, dim, ngrams)).coalesce()
+    diff = (
+        hashed_ngram_features(chosen, dim, ngrams) - hashed_ngram_features(rejected, dim, ngrams)
+    ).coalesce()
     w = torch.zeros(dim, 1, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -268,7 +276,9 @@ def load_hh_pairs(subset: str = "harmless-base", path: Path | None = None) -> li
     """The local HH-RLHF test split of ``subset`` (``<shared>/data/hh-rlhf/<subset>/test.jsonl.gz``)."""
     path = Path(path) if path is not None else hh_dir() / subset / "test.jsonl.gz"
     if not path.exists():
-        raise ValueError(f"no HH-RLHF file at {path}; set UPO_REF_SHARED to the folder holding data/hh-rlhf")
+        raise ValueError(
+            f"no HH-RLHF file at {path}; set UPO_REF_SHARED to the folder holding data/hh-rlhf"
+        )
     pairs = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
@@ -279,7 +289,9 @@ def load_hh_pairs(subset: str = "harmless-base", path: Path | None = None) -> li
     return pairs
 
 
-def split_by_prompt(pairs: list[HHPair], held_out: float = 0.2) -> tuple[list[HHPair], list[HHPair]]:
+def split_by_prompt(
+    pairs: list[HHPair], held_out: float = 0.2
+) -> tuple[list[HHPair], list[HHPair]]:
     """(train, held-out): a pair is held out when CRC-32 of its prompt, mod 1000, is below 1000 x held_out.
 
     Deterministic, and pairs that share a prompt land on the same side.

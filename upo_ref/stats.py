@@ -41,7 +41,7 @@ def _student_t_cdf_from_zero(t: float, dof: float) -> float:
     return (t / _SIMPSON_PANELS / 3) * float((weights * density).sum())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def student_t_quantile(p: float, dof: float) -> float:
     """The p-quantile of Student's t with ``dof`` degrees of freedom, for p in [0.5, 1).
 
@@ -52,7 +52,9 @@ def student_t_quantile(p: float, dof: float) -> float:
     if not 0.5 <= p < 1:
         raise ValueError(f"p must be in [0.5, 1) (an upper quantile), got {p!r}")
     if not dof > 0:
-        raise ValueError(f"dof must be > 0, got {dof!r}; a confidence interval needs at least 2 seeds")
+        raise ValueError(
+            f"dof must be > 0, got {dof!r}; a confidence interval needs at least 2 seeds"
+        )
     target = p - 0.5
     if _student_t_cdf_from_zero(_T_MAX, dof) < target:
         raise ValueError(f"the {p}-quantile of t({dof}) exceeds {_T_MAX}; use more seeds")

@@ -44,7 +44,9 @@ class SyntheticTask:
 
     def __post_init__(self):
         if self.n_content < 2 or self.n_content % 2:
-            raise ValueError(f"n_content must be an even number >= 2 (half the tokens are liked), got {self.n_content}")
+            raise ValueError(
+                f"n_content must be an even number >= 2 (half the tokens are liked), got {self.n_content}"
+            )
         if self.n_topics < 1 or self.prompt_len < 1 or self.response_len < 1:
             raise ValueError("n_topics, prompt_len and response_len must be >= 1")
 
@@ -82,11 +84,15 @@ class SyntheticTask:
         while len(out) < n:
             k = int(torch.randint(self.n_topics, (1,), generator=g))
             filler = torch.randint(self.n_content, (self.prompt_len - 1,), generator=g).tolist()
-            y1, y2 = torch.randint(self.n_content, (2, self.response_len), generator=g)  # (L,), (L,)
+            y1, y2 = torch.randint(
+                self.n_content, (2, self.response_len), generator=g
+            )  # (L,), (L,)
             r1, r2 = float(w[k, y1].sum()), float(w[k, y2].sum())
             if r1 == r2:
                 continue
             yw, yl = (y1, y2) if r1 > r2 else (y2, y1)
             prompt = (self.n_content + k, *filler)
-            out.append(TokenizedPair(prompt, (*yw.tolist(), self.eos_id), (*yl.tolist(), self.eos_id)))
+            out.append(
+                TokenizedPair(prompt, (*yw.tolist(), self.eos_id), (*yl.tolist(), self.eos_id))
+            )
         return out

@@ -54,8 +54,8 @@ from tqdm.auto import tqdm
 
 from .config import PhaseConfig
 from .data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
-from .logprobs import concatenated_logps, sequence_logps
 from .divergences import Divergence
+from .logprobs import concatenated_logps, sequence_logps
 from .losses import preference_metrics
 
 __all__ = [
@@ -110,14 +110,25 @@ class SFTPhase:
     response_only: bool = True
     name: str = "sft"
 
-    def collate(self, examples: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, Tensor]:
-        batch = collate_sequences([(e.prompt, e.chosen) for e in examples], self.pad_id)  # (B, T) each
+    def collate(
+        self, examples: Sequence[TokenizedPair], indices: Sequence[int]
+    ) -> dict[str, Tensor]:
+        batch = collate_sequences(
+            [(e.prompt, e.chosen) for e in examples], self.pad_id
+        )  # (B, T) each
         batch["index"] = torch.tensor(list(indices), dtype=torch.long)  # (B,)
         return batch
 
-    def losses(self, model, batch: dict[str, Tensor], split: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def losses(
+        self, model, batch: dict[str, Tensor], split: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         logps = sequence_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.average, self.response_only
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            self.average,
+            self.response_only,
         )  # (B,)
         _check_finite("log-probs of the SFT targets", logps)
         n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (B,)
@@ -148,7 +159,9 @@ class PreferencePhase:
     def collate(self, pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, Tensor]:
         return collate_pairs(pairs, indices, self.pad_id)  # (2B, T) each, index (B,)
 
-    def losses(self, model, batch: dict[str, Tensor], split: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def losses(
+        self, model, batch: dict[str, Tensor], split: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         pc, pr = concatenated_logps(model, batch, self.average, self.response_only)  # (B,), (B,)
         _check_finite("policy log-probs", pc, pr)
         ref_chosen, ref_rejected = self.reference[split]
@@ -156,19 +169,30 @@ class PreferencePhase:
         rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
         takes_batch = getattr(self.loss_fn, "takes_batch", False)
         if takes_batch:
-            batch = {**batch, **{k: v[index].to(pc.device) for k, v in self.extras.get(split, {}).items()}}
+            batch = {
+                **batch,
+                **{k: v[index].to(pc.device) for k, v in self.extras.get(split, {}).items()},
+            }
             losses = self.loss_fn(pc, pr, rc, rr, self.beta, batch=batch)
         else:
             losses = self.loss_fn(pc, pr, rc, rr, self.beta)  # (B,)
-        divergence = self.divergence if self.divergence is not None else getattr(self.loss_fn, "divergence", None)
+        divergence = (
+            self.divergence
+            if self.divergence is not None
+            else getattr(self.loss_fn, "divergence", None)
+        )
         metrics = preference_metrics(pc.detach(), pr.detach(), rc, rr, self.beta, divergence)
         metrics["logps/chosen"], metrics["logps/rejected"] = pc.detach(), pr.detach()
         if takes_batch and hasattr(self.loss_fn, "metrics"):
             with torch.no_grad():
-                own = self.loss_fn.metrics(pc.detach(), pr.detach(), rc, rr, self.beta, batch=batch)  # {name: (B,)}
+                own = self.loss_fn.metrics(
+                    pc.detach(), pr.detach(), rc, rr, self.beta, batch=batch
+                )  # {name: (B,)}
             clash = sorted(set(own) & set(metrics))
             if clash:
-                raise ValueError(f"the loss's metrics {clash} clash with the preference phase's; rename them")
+                raise ValueError(
+                    f"the loss's metrics {clash} clash with the preference phase's; rename them"
+                )
             metrics.update(own)
         return losses, metrics
 
@@ -227,7 +251,9 @@ def example_indices(n: int, seed: int, start: int, count: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(model, phase, eval_set: Sequence[TokenizedPair], batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model, phase, eval_set: Sequence[TokenizedPair], batch_size: int, device: torch.device
+) -> dict[str, float]:
     """Mean loss and mean of every metric over the whole eval set, in consecutive batches."""
     if not eval_set:
         raise ValueError("the eval set is empty")
@@ -254,7 +280,9 @@ def _make_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr)
 
 
-def _train_step(model, phase, examples, indices, cfg: PhaseConfig, optimizer, step: int, device) -> dict[str, float]:
+def _train_step(
+    model, phase, examples, indices, cfg: PhaseConfig, optimizer, step: int, device
+) -> dict[str, float]:
     """One optimiser step on one batch; returns its mean metrics, loss, lr and gradient norm."""
     lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1))
     for group in optimizer.param_groups:
@@ -262,11 +290,15 @@ def _train_step(model, phase, examples, indices, cfg: PhaseConfig, optimizer, st
     B, micro = len(examples), cfg.microbatch_size or len(examples)
     sums: dict[str, float] = defaultdict(float)
     for start in range(0, B, micro):
-        batch = _to(phase.collate(examples[start : start + micro], indices[start : start + micro]), device)
+        batch = _to(
+            phase.collate(examples[start : start + micro], indices[start : start + micro]), device
+        )
         with autocast(device):
             losses, metrics = phase.losses(model, batch, "train")  # (b,), {name: (b,)}
         _check_finite("loss", losses)
-        (losses.sum() / B).backward()  # gradients of the microbatches add up to those of the batch mean
+        (
+            losses.sum() / B
+        ).backward()  # gradients of the microbatches add up to those of the batch mean
         sums["loss"] += float(losses.detach().sum())
         for k, v in metrics.items():
             sums[k] += float(v.sum())
@@ -285,7 +317,9 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _save_checkpoint(path: Path, model, optimizer, examples_seen: int, step: int, identity: dict) -> None:
+def _save_checkpoint(
+    path: Path, model, optimizer, examples_seen: int, step: int, identity: dict
+) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -300,7 +334,9 @@ def _save_checkpoint(path: Path, model, optimizer, examples_seen: int, step: int
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
 
 
-def _resume(path: Path, metrics_path: Path, model, optimizer, identity: dict, device) -> tuple[int, int]:
+def _resume(
+    path: Path, metrics_path: Path, model, optimizer, identity: dict, device
+) -> tuple[int, int]:
     state = torch.load(path, map_location=device, weights_only=False)
     if state["identity"] != identity:
         raise ValueError(
@@ -313,7 +349,11 @@ def _resume(path: Path, metrics_path: Path, model, optimizer, identity: dict, de
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     n = state["examples_seen"]
-    kept = [r for r in read_metrics(metrics_path) if r["examples_seen"] <= n] if metrics_path.exists() else []
+    kept = (
+        [r for r in read_metrics(metrics_path) if r["examples_seen"] <= n]
+        if metrics_path.exists()
+        else []
+    )
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     return n, state["step"]
 
@@ -368,14 +408,28 @@ def train(
     else:
         last_eval = [r for r in read_metrics(metrics_path) if r["split"] == "eval"][-1]
 
-    bar = tqdm(total=cfg.n_examples, initial=examples_seen, unit="ex", desc=desc or phase.name, disable=not progress)
+    bar = tqdm(
+        total=cfg.n_examples,
+        initial=examples_seen,
+        unit="ex",
+        desc=desc or phase.name,
+        disable=not progress,
+    )
     try:
         while examples_seen < cfg.n_examples:
             indices = example_indices(len(train_set), cfg.seed, examples_seen, cfg.batch_size)
             t0 = time.perf_counter()
             try:
-                metrics = _train_step(model, phase, [train_set[i] for i in indices], indices, cfg, optimizer, step,
-                                      device)
+                metrics = _train_step(
+                    model,
+                    phase,
+                    [train_set[i] for i in indices],
+                    indices,
+                    cfg,
+                    optimizer,
+                    step,
+                    device,
+                )
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(
                     f"{desc or phase.name}: {err} at step {step} (examples_seen {examples_seen}); stopped before the "
@@ -385,15 +439,27 @@ def train(
             examples_seen += cfg.batch_size
             step += 1
             rate = cfg.batch_size / (time.perf_counter() - t0)
-            log({"split": "train", "examples_seen": examples_seen, "step": step, **metrics,
-                 "time/examples_per_s": rate})
+            log(
+                {
+                    "split": "train",
+                    "examples_seen": examples_seen,
+                    "step": step,
+                    **metrics,
+                    "time/examples_per_s": rate,
+                }
+            )
             bar.update(cfg.batch_size)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-            crossed = examples_seen // cfg.eval_every > (examples_seen - cfg.batch_size) // cfg.eval_every
+            crossed = (
+                examples_seen // cfg.eval_every > (examples_seen - cfg.batch_size) // cfg.eval_every
+            )
             if crossed or examples_seen == cfg.n_examples:
                 last_eval = evaluate_and_save()
                 key = "rewards/accuracies" if "rewards/accuracies" in last_eval else "loss"
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}", **{f"eval_{key.split('/')[-1]}": f"{last_eval[key]:.3g}"})
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4g}",
+                    **{f"eval_{key.split('/')[-1]}": f"{last_eval[key]:.3g}"},
+                )
     finally:
         bar.close()
     return {k: v for k, v in last_eval.items() if k not in ("split", "examples_seen", "step")}
