@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upo_ref.analysis import (
+from upo_ref.divergences import get_divergence
+from upo_ref.experiments.analysis import (
     loss_and_gradients,
     paper_optimal_logratio,
     paper_reachability_threshold,
     paper_uh_supremum,
     relative_error,
 )
-from upo_ref.divergences import get_divergence
 from upo_ref.losses import PreferenceLoss, iupo_loss, uh_pi
 
 JS = get_divergence("jensen_shannon")

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from upo_ref.aux_lm import (
+from upo_ref.auxiliary.lm import (
     AuxEvaluation,
     AuxLMConfig,
     AuxRun,
@@ -31,13 +31,13 @@ from upo_ref.aux_lm import (
     sample_responses,
     shorter_response_agreement,
 )
-from upo_ref.config import TINY_GPT2, DataConfig, ModelConfig, PhaseConfig, get_preset
-from upo_ref.data import IGNORE_INDEX, TokenizedPair
+from upo_ref.auxiliary.rewards import readability_rewards
+from upo_ref.lm.config import TINY_GPT2, DataConfig, ModelConfig, PhaseConfig, get_preset
+from upo_ref.lm.data import IGNORE_INDEX, TokenizedPair
+from upo_ref.lm.experiment import prepare_data
+from upo_ref.lm.models import build_model
+from upo_ref.lm.train import PreferencePhase, read_metrics, reference_logps, train
 from upo_ref.losses import PreferenceLoss
-from upo_ref.models import build_model
-from upo_ref.reproduce import prepare_data
-from upo_ref.rewards import readability_rewards
-from upo_ref.train import PreferencePhase, read_metrics, reference_logps, train
 
 CPU = torch.device("cpu")
 LIKED = (0, 1)  # the synthetic auxiliary reward counts these content tokens

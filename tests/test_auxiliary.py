@@ -1,4 +1,4 @@
-"""Auxiliary-objective UPO (upo_ref.auxiliary): closed forms, the issue's properties, bad inputs."""
+"""Auxiliary-objective UPO (upo_ref.auxiliary.losses): closed forms, the issue's properties, bad inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from strategies import F64_RTOL, betas, dyadic_logp_batches, logp_batches
 
-from upo_ref.auxiliary import (
+from upo_ref.auxiliary.losses import (
     WEIGHT_CAP,
     ValueNetwork,
     advantage_weights,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from strategies import ADMISSIBLE_NAMES, divergence_of
 
-from upo_ref.analysis import paper_reachability_threshold
-from upo_ref.bandits import (
+from upo_ref.experiments.analysis import paper_reachability_threshold
+from upo_ref.experiments.bandits import (
     BANDIT_FAST,
     BANDIT_FULL,
     D1,

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from upo_ref.config import ModelConfig
-from upo_ref.data import (
+from upo_ref.lm.config import ModelConfig
+from upo_ref.lm.data import (
     ASSISTANT_TAG,
     HH_LOCAL_SUBSETS,
     IGNORE_INDEX,
@@ -34,9 +34,9 @@ from upo_ref.data import (
     tokenize_pairs,
     truncate,
 )
-from upo_ref.models import load_tokenizer
-from upo_ref.paths import hh_dir
-from upo_ref.synthetic import SyntheticTask
+from upo_ref.lm.models import load_tokenizer
+from upo_ref.lm.synthetic import SyntheticTask
+from upo_ref.utils.paths import hh_dir
 
 
 def write_jsonl(path, rows, gz=None):

@@ -1,4 +1,4 @@
-"""The toy frontier experiment (upo_ref.frontier): exact metrics, data, and the paper's sanity checks."""
+"""The toy frontier experiment (upo_ref.auxiliary.frontier): exact metrics, data, and the paper's sanity checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from strategies import F64_RTOL
 
-from upo_ref.frontier import (
+from upo_ref.auxiliary.frontier import (
     Bandit,
     FrontierPoint,
     ToyConfig,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from upo_ref.data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
-from upo_ref.logprobs import (
+from upo_ref.lm.data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
+from upo_ref.lm.logprobs import (
     concatenated_logps,
     head_is_linear_readout,
     logps_from_logits,

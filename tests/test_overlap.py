@@ -5,12 +5,12 @@ from collections import Counter
 
 import pytest
 
-from upo_ref.config import get_preset, smoke
-from upo_ref.models import load_tokenizer
+from upo_ref.lm.config import get_preset, smoke
+from upo_ref.lm.experiment import _first, _first_and_rest, prepare_data
+from upo_ref.lm.models import load_tokenizer
+from upo_ref.lm.train import read_metrics
 from upo_ref.overlap import GROUPS, format_overlap, main, overlap_check
-from upo_ref.reproduce import _first, _first_and_rest, prepare_data
 from upo_ref.reproduce import main as reproduce_main
-from upo_ref.train import read_metrics
 
 N_UNUSED = 48
 

@@ -1,4 +1,4 @@
-"""Plot helpers: the band drawn is the seed interval of upo_ref.stats, and figures land in figures_dir at 110 dpi."""
+"""Plot helpers: the band drawn is the seed interval of upo_ref.utils.stats, and figures land in figures_dir at 110 dpi."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from upo_ref.plots import FIGURE_DPI, plot_mean_band, save_figure  # noqa: E402
-from upo_ref.stats import mean_interval  # noqa: E402
+from upo_ref.utils.plots import FIGURE_DPI, plot_mean_band, save_figure  # noqa: E402
+from upo_ref.utils.stats import mean_interval  # noqa: E402
 
 
 def test_plot_mean_band_draws_the_mean_and_the_student_t_interval():

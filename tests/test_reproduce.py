@@ -12,13 +12,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from upo_ref.config import TINY_GPT2, ModelConfig, get_preset, smoke
-from upo_ref.data import ASSISTANT_TAG, HH_SUBSETS
-from upo_ref.figure1 import trailing_mean
-from upo_ref.models import build_model, load_tokenizer
-from upo_ref.paths import REPO_ROOT, gpt2_tokenizer_dir
-from upo_ref.reproduce import RunResult, _parser, config_from_args, format_table, main, prepare_data
-from upo_ref.train import read_metrics
+from upo_ref.experiments.figure1 import trailing_mean
+from upo_ref.lm.config import TINY_GPT2, ModelConfig, get_preset, smoke
+from upo_ref.lm.data import ASSISTANT_TAG, HH_SUBSETS
+from upo_ref.lm.experiment import RunResult, prepare_data
+from upo_ref.lm.models import build_model, load_tokenizer
+from upo_ref.lm.train import read_metrics
+from upo_ref.reproduce import _parser, config_from_args, format_table, main
+from upo_ref.utils.paths import REPO_ROOT, gpt2_tokenizer_dir
 
 GRID = [
     ("IPO", 0.1),
@@ -368,8 +369,8 @@ def test_importing_upo_ref_has_no_side_effects():
     """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until used."""
     code = (
         "import sys, torch; n = torch.get_num_threads(); s = torch.get_rng_state()\n"
-        "import upo_ref.config, upo_ref.data, upo_ref.figure1, upo_ref.logprobs, upo_ref.models, upo_ref.reproduce, "
-        "upo_ref.synthetic, upo_ref.train\n"
+        "import upo_ref.lm.config, upo_ref.lm.data, upo_ref.experiments.figure1, upo_ref.lm.logprobs, upo_ref.lm.models, upo_ref.reproduce, "
+        "upo_ref.lm.synthetic, upo_ref.lm.train\n"
         "assert torch.get_num_threads() == n and torch.equal(torch.get_rng_state(), s)\n"
         "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'\n"
     )

@@ -1,4 +1,4 @@
-"""Offline auxiliary rewards (upo_ref.rewards): Flesch scores worked by hand, the syllable rules,
+"""Offline auxiliary rewards (upo_ref.auxiliary.rewards): Flesch scores worked by hand, the syllable rules,
 hashed features, and the safety scorer measured on held-out HH harmless-base pairs."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from strategies import F64_RTOL
 
-from upo_ref.rewards import (
+from upo_ref.auxiliary.rewards import (
     SAFETY_FEATURE_DIM,
     HHPair,
     TextStats,

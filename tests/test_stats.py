@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from upo_ref.stats import binomial_se, mean_interval, mean_se, student_t_quantile
+from upo_ref.utils.stats import binomial_se, mean_interval, mean_se, student_t_quantile
 
 QUANTILE_RTOL = 1e-10  # Simpson's rule + bisection against exact values
 

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from upo_ref.config import DataConfig, ModelConfig, PhaseConfig, get_preset
-from upo_ref.losses import PreferenceLoss, ipo_loss
-from upo_ref.models import build_model
-from upo_ref.reproduce import prepare_data
-from upo_ref.train import (
+from upo_ref.lm.config import DataConfig, ModelConfig, PhaseConfig, get_preset
+from upo_ref.lm.experiment import prepare_data
+from upo_ref.lm.models import build_model
+from upo_ref.lm.train import (
     CHECKPOINT,
     NonFiniteLossError,
     PreferencePhase,
@@ -23,9 +22,10 @@ from upo_ref.train import (
     reference_logps,
     train,
 )
+from upo_ref.losses import PreferenceLoss, ipo_loss
 
 MIN_HELD_OUT_ACCURACY = (
-    0.9  # the bar; each of 12 seeds tried reaches >= 0.95 (see upo_ref.synthetic)
+    0.9  # the bar; each of 12 seeds tried reaches >= 0.95 (see upo_ref.lm.synthetic)
 )
 CPU = torch.device("cpu")
 replace = dataclasses.replace

@@ -1,8 +1,10 @@
 """upo_ref: a reference implementation of Unified Preference Optimization.
 
-Import graph (it mirrors the maths): ``divergences`` -> ``losses`` -> ``optimal`` (policies on
-finite action sets) / training -> experiments -> plots. Importing ``upo_ref`` loads only the
-core maths: no downloads, no global torch settings, no printing.
+Layers, each importing only from those before it: the mathematics at the top of the package
+(``divergences`` -> ``losses`` -> ``optimal``, with ``checks``); ``utils`` (standard errors,
+paths, plot styling); ``lm`` (the language-model pipeline); ``auxiliary`` (auxiliary-objective
+UPO) and ``experiments``; the commands ``reproduce``, ``overlap`` and ``bench``. Importing
+``upo_ref`` loads only the mathematics: no downloads, no global torch settings, no printing.
 """
 
 from .divergences import DIVERGENCE_NAMES, Divergence, get_divergence

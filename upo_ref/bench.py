@@ -140,8 +140,8 @@ def step_fn(
 
     ``batch`` is a ``data.collate_pairs`` batch of 2B rows (chosen first, then rejected).
     """
-    from .logprobs import concatenated_logps, sequence_logps
-    from .train import autocast
+    from .lm.logprobs import concatenated_logps, sequence_logps
+    from .lm.train import autocast
 
     opt_kwargs = {"lr": 1e-5}
     if device.type == "cuda" and not naive:
@@ -185,7 +185,7 @@ def step_fn(
 @torch.no_grad()
 def reference_logps_of(ref_model, batch: dict) -> tuple:
     """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of a pair batch, each (B,), from one no-grad forward."""
-    from .logprobs import concatenated_logps
+    from .lm.logprobs import concatenated_logps
 
     return concatenated_logps(ref_model, batch)
 
@@ -193,7 +193,7 @@ def reference_logps_of(ref_model, batch: dict) -> tuple:
 def random_pair_batch(batch: int, length: int, prompt: int, vocab: int, seed: int = 0) -> dict:
     """2 * batch rows of random token ids, each a prompt of ``prompt`` tokens and a response filling
     the rest (the worst case: no padding), in ``collate_pairs``'s layout."""
-    from .data import IGNORE_INDEX
+    from .lm.data import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2 * batch, length), generator=g)

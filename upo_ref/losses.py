@@ -9,7 +9,7 @@ Every loss takes the same four tensors, each of shape (B,), one entry per prefer
 * ``reference_rejected_logps`` log pi_ref(y_l | x)
 
 and returns the per-example loss, shape (B,); average it yourself. Summed log-probs are the
-default everywhere in upo_ref, as in the DPO reference code; ``upo_ref.logprobs`` can average over
+default everywhere in upo_ref, as in the DPO reference code; ``upo_ref.lm.logprobs`` can average over
 response tokens instead (``average=True``), which changes what beta means and is therefore an
 explicit option, never a silent default. Nothing here needs log-probs to be <= 0: only differences
 enter.

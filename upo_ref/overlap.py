@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, ExperimentConfig, get_preset, smoke
-from .logprobs import head_is_linear_readout
+from .lm.config import PRESETS, ExperimentConfig, get_preset, smoke
+from .lm.experiment import RunResult, load_experiment_data
+from .lm.logprobs import head_is_linear_readout
+from .lm.models import build_model
+from .lm.train import CHECKPOINT, reference_logps
 from .losses import PreferenceLoss, preference_metrics
-from .models import build_model
-from .reproduce import REPO_ROOT, RunResult, load_experiment_data
-from .stats import binomial_se
-from .train import CHECKPOINT, reference_logps
+from .utils.paths import REPO_ROOT
+from .utils.stats import binomial_se
 
 __all__ = ["GroupStats", "overlap_check", "format_overlap", "main"]
 

@@ -25,9 +25,9 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import check_beta
-from .divergences import Divergence, as_divergence
-from .losses import PreferenceLoss
+from ..checks import check_beta
+from ..divergences import Divergence, as_divergence
+from ..losses import PreferenceLoss
 
 __all__ = [
     "loss_and_gradients",

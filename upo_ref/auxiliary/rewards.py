@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .paths import hh_dir
+from ..utils.paths import hh_dir
 
 __all__ = [
     "count_syllables",

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .auxiliary import (
+from ..losses import dpo_loss
+from ..utils.stats import mean_se
+from .losses import (
     ValueNetwork,
     fit_value_network,
     kto_loss,
@@ -41,8 +43,6 @@ from .auxiliary import (
     upo_dpo_loss,
     upo_kto_loss,
 )
-from .losses import dpo_loss
-from .stats import mean_se
 
 __all__ = [
     "METHODS",

@@ -52,11 +52,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..divergences import Divergence
+from ..losses import preference_metrics
 from .config import PhaseConfig
 from .data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
-from .divergences import Divergence
 from .logprobs import concatenated_logps, sequence_logps
-from .losses import preference_metrics
 
 __all__ = [
     "CHECKPOINT",

@@ -8,7 +8,7 @@ advantage-weighted maximum-likelihood term for a designer reward that is not a p
     A_\theta(x, y) = R(x, y) - V_\theta(x),
 
 with ``L_pref`` DPO (``upo_ref.losses.dpo_loss``) or KTO (:func:`kto_loss`), ``R`` an auxiliary
-reward (``upo_ref.rewards``: readability, safety), and ``V_theta`` a value network fitted to the same
+reward (``upo_ref.auxiliary.rewards``: readability, safety), and ``V_theta`` a value network fitted to the same
 offline data (:class:`ValueNetwork`, :func:`expectile_loss`). MODPO (Zhou et al. 2023), the main
 multi-objective baseline the paper compares with, is :func:`modpo_loss`.
 
@@ -46,8 +46,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .checks import check_beta, check_logps
-from .losses import dpo_loss, h_pi, softplus
+from ..checks import check_beta, check_logps
+from ..losses import dpo_loss, h_pi, softplus
 
 __all__ = [
     "WEIGHT_CAP",

@@ -21,7 +21,7 @@ beta), with the empirical preferences p = P_hat and mu the empirical action dist
 pairs are distributed like (y, y') ~ mu x mu (true of D1 and D3). The same argument with f' in place
 of log gives the UPO optimum of eq. (11)-(12) for IUPO in the kkt form (eq. 17). Where P_hat is 0 or
 1, Psi = logit is infinite and DPO/f-DPO have no finite optimum; the paper-form IUPO (eq. 23) has
-its own fixed point, found numerically here, which may not exist (``upo_ref.analysis``).
+its own fixed point, found numerically here, which may not exist (``upo_ref.experiments.analysis``).
 
 The choice of 0-indexed actions, the uniform pi_ref and theta = 0 at the start follow Azar et al.;
 the number of steps and seeds, and the betas, are upo_ref's (:data:`BANDIT_FULL`).
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import check_beta
-from .divergences import AlphaDivergence, ReverseKL
-from .losses import PreferenceLoss
-from .optimal import expected_psi, optimal_policy, psi_identity
-from .paths import fast_mode
+from ..checks import check_beta
+from ..divergences import AlphaDivergence, ReverseKL
+from ..losses import PreferenceLoss
+from ..optimal import expected_psi, optimal_policy, psi_identity
+from ..utils.paths import fast_mode
 
 __all__ = [
     "ACTION_NAMES",
@@ -317,7 +317,7 @@ def bandit_target(
     * Otherwise the minimiser of the population loss reached from pi_ref
       (:func:`population_minimiser`): the paper-form IUPO's fixed point, or a stationary point of a
       loss that leaves some direction free (every loss on D3); none if it is not finite (the
-      paper-form JS-IUPO where its target is unreachable, ``upo_ref.analysis``).
+      paper-form JS-IUPO where its target is unreachable, ``upo_ref.experiments.analysis``).
     """
     pi_ref = _uniform(data.n_actions) if pi_ref is None else pi_ref
     if loss.name == "ipo" or (loss.name == "iupo" and loss.form == "kkt"):
@@ -401,7 +401,7 @@ def bandit_losses() -> list[PreferenceLoss]:
 
 
 def bandit_config() -> BanditConfig:
-    """:data:`BANDIT_FAST` when ``UPO_REF_FAST=1`` (``upo_ref.paths.fast_mode``), else :data:`BANDIT_FULL`."""
+    """:data:`BANDIT_FAST` when ``UPO_REF_FAST=1`` (``upo_ref.utils.paths.fast_mode``), else :data:`BANDIT_FULL`."""
     return BANDIT_FAST if fast_mode() else BANDIT_FULL
 
 

@@ -11,7 +11,7 @@ Presets:
 * ``paper``: the paper's GPU experiment (section 5): GPT-2 124M from the hub, the official HH
   splits, max_length 512 / max_prompt_length 256, batch 64, the DPO reference code's optimiser
   (RMSprop, lr 5e-7, 150 linear warmup steps, gradient norm clipped at 10).
-* ``synthetic``: DPO, IPO and JS-IUPO on the synthetic task of ``upo_ref.synthetic`` (seconds).
+* ``synthetic``: DPO, IPO and JS-IUPO on the synthetic task of ``upo_ref.lm.synthetic`` (seconds).
 * ``quick-sft-disjoint``: ``quick`` with SFT only on training prompts that preference training
   does not use, the control for the SFT overlap that ``upo_ref.overlap`` measures.
 """

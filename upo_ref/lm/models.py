@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.paths import gpt2_tokenizer_dir
 from .config import TINY_GPT2, ModelConfig
-from .paths import gpt2_tokenizer_dir
 
 __all__ = ["default_device", "load_tokenizer", "build_model", "set_dropout"]
 

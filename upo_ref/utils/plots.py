@@ -31,7 +31,7 @@ def plot_mean_band(
 ):
     """Plot the mean over seeds of ``x`` (T, S) against ``steps`` (T,), with its ``level`` confidence band.
 
-    The band is the Student-t interval of :func:`upo_ref.stats.mean_interval`. Returns the line.
+    The band is the Student-t interval of :func:`upo_ref.utils.stats.mean_interval`. Returns the line.
     """
     mean, lo, hi = mean_interval(x, dim=1, level=level)
     (line,) = ax.plot(steps, mean, label=label, color=color, **kwargs)

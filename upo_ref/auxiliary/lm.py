@@ -1,13 +1,13 @@
 r"""Auxiliary-objective UPO on a language model, through the training pipeline (issue 6, phase 2).
 
-``upo_ref.auxiliary`` has the losses (Badrinath et al., arXiv 2405.17956):
+``upo_ref.auxiliary.losses`` has the losses (Badrinath et al., arXiv 2405.17956):
 
 .. math::
 
     L_{UPO} = L_{DPO} + \gamma\,\tfrac12\big[L_\pi(x, y_w) + L_\pi(x, y_l)\big], \qquad
     L_\pi(x, y) = -\,w\big(R(x, y) - V_\theta(x)\big)\log\pi_\phi(y \mid x).
 
-This module runs them on HH-RLHF with a causal language model and the trainer of ``upo_ref.train``:
+This module runs them on HH-RLHF with a causal language model and the trainer of ``upo_ref.lm.train``:
 
 1. **auxiliary rewards**, once, in preprocessing: R(x, y) of every response of every pair
    (:func:`pair_rewards`), by default Flesch reading ease of the response *as the model sees it*
@@ -27,7 +27,7 @@ This module runs them on HH-RLHF with a causal language model and the trainer of
 
 What is a reconstruction
 ------------------------
-Beyond the reconstructions of ``upo_ref.auxiliary`` (weight function, value loss, pair averaging):
+Beyond the reconstructions of ``upo_ref.auxiliary.losses`` (weight function, value loss, pair averaging):
 the value network's input (the frozen reference model's hidden state after the prompt, a linear
 head), fitting V once before policy training rather than alongside it (A does not depend on the
 policy, so nothing is lost offline), and scoring the *truncated* responses. The readability reward
@@ -50,7 +50,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .auxiliary import (
+from ..lm.config import TINY_GPT2, DataConfig, ExperimentConfig, ModelConfig, PhaseConfig
+from ..lm.data import TokenizedPair, collate_sequences
+from ..lm.experiment import ExperimentData, load_experiment_data, prepare_reference
+from ..lm.models import default_device
+from ..lm.train import METRICS, PreferencePhase, autocast, read_metrics, reference_logps, train
+from ..losses import dpo_loss
+from ..utils.stats import mean_se
+from .losses import (
     WEIGHT_CAP,
     ValueNetwork,
     advantage_weights,
@@ -62,14 +69,7 @@ from .auxiliary import (
     upo_dpo_loss,
     upo_loss,
 )
-from .config import TINY_GPT2, DataConfig, ExperimentConfig, ModelConfig, PhaseConfig
-from .data import TokenizedPair, collate_sequences
-from .losses import dpo_loss
-from .models import default_device
-from .reproduce import ExperimentData, load_experiment_data, prepare_reference
 from .rewards import readability_rewards
-from .stats import mean_se
-from .train import METRICS, PreferencePhase, autocast, read_metrics, reference_logps, train
 
 __all__ = [
     "EXTRA_KEYS",
@@ -450,7 +450,7 @@ class UPODPOLoss:
 @dataclass(frozen=True)
 class MODPOLoss:
     r"""MODPO, the multi-objective baseline, for ``PreferencePhase``: ``auxiliary.modpo_loss`` with the
-    auxiliary reward as its margin, weights w = (1 - w_aux, w_aux) (as in ``upo_ref.frontier``). (B,)"""
+    auxiliary reward as its margin, weights w = (1 - w_aux, w_aux) (as in ``upo_ref.auxiliary.frontier``). (B,)"""
 
     w_aux: float
     takes_batch: ClassVar[bool] = True
@@ -718,7 +718,7 @@ class AuxLMConfig:
 
     def experiment(self) -> ExperimentConfig:
         """The pipeline's view of this config (model, data, SFT, preference phase; beta), for
-        ``reproduce.prepare_data`` and ``reproduce.prepare_reference``."""
+        ``lm.experiment.prepare_data`` and ``lm.experiment.prepare_reference``."""
         return ExperimentConfig(
             self.name, self.model, self.data, self.sft, self.pref, losses=(), betas=(self.beta,)
         )
