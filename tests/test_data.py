@@ -11,31 +11,37 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from upo_ref.lm.config import ModelConfig
+from upo_ref.lm.config import HH_LOCAL_SUBSETS, ModelConfig
 from upo_ref.lm.data import (
     ASSISTANT_TAG,
-    HH_LOCAL_SUBSETS,
-    IGNORE_INDEX,
-    CompactVocab,
+    IDENTICAL,
+    MISMATCH,
     DataError,
+    LoadReport,
     PreferencePair,
-    TokenizedPair,
-    collate_pairs,
-    collate_sequences,
     download_hh,
     load_hh,
     load_hh_file,
     load_shp,
+    load_trl,
     read_jsonl,
-    sft_examples,
     shp_files,
-    split_by_prompt_hash,
     split_prompt,
+)
+from upo_ref.lm.logprobs import IGNORE_INDEX
+from upo_ref.lm.models import load_tokenizer
+from upo_ref.lm.split import sft_examples, split_by_prompt_hash
+from upo_ref.lm.synthetic import SyntheticTask
+from upo_ref.lm.tokenize import (
+    IDENTICAL_AFTER_TRUNCATION,
+    CompactVocab,
+    TokenizedPair,
+    collate_pairs,
+    collate_sequences,
+    fingerprint,
     tokenize_pairs,
     truncate,
 )
-from upo_ref.lm.models import load_tokenizer
-from upo_ref.lm.synthetic import SyntheticTask
 from upo_ref.utils.paths import hh_dir
 
 
@@ -122,6 +128,96 @@ def test_rejected_not_sharing_the_prompt_raises_or_is_dropped_and_reported(tmp_p
     assert "dropped 1" in str(report) and f"{path}:2" in str(report)
 
 
+def gzipped_rows(n: int) -> bytes:
+    return gzip.compress(
+        "".join(
+            json.dumps(hh_row(f"q{i} " + "x" * 200, " a", " b")) + "\n" for i in range(n)
+        ).encode()
+    )
+
+
+def test_truncated_and_corrupt_gzip_name_file_and_line(tmp_path):
+    """A download cut short, or flipped bytes inside the stream, is a DataError naming the file and
+    the line being read (not zlib's or EOF's bare error), and the fix."""
+    data = gzipped_rows(200)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut[.]jsonl[.]gz:\d+: the gzip stream is truncated"):
+        load_hh_file(cut)
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(data[:40] + bytes(b ^ 0xFF for b in data[40:60]) + data[60:])
+    with pytest.raises(DataError, match=r"corrupt[.]jsonl[.]gz:\d+: .*download or copy the file"):
+        load_hh_file(corrupt)
+
+
+def test_plain_file_named_gz_invalid_utf8_and_empty_file_are_errors(tmp_path):
+    plain = write_jsonl(tmp_path / "plain.jsonl.gz", [hh_row("a", " b", " c")], gz=False)
+    plain.write_text(json.dumps(hh_row("a", " b", " c")) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"plain[.]jsonl[.]gz: not a gzip file.*drop the [.]gz"):
+        load_hh_file(plain)
+    latin = tmp_path / "latin.jsonl"
+    good = json.dumps(hh_row("a", " b", " c")).encode()
+    latin.write_bytes(good + b"\n" + good.replace(b" b", b" caf\xe9") + b"\n")
+    with pytest.raises(DataError, match=r"latin[.]jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        load_hh_file(latin)
+    for name in ("empty.jsonl", "empty.jsonl.gz"):
+        empty = write_jsonl(tmp_path / name, [])
+        with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: the file is empty"):
+            load_hh_file(empty)
+
+
+def test_identical_responses_are_dropped_and_listed_or_kept_on_request(tmp_path):
+    path = write_jsonl(
+        tmp_path / "t.jsonl", [hh_row("q1", " yes", " no"), hh_row("q2", " same", " same")]
+    )
+    pairs, report = load_hh_file(path)
+    assert [p.origin for p in pairs] == [f"{path}:1"]
+    assert report.dropped == {IDENTICAL: [f"{path}:2"]} and report.n_rows == 2
+    pairs, report = load_hh_file(path, keep_identical=True)
+    assert len(pairs) == 2 and report.dropped == {}
+
+
+def test_trl_format_rows_file_and_dataset(tmp_path):
+    rows = [
+        {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5", "extra": 1},
+        {"prompt": "Q: sky?", "chosen": " blue", "rejected": " blue"},
+    ]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    pairs, report = load_trl(path)
+    assert pairs == [PreferencePair("Q: 2+2?", " 4", " 5", f"{path}:1")]
+    assert report.dropped == {IDENTICAL: [f"{path}:2"]} and report.n_rows == 2
+    from_rows, _ = load_trl(iter(rows), keep_identical=True)
+    assert [(p.prompt, p.chosen, p.rejected, p.origin) for p in from_rows] == [
+        ("Q: 2+2?", " 4", " 5", "row 0"),
+        ("Q: sky?", " blue", " blue", "row 1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"chosen": " a", "rejected": " b"}, r"missing field\(s\) \['prompt'\]"),
+        ({"prompt": "x", "rejected": " b"}, r"missing field\(s\) \['chosen'\]"),
+        ({"prompt": "x", "chosen": " a"}, r"missing field\(s\) \['rejected'\]"),
+        (
+            {"prompt": "x", "chosen": [{"role": "assistant", "content": "a"}], "rejected": " b"},
+            r"field 'chosen' must be a string, got list; .*chat template",
+        ),
+    ],
+)
+def test_trl_format_malformed_rows_name_file_and_line(tmp_path, row, message):
+    good = {"prompt": "x", "chosen": " a", "rejected": " b"}
+    path = write_jsonl(tmp_path / "prefs.jsonl", [good, row])
+    with pytest.raises(DataError, match=r"prefs[.]jsonl:2: " + message):
+        load_trl(path)
+    with pytest.raises(DataError, match=r"row 1: " + message):
+        load_trl([good, row])
+    with pytest.raises(DataError, match=r"prefs[.]jsonl:3: not valid JSON"):
+        load_trl(write_jsonl(tmp_path / "prefs.jsonl", [good, good, '{"prompt": ']))
+    with pytest.raises(DataError, match=r"TRL-format rows: no rows"):
+        load_trl([])
+
+
 def test_split_prompt_cuts_after_the_last_assistant_tag():
     text = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this"
     prompt, response = split_prompt(text)
@@ -177,7 +273,8 @@ LOCAL_MISMATCHED = [
     ("helpful-base", 1167),
     ("helpful-rejection-sampled", 1598),
 ]
-LOCAL_SPLIT_SIZES = (6686, 722)
+LOCAL_SPLIT_SIZES = (6656, 718)
+LOCAL_IDENTICAL = 34  # rows whose chosen and rejected responses are the same text
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +285,18 @@ def local_hh():
 def test_local_hh_counts_and_dropped_rows(local_hh):
     pairs, report = local_hh
     assert report.n_rows == 2312 + 2354 + 2749 == 7415
-    assert report.n_pairs == len(pairs) == 7408
-    (origins,) = report.dropped.values()
-    assert origins == [f"{hh_dir() / s / 'test.jsonl.gz'}:{line}" for s, line in LOCAL_MISMATCHED]
+    assert report.n_pairs == len(pairs) == 7415 - 7 - LOCAL_IDENTICAL
+    assert set(report.dropped) == {MISMATCH, IDENTICAL}
+    assert report.dropped[MISMATCH] == [
+        f"{hh_dir() / s / 'test.jsonl.gz'}:{line}" for s, line in LOCAL_MISMATCHED
+    ]
+    kept, kept_report = load_hh(
+        hh_dir(), "test", HH_LOCAL_SUBSETS, drop_mismatched=True, keep_identical=True
+    )
+    assert set(kept_report.dropped) == {MISMATCH} and len(kept) == len(pairs) + LOCAL_IDENTICAL
+    identical = {p.origin for p in kept if p.chosen == p.rejected}
+    assert sorted(identical) == sorted(report.dropped[IDENTICAL])
+    assert len(identical) == LOCAL_IDENTICAL
 
 
 def test_prompt_hash_split_sizes_disjoint_prompts_and_order_independent(local_hh):
@@ -390,6 +496,32 @@ def test_tokenize_rejects_eos_inside_text_and_empty_prompt(gpt2_tokenizer):
         tokenize_pairs([bad], gpt2_tokenizer, 64, 32, "keep_end")
     with pytest.raises(DataError, match="the prompt is empty"):
         tokenize_pairs([PreferencePair("", " a", " b", "g:1")], gpt2_tokenizer, 64, 32, "keep_end")
+
+
+def test_pairs_identical_after_truncation_are_dropped_and_listed_or_kept(gpt2_tokenizer):
+    """Responses that differ only after the first max_length - max_prompt_length tokens become the
+    same tokens: dropped and listed in the report; an error without one; kept on request."""
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    differ_late = PreferencePair(
+        prompt, " one two three four five six", " one two three four X", "f:1"
+    )
+    differ_early = PreferencePair(prompt, " yes", " no", "f:2")
+    report = LoadReport("t")
+    kept = tokenize_pairs([differ_late, differ_early], gpt2_tokenizer, 12, 8, "keep_end", report)
+    assert len(kept) == 1 and kept[0].chosen != kept[0].rejected
+    assert report.dropped == {IDENTICAL_AFTER_TRUNCATION: ["f:1"]}
+    assert (report.n_rows, report.n_pairs) == (2, 1)
+    with pytest.raises(DataError, match=r"f:1: chosen and rejected responses identical after"):
+        tokenize_pairs([differ_late], gpt2_tokenizer, 12, 8, "keep_end")
+    (both,) = tokenize_pairs([differ_late], gpt2_tokenizer, 12, 8, "keep_end", keep_identical=True)
+    assert both.chosen == both.rejected and len(both.chosen) == 12 - 8
+
+
+def test_fingerprint_changes_with_any_token_and_with_order():
+    a, b = TokenizedPair((1, 2), (3,), (4,)), TokenizedPair((1,), (2, 3), (4,))
+    assert fingerprint([a, b]) == fingerprint([a, b])
+    assert len({fingerprint([a, b]), fingerprint([b, a]), fingerprint([a]), fingerprint([])}) == 4
+    assert fingerprint([a]) != fingerprint([TokenizedPair((1, 2), (3,), (5,))])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from upo_ref.experiments.figure1 import trailing_mean
-from upo_ref.lm.config import TINY_GPT2, ModelConfig, get_preset, smoke
-from upo_ref.lm.data import ASSISTANT_TAG, HH_SUBSETS
+from upo_ref.lm.config import HH_SUBSETS, TINY_GPT2, ModelConfig, get_preset, smoke
+from upo_ref.lm.data import ASSISTANT_TAG
 from upo_ref.lm.experiment import RunResult, prepare_data
 from upo_ref.lm.models import build_model, load_tokenizer
 from upo_ref.lm.train import read_metrics
@@ -369,8 +369,9 @@ def test_importing_upo_ref_has_no_side_effects():
     """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until used."""
     code = (
         "import sys, torch; n = torch.get_num_threads(); s = torch.get_rng_state()\n"
-        "import upo_ref.lm.config, upo_ref.lm.data, upo_ref.experiments.figure1, upo_ref.lm.logprobs, upo_ref.lm.models, upo_ref.reproduce, "
-        "upo_ref.lm.synthetic, upo_ref.lm.train\n"
+        "import upo_ref.lm.config, upo_ref.lm.data, upo_ref.lm.split, upo_ref.lm.tokenize\n"
+        "import upo_ref.experiments.figure1, upo_ref.lm.logprobs, upo_ref.lm.models\n"
+        "import upo_ref.reproduce, upo_ref.lm.synthetic, upo_ref.lm.train\n"
         "assert torch.get_num_threads() == n and torch.equal(torch.get_rng_state(), s)\n"
         "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'\n"
     )

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from .experiments.figure1 import figure1
-from .lm.config import PRESETS, ExperimentConfig, get_preset, smoke
-from .lm.data import HH_LOCAL_SUBSETS
+from .lm.config import HH_LOCAL_SUBSETS, PRESETS, ExperimentConfig, get_preset, smoke
 from .lm.experiment import RunResult, run_experiment
 from .lm.models import default_device
 from .lm.train import read_metrics

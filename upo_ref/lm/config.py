@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .data import HH_LOCAL_SUBSETS, HH_SUBSETS
-
 __all__ = [
+    "HH_SUBSETS",
+    "HH_LOCAL_SUBSETS",
     "TINY_GPT2",
     "ModelConfig",
     "DataConfig",
@@ -34,6 +34,10 @@ __all__ = [
     "smoke",
 ]
 
+# The four preference subsets of Anthropic/hh-rlhf (what ``datasets.load_dataset("Anthropic/hh-rlhf")``
+# concatenates); red-team-attempts has no pairs. Only the first three are on these machines.
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+HH_LOCAL_SUBSETS = ("harmless-base", "helpful-base", "helpful-rejection-sampled")
 TINY_GPT2 = "tiny-gpt2"  # a random-init GPT2LMHeadModel of ModelConfig's sizes, not a hub id
 OPTIMIZERS = ("rmsprop", "adamw")
 
@@ -63,11 +67,16 @@ class ModelConfig:
 class DataConfig:
     """Which preference data, how it is split and truncated.
 
-    ``datasets``: any of ``"hh"``, ``"shp"``, or ``("synthetic",)`` alone.
+    ``datasets``: any of ``"hh"``, ``"shp"``, ``"trl"``, or ``("synthetic",)`` alone.
     ``hh_split``: ``"hash"`` splits the local HH *test* files (the only ones on these machines) into
     train/eval by a hash of the prompt (``data.split_by_prompt_hash``, ``eval_fraction`` to eval);
     ``"official"`` uses the official train/test files, downloaded into ``hh_dir`` if missing.
     ``hh_dir`` None means ``paths.hh_dir()``; ``shp_dir`` holds ``<subreddit>/{train,test}.json``.
+    ``trl_train``: a JSON-lines file in TRL's standard preference format (``prompt``, ``chosen``,
+    ``rejected``; ``data.load_trl``), truncated like HH; its eval pairs are ``trl_eval``, or, when
+    that is None, the prompt-hash split of ``trl_train`` at ``eval_fraction``.
+    ``keep_identical``: keep pairs whose chosen and rejected responses are the same (as text, or as
+    tokens after truncation); by default they are dropped and listed in the loaders' reports.
     ``n_train_pairs``/``n_eval_pairs``: use the first n pairs of each split after a seeded shuffle
     (None: all); the SFT eval set has ``n_eval_pairs`` examples too. ``n_sft_examples`` likewise for
     the SFT training targets (one per distinct prompt of the train split).
@@ -93,9 +102,12 @@ class DataConfig:
     shuffle_seed: int = 0
     compact_vocab: int | None = None
     sft_disjoint: bool = False
+    trl_train: str | None = None
+    trl_eval: str | None = None
+    keep_identical: bool = False
 
     def __post_init__(self):
-        known = {"hh", "shp", "synthetic"}
+        known = {"hh", "shp", "trl", "synthetic"}
         if not self.datasets or set(self.datasets) - known:
             raise ValueError(
                 f"datasets must be a non-empty subset of {sorted(known)}, got {self.datasets}"
@@ -104,6 +116,13 @@ class DataConfig:
             raise ValueError(
                 "the synthetic task has its own vocabulary and cannot be mixed with text data"
             )
+        if ("trl" in self.datasets) != (self.trl_train is not None):
+            raise ValueError(
+                f"dataset 'trl' and trl_train go together (--data PATH sets both); got datasets "
+                f"{self.datasets} and trl_train {self.trl_train!r}"
+            )
+        if self.trl_eval is not None and self.trl_train is None:
+            raise ValueError("trl_eval is the eval set of trl_train: set trl_train too")
         if self.hh_split not in ("hash", "official"):
             raise ValueError(f"hh_split must be 'hash' or 'official', got {self.hh_split!r}")
         if not 0 < self.max_prompt_length < self.max_length:

@@ -55,8 +55,8 @@ from tqdm.auto import tqdm
 from ..divergences import Divergence
 from ..losses import preference_metrics
 from .config import PhaseConfig
-from .data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
-from .logprobs import concatenated_logps, sequence_logps
+from .logprobs import IGNORE_INDEX, concatenated_logps, sequence_logps
+from .tokenize import TokenizedPair, collate_pairs, collate_sequences
 
 __all__ = [
     "CHECKPOINT",
