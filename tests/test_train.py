@@ -16,6 +16,7 @@ from upo_ref.lm.train import (
     CHECKPOINT,
     NonFiniteLossError,
     PreferencePhase,
+    RunFolderError,
     SFTPhase,
     example_indices,
     read_metrics,
@@ -196,7 +197,12 @@ def test_resume_refuses_a_checkpoint_of_another_config(synthetic, tmp_path):
         CPU,
         progress=False,
     )
-    with pytest.raises(ValueError, match="was written by a different run configuration"):
+    with pytest.raises(
+        RunFolderError,
+        match=r"was written by a different run configuration; what differs \(checkpoint -> this "
+        r"run\): cfg.lr: 0.001 -> 0.002[.] Use another output folder, or to start this run over: "
+        r"`--fresh-run test_resume_refuses_a_checkpoi0`",
+    ):
         train(
             new_model(),
             phase,
@@ -259,7 +265,10 @@ def test_non_finite_policy_logps_are_reported(synthetic, tmp_path):
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
     phase = PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id)
-    with pytest.raises(NonFiniteLossError, match="non-finite policy log-probs"):
+    with pytest.raises(
+        ValueError,
+        match=r"policy_chosen_logps has \d+ non-finite value\(s\), the first nan",
+    ):
         train(
             model,
             phase,

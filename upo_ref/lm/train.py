@@ -28,18 +28,26 @@ previous one. Metrics go to a JSON-lines file, one object per line with ``split`
 
 Resuming from a checkpoint restores all of that state and cuts the metrics file back to the
 checkpoint, so an interrupted-and-resumed run writes the same metrics as an uninterrupted one
-(bit for bit on a CPU; keys under ``time/`` are wall-clock and differ). A non-finite log-prob, loss
-or gradient norm stops the run *before* the optimiser step, with :class:`NonFiniteLossError`; the
-checkpoint on disk is the last good one. On CUDA, forward passes run under bf16 autocast (log-probs
-and losses in float32).
+(bit for bit on a CPU; keys under ``time/`` are wall-clock and differ). The folder's files
+(``runfiles``): a lock held while training (a second run on the folder refuses, naming the first),
+metrics appended one fsync'ed line at a time (a partial last line from a crash is dropped on
+resume, with a warning), a checkpoint replaced atomically. A checkpoint resumes only into the run it
+was made by: its identity holds the phase config, the fingerprints of the training and eval data
+(``tokenize.fingerprint``), and what the caller adds; a mismatch names the fields that differ.
+Every resume error names the file and the fix (start that run over).
+
+A non-finite loss or gradient norm stops the run *before* the optimiser step, with
+:class:`NonFiniteLossError`; the checkpoint on disk is the last good one. The log-probs are checked
+where they enter the loss (the public losses and ``preference_metrics`` check their inputs), the
+loss once per microbatch here. Precision: the model's weights must be float32 (a bf16/fp16 model is
+refused, not silently trained in half precision); on CUDA, forward passes run under bf16 autocast,
+and the log-softmax, log-probs and losses are computed in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -56,23 +64,34 @@ from ..divergences import Divergence
 from ..losses import preference_metrics
 from .config import PhaseConfig
 from .logprobs import IGNORE_INDEX, concatenated_logps, sequence_logps
-from .tokenize import TokenizedPair, collate_pairs, collate_sequences
+from .runfiles import (
+    CHECKPOINT,
+    METRICS,
+    RunFolderError,
+    append_record,
+    check_no_orphan_metrics,
+    read_metrics,
+    resume_state,
+    run_lock,
+    save_state,
+    write_metrics,
+)
+from .tokenize import TokenizedPair, collate_pairs, collate_sequences, fingerprint
 
 __all__ = [
     "CHECKPOINT",
     "METRICS",
     "NonFiniteLossError",
+    "RunFolderError",
     "SFTPhase",
     "PreferencePhase",
+    "ReferenceLogps",
     "reference_logps",
     "example_indices",
     "evaluate",
     "train",
     "read_metrics",
 ]
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,6 +107,17 @@ def autocast(device: torch.device):
 
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def _check_float32(model) -> None:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:
+        raise ValueError(
+            f"the model's weights are {sorted(map(str, dtypes))}; the trainer needs float32 weights "
+            f"(half-precision weights would be updated, and log-probs computed, in that precision). "
+            f"Load the model in float32 (models.build_model does); on CUDA forward passes run under "
+            f"bf16 autocast with the log-softmax in float32"
+        )
 
 
 def _check_finite(what: str, *tensors: Tensor) -> None:
@@ -130,9 +160,11 @@ class SFTPhase:
             self.average,
             self.response_only,
         )  # (B,)
-        _check_finite("log-probs of the SFT targets", logps)
         n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (B,)
         return -logps, {"logps/chosen": logps.detach(), "nll_per_token": -logps.detach() / n_tokens}
+
+    def check_data(self, split: str, examples: Sequence[TokenizedPair]) -> None:
+        """Nothing to check: SFT needs no per-example data beyond the examples."""
 
 
 @dataclass
@@ -163,7 +195,6 @@ class PreferencePhase:
         self, model, batch: dict[str, Tensor], split: str
     ) -> tuple[Tensor, dict[str, Tensor]]:
         pc, pr = concatenated_logps(model, batch, self.average, self.response_only)  # (B,), (B,)
-        _check_finite("policy log-probs", pc, pr)
         ref_chosen, ref_rejected = self.reference[split]
         index = batch["index"].cpu()
         rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
@@ -196,6 +227,39 @@ class PreferencePhase:
             metrics.update(own)
         return losses, metrics
 
+    def check_data(self, split: str, pairs: Sequence[TokenizedPair]) -> None:
+        """The pairs of ``split`` must be those its reference log-probs were computed for: the same
+        number, and, for a :class:`ReferenceLogps`, the same fingerprint."""
+        if split not in self.reference:
+            raise ValueError(
+                f"no reference log-probs for the {split!r} split; give reference={{{split!r}: "
+                f"reference_logps(model, <its pairs>, ...)}}"
+            )
+        ref = self.reference[split]
+        fix = f"compute them with reference_logps(pi_ref, <the {split} pairs>, ...)"
+        if len(ref[0]) != len(pairs):
+            raise ValueError(
+                f"the {split} set has {len(pairs)} pairs but its reference log-probs were computed "
+                f"for {len(ref[0])}; {fix}"
+            )
+        expected = getattr(ref, "pairs", None)
+        if expected is not None and expected != fingerprint(pairs):
+            raise ValueError(
+                f"the {split} set is not the one its reference log-probs were computed for (same "
+                f"size, {len(pairs)}, other pairs); {fix}"
+            )
+
+
+class ReferenceLogps(tuple):
+    """(log pi_ref(y_w|x), log pi_ref(y_l|x)), each (N,), and ``pairs``, the fingerprint
+    (``tokenize.fingerprint``) of the N pairs they were computed for, which
+    :meth:`PreferencePhase.check_data` holds a split's pairs against."""
+
+    def __new__(cls, chosen: Tensor, rejected: Tensor, pairs: str):
+        self = super().__new__(cls, (chosen, rejected))
+        self.pairs = pairs
+        return self
+
 
 @torch.no_grad()
 def reference_logps(
@@ -207,12 +271,14 @@ def reference_logps(
     average: bool = False,
     response_only: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """log pi_ref(y_w|x) and log pi_ref(y_l|x) of every pair, each (N,), float32 on the CPU.
+    """log pi_ref(y_w|x) and log pi_ref(y_l|x) of every pair, each (N,), float32 on the CPU, as a
+    :class:`ReferenceLogps` that remembers which pairs they belong to.
 
     Computed once, before preference training, with the model in eval mode, in consecutive batches
     of ``batch_size`` (the same batches :func:`evaluate` forms, so that at step 0, where pi = pi_ref,
     the eval margins are exactly 0).
     """
+    _check_float32(model)
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
@@ -224,7 +290,7 @@ def reference_logps(
         chosen.append(pc.float().cpu())
         rejected.append(pr.float().cpu())
     model.train(was_training)
-    out = torch.cat(chosen), torch.cat(rejected)
+    out = ReferenceLogps(torch.cat(chosen), torch.cat(rejected), fingerprint(pairs))  # (N,) each
     _check_finite("reference log-probs", *out)
     return out
 
@@ -250,13 +316,18 @@ def example_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return [_epoch_permutation(n, seed, pos // n)[pos % n] for pos in range(start, start + count)]
 
 
-@torch.no_grad()
 def evaluate(
     model, phase, eval_set: Sequence[TokenizedPair], batch_size: int, device: torch.device
 ) -> dict[str, float]:
     """Mean loss and mean of every metric over the whole eval set, in consecutive batches."""
     if not eval_set:
         raise ValueError("the eval set is empty")
+    phase.check_data("eval", eval_set)
+    return _evaluate(model, phase, eval_set, batch_size, device)
+
+
+@torch.no_grad()
+def _evaluate(model, phase, eval_set, batch_size: int, device: torch.device) -> dict[str, float]:
     was_training = model.training
     model.eval()
     sums: dict[str, float] = defaultdict(float)
@@ -264,7 +335,7 @@ def evaluate(
         idx = range(start, min(start + batch_size, len(eval_set)))
         batch = _to(phase.collate([eval_set[i] for i in idx], idx), device)
         with autocast(device):
-            losses, metrics = phase.losses(model, batch, "eval")
+            losses, metrics = phase.losses(model, batch, "eval")  # (b,), {name: (b,)}
         _check_finite("eval loss", losses)
         sums["loss"] += float(losses.sum())
         for k, v in metrics.items():
@@ -296,9 +367,8 @@ def _train_step(
         with autocast(device):
             losses, metrics = phase.losses(model, batch, "train")  # (b,), {name: (b,)}
         _check_finite("loss", losses)
-        (
-            losses.sum() / B
-        ).backward()  # gradients of the microbatches add up to those of the batch mean
+        # The gradients of the microbatches add up to those of the batch mean.
+        (losses.sum() / B).backward()
         sums["loss"] += float(losses.detach().sum())
         for k, v in metrics.items():
             sums[k] += float(v.sum())
@@ -309,53 +379,6 @@ def _train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {**{k: v / B for k, v in sums.items()}, "lr": lr, "grad_norm": float(grad_norm)}
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics JSON-lines file."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def _save_checkpoint(
-    path: Path, model, optimizer, examples_seen: int, step: int, identity: dict
-) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "examples_seen": examples_seen,
-        "step": step,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "identity": identity,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
-
-
-def _resume(
-    path: Path, metrics_path: Path, model, optimizer, identity: dict, device
-) -> tuple[int, int]:
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state["identity"] != identity:
-        raise ValueError(
-            f"{path} was written by a different run configuration:\n  checkpoint: {state['identity']}\n"
-            f"  this run:   {identity}\nuse a fresh output folder, or resume=False to start over"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"].cpu())
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    n = state["examples_seen"]
-    kept = (
-        [r for r in read_metrics(metrics_path) if r["examples_seen"] <= n]
-        if metrics_path.exists()
-        else []
-    )
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    return n, state["step"]
 
 
 def train(
@@ -373,81 +396,85 @@ def train(
 ) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.n_examples`` examples; return the final eval metrics.
 
-    Writes ``out_dir/metrics.jsonl`` and ``out_dir/checkpoint.pt``. With ``resume`` and a checkpoint
-    in ``out_dir``, continues from it (a finished run returns at once). ``identity``: what must
-    match for a checkpoint to be resumed (the phase config is always included).
+    Writes ``out_dir/metrics.jsonl`` and ``out_dir/checkpoint.pt`` and holds ``out_dir/run.lock``
+    meanwhile. With ``resume`` and a checkpoint in ``out_dir``, continues from it (a finished run
+    returns at once); ``resume=False`` starts over. ``identity``: what else must match for a
+    checkpoint to be resumed (the phase config and the data's fingerprints are always included).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = device if device is not None else torch.device("cpu")
+    if not eval_set:
+        raise ValueError("the eval set is empty")
+    _check_float32(model)
+    phase.check_data("train", train_set)
+    phase.check_data("eval", eval_set)
+    data = {"train": fingerprint(train_set), "eval": fingerprint(eval_set)}
+    identity = {"phase": phase.name, "cfg": asdict(cfg), "data": data, **(identity or {})}
+    with run_lock(out_dir):
+        return _train_in_folder(
+            model,
+            phase,
+            train_set,
+            eval_set,
+            cfg,
+            out_dir,
+            device,
+            resume,
+            progress,
+            desc,
+            identity,
+        )
+
+
+def _train_in_folder(
+    model, phase, train_set, eval_set, cfg, out_dir, device, resume, progress, desc, identity
+) -> dict[str, float]:
+    """The loop of :func:`train`, run while holding the folder's lock (one function, read in one go:
+    start or resume, then step, log, evaluate and checkpoint until ``cfg.n_examples``)."""
     model.to(device)
     model.train()
     optimizer = _make_optimizer(model, cfg)
-    identity = {"phase": phase.name, "cfg": asdict(cfg), **(identity or {})}
     ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
 
+    def evaluate_and_save() -> dict:
+        metrics = _evaluate(model, phase, eval_set, cfg.eval_batch_size, device)
+        record = {"split": "eval", "examples_seen": examples_seen, "step": step, **metrics}
+        append_record(metrics_path, record)
+        save_state(ckpt_path, model, optimizer, examples_seen, step, identity)
+        return record
+
     if resume and ckpt_path.exists():
-        examples_seen, step = _resume(ckpt_path, metrics_path, model, optimizer, identity, device)
+        examples_seen, step, last_eval = resume_state(out_dir, model, optimizer, identity, device)
     else:
+        if resume:
+            check_no_orphan_metrics(out_dir)
         examples_seen, step = 0, 0
-        metrics_path.write_text("", encoding="utf-8")
+        write_metrics(metrics_path, [])
         torch.manual_seed(cfg.seed)  # dropout, if any
-
-    def log(record: dict) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    def evaluate_and_save() -> dict[str, float]:
-        metrics = evaluate(model, phase, eval_set, cfg.eval_batch_size, device)
-        log({"split": "eval", "examples_seen": examples_seen, "step": step, **metrics})
-        _save_checkpoint(ckpt_path, model, optimizer, examples_seen, step, identity)
-        return metrics
-
-    if examples_seen == 0:
         last_eval = evaluate_and_save()
-    else:
-        last_eval = [r for r in read_metrics(metrics_path) if r["split"] == "eval"][-1]
 
+    name = desc or phase.name
     bar = tqdm(
-        total=cfg.n_examples,
-        initial=examples_seen,
-        unit="ex",
-        desc=desc or phase.name,
-        disable=not progress,
+        total=cfg.n_examples, initial=examples_seen, unit="ex", desc=name, disable=not progress
     )
     try:
         while examples_seen < cfg.n_examples:
             indices = example_indices(len(train_set), cfg.seed, examples_seen, cfg.batch_size)
             t0 = time.perf_counter()
             try:
-                metrics = _train_step(
-                    model,
-                    phase,
-                    [train_set[i] for i in indices],
-                    indices,
-                    cfg,
-                    optimizer,
-                    step,
-                    device,
-                )
-            except NonFiniteLossError as err:
-                raise NonFiniteLossError(
-                    f"{desc or phase.name}: {err} at step {step} (examples_seen {examples_seen}); stopped before the "
-                    f"update. The last good checkpoint is {ckpt_path} (from the last evaluation); lower the learning "
-                    f"rate or look at the batch's examples {indices}"
+                examples = [train_set[i] for i in indices]
+                metrics = _train_step(model, phase, examples, indices, cfg, optimizer, step, device)
+            except (NonFiniteLossError, ValueError) as err:
+                raise type(err)(
+                    f"{name}: {err} at step {step} (examples_seen {examples_seen}); stopped before "
+                    f"the update. The last good checkpoint is {ckpt_path} (from the last "
+                    f"evaluation); lower the learning rate or look at the batch's examples {indices}"
                 ) from None
             examples_seen += cfg.batch_size
             step += 1
             rate = cfg.batch_size / (time.perf_counter() - t0)
-            log(
-                {
-                    "split": "train",
-                    "examples_seen": examples_seen,
-                    "step": step,
-                    **metrics,
-                    "time/examples_per_s": rate,
-                }
-            )
+            record = {"split": "train", "examples_seen": examples_seen, "step": step, **metrics}
+            append_record(metrics_path, {**record, "time/examples_per_s": rate})
             bar.update(cfg.batch_size)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
             crossed = (
@@ -456,10 +483,8 @@ def train(
             if crossed or examples_seen == cfg.n_examples:
                 last_eval = evaluate_and_save()
                 key = "rewards/accuracies" if "rewards/accuracies" in last_eval else "loss"
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4g}",
-                    **{f"eval_{key.split('/')[-1]}": f"{last_eval[key]:.3g}"},
-                )
+                short = f"eval_{key.split('/')[-1]}"
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", **{short: f"{last_eval[key]:.3g}"})
     finally:
         bar.close()
     return {k: v for k, v in last_eval.items() if k not in ("split", "examples_seen", "step")}
