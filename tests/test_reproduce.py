@@ -14,9 +14,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from upo_ref.experiments.figure1 import trailing_mean
 from upo_ref.lm.config import HH_SUBSETS, TINY_GPT2, ModelConfig, get_preset, smoke
-from upo_ref.lm.data import ASSISTANT_TAG
+from upo_ref.lm.data import ASSISTANT_TAG, DataError
 from upo_ref.lm.experiment import RunResult, prepare_data
 from upo_ref.lm.models import build_model, load_tokenizer
+from upo_ref.lm.runfiles import RunLockedError, run_lock
 from upo_ref.lm.train import read_metrics
 from upo_ref.reproduce import _parser, config_from_args, format_table, main
 from upo_ref.utils.paths import REPO_ROOT, gpt2_tokenizer_dir
@@ -68,7 +69,11 @@ def check_outputs(out, name: str, eval_points: list[int]):
     return summary
 
 
-def test_quick_preset_smoke_end_to_end_and_resume(tmp_path):
+def without_time(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def test_quick_preset_smoke_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     results = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert [(r.label, r.beta) for r in results] == GRID
@@ -82,6 +87,27 @@ def test_quick_preset_smoke_end_to_end_and_resume(tmp_path):
     again = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert [r.final for r in again] == [r.final for r in results]
     assert {p.name: p.read_text() for p in (out / "results" / "metrics").iterdir()} == before
+    # --fresh-run NAME retrains that run only, to the same numbers (the CPU is deterministic).
+    written = {d.name: (d / "metrics.jsonl").stat().st_mtime_ns for d in out.glob("*_beta*")}
+    main(["--smoke", "--out", str(out), "--no-progress", "--fresh-run", "ipo_beta0.2"])
+    assert "starting over: ipo_beta0.2\n" in capsys.readouterr().out
+    rewritten = {
+        d: t for d, t in written.items() if (out / d / "metrics.jsonl").stat().st_mtime_ns != t
+    }
+    assert list(rewritten) == ["ipo_beta0.2"]
+    strip = lambda name: without_time(read_metrics(out / "results" / "metrics" / name))  # noqa: E731
+    assert strip("ipo_beta0.2.jsonl") == without_time(
+        [json.loads(line) for line in before["ipo_beta0.2.jsonl"].splitlines()]
+    )
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--out", str(out), "--no-progress", "--fresh-run", "dpo_beta9"])
+    assert (
+        "--fresh-run dpo_beta9: no such run; the runs are sft, ipo_beta0.1"
+        in capsys.readouterr().err
+    )
+    with run_lock(out):  # another command holds the folder
+        with pytest.raises(RunLockedError, match=rf"{out} is in use by another run"):
+            main(["--smoke", "--out", str(out), "--no-progress"])
 
 
 def write_official_hh(root, n_train: int, n_test: int):
@@ -224,11 +250,56 @@ def test_command_line_overrides():
         config_from_args(parse(["--preset", "huge"]))
 
 
+def test_command_line_edges_are_clear_errors(monkeypatch, capsys):
+    parse = _parser().parse_args
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            parse(["--threads", bad])
+        assert f"--threads: must be a whole number >= 1, got '{bad}'" in capsys.readouterr().err
+    assert config_from_args(parse(["--smoke", "--threads", "3"])).threads == 3
+    assert config_from_args(parse(["--smoke"])).threads is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--device", "cuda"])
+    assert "device 'cuda': CUDA is not available to this torch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--device", "tpu"])
+    assert "device 'tpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--eval-data", "e.jsonl"])
+    assert "--eval-data is the eval set of --data" in capsys.readouterr().err
+
+
+def write_trl(path, n: int, bad_row: str | None = None):
+    rows = [
+        json.dumps({"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": " No."})
+        for i in range(n)
+    ]
+    path.write_text("\n".join(rows + ([bad_row] if bad_row else [])) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_trl_format_data_on_the_command_line(tmp_path):
+    parse = _parser().parse_args
+    train_file, eval_file = write_trl(tmp_path / "t.jsonl", 20), write_trl(tmp_path / "e.jsonl", 9)
+    cfg = config_from_args(parse(["--smoke", "--data", train_file, "--eval-data", eval_file]))
+    assert cfg.data.datasets == ("trl",) and cfg.data.trl_eval == eval_file
+    data = prepare_data(cfg, load_tokenizer(cfg.model))
+    assert (len(data.pref_train), len(data.pref_eval)) == (16, 8)
+    assert any("TRL-format" in line and "20 rows read" in line for line in data.reports)
+    # The same truncation recipe as HH: at most max_length tokens, EOS ending every short response.
+    assert all(len(p.prompt) + len(p.chosen) <= cfg.data.max_length for p in data.pref_train)
+    bad = write_trl(tmp_path / "bad.jsonl", 20, json.dumps({"prompt": "x", "chosen": " y"}))
+    cfg = config_from_args(parse(["--smoke", "--data", bad]))
+    with pytest.raises(DataError, match=r"bad[.]jsonl:21: missing field\(s\) \['rejected'\]"):
+        prepare_data(cfg, load_tokenizer(cfg.model))
+
+
 def test_asking_for_more_pairs_than_the_split_has_is_an_error():
     cfg = get_preset("quick")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval_pairs=10_000))
     with pytest.raises(
-        ValueError, match="asked for 10000 hh eval pairs but the split has only 722"
+        ValueError, match="asked for 10000 hh eval pairs but the split has only 718"
     ):
         prepare_data(cfg, load_tokenizer(cfg.model))
 

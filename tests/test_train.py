@@ -460,6 +460,9 @@ def test_phase_config_checks(kwargs, message):
         (dict(datasets=()), "datasets must be a non-empty subset"),
         (dict(hh_split="random"), "hh_split must be"),
         (dict(max_length=64, max_prompt_length=64), "max_prompt_length < max_length"),
+        (dict(datasets=("trl",)), "dataset 'trl' and trl_train go together"),
+        (dict(trl_train="t.jsonl"), "dataset 'trl' and trl_train go together"),
+        (dict(datasets=("hh",), trl_eval="e.jsonl"), "trl_eval is the eval set of trl_train"),
     ],
 )
 def test_data_config_checks(kwargs, message):

@@ -13,12 +13,38 @@ import torch
 from ..utils.paths import gpt2_tokenizer_dir
 from .config import TINY_GPT2, ModelConfig
 
-__all__ = ["default_device", "load_tokenizer", "build_model", "set_dropout"]
+__all__ = ["default_device", "resolve_device", "load_tokenizer", "build_model", "set_dropout"]
 
 
 def default_device() -> torch.device:
     """CUDA when present, CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device called ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...), or
+    :func:`default_device` for None; ValueError, with the fix, for a malformed name or one this
+    machine does not have."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name; use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r}: CUDA is not available to this torch ({torch.__version__}, "
+                f"{'built with' if torch.backends.cuda.is_built() else 'built without'} CUDA); "
+                f"use --device cpu, or leave --device out to pick the GPU when there is one"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: the trainer runs on cpu or cuda")
+    return device
 
 
 def _gguf_parts(name_or_path: str) -> tuple[str, dict]:

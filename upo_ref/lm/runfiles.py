@@ -175,9 +175,13 @@ def _is_json(line: str) -> bool:
 
 
 def write_metrics(path: Path, records: list[dict]) -> None:
-    """Replace the metrics file by ``records``, atomically (a temporary file renamed over it)."""
+    """Replace the metrics file by ``records``, atomically (a temporary file renamed over it); a
+    file that holds exactly these records already is left untouched."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
