@@ -1,4 +1,5 @@
-"""Data: loaders, malformed rows, the prompt-hash split, truncation, tokenization, collation, synthetic task."""
+"""Data: loaders, malformed rows, the prompt-hash split, truncation, tokenization, collation,
+synthetic task."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from upo_ref.utils.paths import hh_dir
 
 
 def write_jsonl(path, rows, gz=None):
-    """Write rows (dicts, or raw strings written as-is) one per line; gzip if the name ends in .gz."""
+    """Write rows (dicts, or raw strings written as-is) one per line; gzip if the name ends .gz."""
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     if gz or path.suffix == ".gz":
@@ -263,7 +264,8 @@ def test_download_hh_fetches_missing_files_only(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 # Pinned: the 7 rows of the local files whose rejected text does not start with the chosen's prompt,
-# and the sizes of the prompt-hash split at eval_fraction 0.1. A change to either is a change of data.
+# and the sizes of the prompt-hash split at eval_fraction 0.1. A change to either is a change of
+# data.
 LOCAL_MISMATCHED = [
     ("harmless-base", 1255),
     ("harmless-base", 1689),
@@ -418,7 +420,8 @@ def test_truncation_prompt_keep_end_and_keep_start():
 
 
 def test_truncation_is_decided_by_the_longer_response():
-    # The chosen response alone would fit (10 + 2 <= 12), the rejected does not: both see the cut prompt.
+    # The chosen response alone would fit (10 + 2 <= 12), the rejected does not: both see the cut
+    # prompt.
     prompt, (chosen, rejected) = truncate(P, [(1, 2), (3, 4, 5)], 12, 6, "keep_end")
     assert prompt == P[-6:] and chosen == (1, 2) and rejected == (3, 4, 5)
 
@@ -456,7 +459,7 @@ def test_truncation_invariants(prompt_len, response_lens, max_length, data, mode
     p, rs = truncate(prompt, responses, max_length, max_prompt_length, mode)
     assert all(len(p) + len(r) <= max_length for r in rs)
     assert p == (prompt[len(prompt) - len(p) :] if mode == "keep_end" else prompt[: len(p)])
-    assert all(r == orig[: len(r)] and len(r) >= 1 for r, orig in zip(rs, responses))
+    assert all(r == orig[: len(r)] and len(r) >= 1 for r, orig in zip(rs, responses, strict=True))
     if prompt_len + max(response_lens) <= max_length:
         assert (p, rs) == (prompt, responses)
 
@@ -531,7 +534,8 @@ def test_fingerprint_changes_with_any_token_and_with_order():
 
 def test_compact_vocab_keeps_the_most_frequent_tokens_then_eos_then_unk():
     eos = 99
-    # counts: 7 -> 3, 5 -> 2, 3 -> 2, 8 -> 1, eos -> 2 (kept whatever its count, so it does not compete)
+    # counts: 7 -> 3, 5 -> 2, 3 -> 2, 8 -> 1, eos -> 2 (kept whatever its count, so it does not
+    # compete)
     vocab = CompactVocab.build([(7, 5, 7, eos), (3, 7, 5, 3, 8, eos)], size=5, eos_id=eos)
     assert (vocab.size, vocab.eos_id, vocab.unk_id) == (5, 3, 4)
     assert vocab.ids == {
@@ -564,7 +568,7 @@ def test_collate_sequences_pads_right_and_masks_prompt():
     batch = collate_sequences([((1, 2), (3, 4, 5)), ((6,), (7,))], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    I = IGNORE_INDEX
+    I = IGNORE_INDEX  # noqa: E741 (reads like the mask it is)
     assert batch["labels"].tolist() == [[I, I, 3, 4, 5], [I, 7, I, I, I]]
     with pytest.raises(ValueError, match="empty batch"):
         collate_sequences([], 0)
@@ -600,8 +604,8 @@ def test_synthetic_pairs_are_ranked_by_the_ground_truth_reward():
 
 
 def test_synthetic_reward_ignoring_the_prompt_is_at_chance():
-    """The best prompt-blind ranking (score = sum of per-token weights averaged over topics) is 0 for
-    every response, so the task cannot be solved without reading the prompt."""
+    """The best prompt-blind ranking (score = sum of per-token weights averaged over topics) is 0
+    for every response, so the task cannot be solved without reading the prompt."""
     task = SyntheticTask(seed=0)
     w = task.weights
     assert torch.equal(w.mean(0), torch.zeros(task.n_content))

@@ -1,4 +1,4 @@
-"""The main job end to end in smoke mode (quick and paper presets), its outputs, and model loading."""
+"""The main job end to end in smoke mode (quick and paper presets), its outputs, model loading."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def check_outputs(out, name: str, eval_points: list[int]):
         records = read_metrics(out / "results" / "metrics" / f"{label.lower()}_beta{beta:g}.jsonl")
         evals = [r for r in records if r["split"] == "eval"]
         assert [r["examples_seen"] for r in evals] == eval_points
-        # Step 0: pi = pi_ref exactly, so h = Uh = 0 and both losses equal (0 - 1/(2 beta))^2 = 1/(4 beta^2).
+        # Step 0: pi = pi_ref exactly, so h = Uh = 0 and both losses equal (0 - 1/(2 beta))^2 = 1/(4
+        # beta^2).
         assert evals[0]["rewards/margins"] == 0.0
         assert evals[0]["loss"] == pytest.approx(1 / (4 * beta**2), rel=1e-12)
         assert (
@@ -132,7 +133,8 @@ def write_official_hh(root, n_train: int, n_test: int):
 
 
 def write_shp(root, split: str, n: int):
-    """n kept pairs (score ratio 3) and one filtered pair (ratio 1.5) in <root>/askscience/<split>.json."""
+    """n kept pairs (score ratio 3) and one filtered pair (ratio 1.5) in
+    <root>/askscience/<split>.json."""
     rows = [
         {
             "history": f"{split} question {i}?",
@@ -160,8 +162,8 @@ def write_shp(root, split: str, n: int):
 
 
 def test_paper_preset_smoke_on_official_files_plus_shp(tmp_path, capsys):
-    """The paper preset's code path (official HH train/test files plus SHP, RMSprop, microbatches) on a
-    tiny model."""
+    """The paper preset's code path (official HH train/test files plus SHP, RMSprop, microbatches)
+    on a tiny model."""
     hh, shp = tmp_path / "hh", tmp_path / "shp"
     write_official_hh(hh, n_train=5, n_test=3)
     write_shp(shp, "train", 16)
@@ -321,10 +323,11 @@ def test_compact_vocabulary_is_built_from_the_training_split_and_maps_every_spli
     }
     assert len(train_tokens) < k - 1  # 16 smoke pairs: every training token is kept
     for split in ("sft_train", "sft_eval", "pref_train", "pref_eval"):
-        for before, after in zip(getattr(full, split), getattr(data, split)):
+        for before, after in zip(getattr(full, split), getattr(data, split), strict=True):
             for a, b in zip(
                 (before.prompt, before.chosen, before.rejected),
                 (after.prompt, after.chosen, after.rejected),
+                strict=True,
             ):
                 assert len(a) == len(b) and max(b) < k
                 # a token is UNK exactly when the training data does not have it; EOS maps to pad_id
@@ -374,7 +377,8 @@ def test_format_table():
         "",
         "SFT model (pi_ref): eval NLL 5.4321 nats/token, 145.00 nats/response.",
     ]
-    # With the number of eval pairs: the binomial standard error sqrt(a (1 - a) / n); 0.5 over 64 pairs is 1/16.
+    # With the number of eval pairs: the binomial standard error sqrt(a (1 - a) / n); 0.5 over 64
+    # pairs is 1/16.
     assert format_table(runs, {}, n_eval=64).splitlines() == [
         "| run | beta | eval accuracy | eval reward margin | eval loss |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -437,14 +441,16 @@ def test_gguf_file_is_passed_to_transformers_as_gguf_file(tmp_path, monkeypatch)
 
 
 def test_importing_upo_ref_has_no_side_effects():
-    """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until used."""
+    """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until
+    used."""
     code = (
         "import sys, torch; n = torch.get_num_threads(); s = torch.get_rng_state()\n"
         "import upo_ref.lm.config, upo_ref.lm.data, upo_ref.lm.split, upo_ref.lm.tokenize\n"
         "import upo_ref.experiments.figure1, upo_ref.lm.logprobs, upo_ref.lm.models\n"
         "import upo_ref.reproduce, upo_ref.lm.synthetic, upo_ref.lm.train\n"
         "assert torch.get_num_threads() == n and torch.equal(torch.get_rng_state(), s)\n"
-        "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'\n"
+        "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, "
+        "'heavy import'\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120

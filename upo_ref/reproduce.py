@@ -61,7 +61,8 @@ def format_table(
         acc = f["rewards/accuracies"]
         se = "" if n_eval is None else f" +- {binomial_se(acc, n_eval):.4f}"
         lines.append(
-            f"| {r.label} | {r.beta:g} | {acc:.4f}{se} | {f['rewards/margins']:.4f} | {f['loss']:.4f} |"
+            f"| {r.label} | {r.beta:g} | {acc:.4f}{se} | {f['rewards/margins']:.4f} | "
+            f"{f['loss']:.4f} |"
         )
     if n_eval is not None:
         lines += ["", f"Accuracy +- one binomial standard error over the {n_eval} eval pairs."]
@@ -91,7 +92,8 @@ def _write_outputs(
     d, p = cfg.data, cfg.pref
     title = (
         f"{labels}, preset {cfg.name}: {cfg.model.name_or_path} on {'+'.join(d.datasets)}, "
-        f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, {d.n_eval_pairs or 'all'} eval pairs"
+        f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, "
+        f"{d.n_eval_pairs or 'all'} eval pairs"
     )
     figure1(runs, figure_path, title=title)
     (results_dir / "metrics").mkdir(parents=True, exist_ok=True)
@@ -113,9 +115,9 @@ def _write_outputs(
         json.dumps(summary, indent=1) + "\n", encoding="utf-8"
     )
     (results_dir / "summary.md").write_text(
-        f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: {wall_s / 60:.1f} min  \n"
-        f"Figure: `{_relative(figure_path)}`\n\nFinal evaluation (after {cfg.pref.n_examples} preference "
-        f"examples per run):\n\n{table}\n",
+        f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: "
+        f"{wall_s / 60:.1f} min  \nFigure: `{_relative(figure_path)}`\n\nFinal evaluation (after "
+        f"{cfg.pref.n_examples} preference examples per run):\n\n{table}\n",
         encoding="utf-8",
     )
     return table
@@ -208,7 +210,8 @@ def _positive_int(text: str) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The preset named by ``args`` with the command-line overrides applied (then shrunk by --smoke)."""
+    """The preset named by ``args`` with the command-line overrides applied (then shrunk by
+    --smoke)."""
     cfg = get_preset(args.preset)
     r = dataclasses.replace
     if args.model:  # a given model brings its own vocabulary
@@ -238,7 +241,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run_names(cfg: ExperimentConfig) -> list[str]:
-    """The run folders of ``cfg`` under ``--out``: ``sft`` (when SFT runs), then one per (loss, beta)."""
+    """The run folders of ``cfg`` under ``--out``: ``sft`` (when SFT runs), then one per (loss,
+    beta)."""
     names = ["sft"] if cfg.sft.n_examples else []
     for name, divergence in cfg.losses:
         label = PreferenceLoss(name, divergence).label
@@ -311,7 +315,8 @@ def _main(args, cfg, device: torch.device, restart: list[str], command: str) -> 
         cfg, results, sft_final, out_dir, results_dir, figure_path, command, wall_s
     )
     print(
-        f"\n{table}\n\nwall time {wall_s / 60:.1f} min; figure {figure_path}; table {results_dir / 'summary.md'}"
+        f"\n{table}\n\nwall time {wall_s / 60:.1f} min; figure {figure_path}; table "
+        f"{results_dir / 'summary.md'}"
     )
     return results
 

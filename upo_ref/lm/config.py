@@ -34,8 +34,9 @@ __all__ = [
     "smoke",
 ]
 
-# The four preference subsets of Anthropic/hh-rlhf (what ``datasets.load_dataset("Anthropic/hh-rlhf")``
-# concatenates); red-team-attempts has no pairs. Only the first three are on these machines.
+# The four preference subsets of Anthropic/hh-rlhf (what
+# ``datasets.load_dataset("Anthropic/hh-rlhf")`` concatenates); red-team-attempts has no pairs. Only
+# the first three are on these machines.
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HH_LOCAL_SUBSETS = ("harmless-base", "helpful-base", "helpful-rejection-sampled")
 TINY_GPT2 = "tiny-gpt2"  # a random-init GPT2LMHeadModel of ModelConfig's sizes, not a hub id
@@ -127,14 +128,15 @@ class DataConfig:
             raise ValueError(f"hh_split must be 'hash' or 'official', got {self.hh_split!r}")
         if not 0 < self.max_prompt_length < self.max_length:
             raise ValueError(
-                f"need 0 < max_prompt_length < max_length, got {self.max_prompt_length}, {self.max_length}"
+                f"need 0 < max_prompt_length < max_length, got {self.max_prompt_length}, "
+                f"{self.max_length}"
             )
         if self.compact_vocab is not None and (
             self.compact_vocab < 3 or "synthetic" in self.datasets
         ):
             raise ValueError(
-                f"compact_vocab must be None or >= 3 (tokens, EOS, UNK), and is for text data only; got "
-                f"{self.compact_vocab} with datasets {self.datasets}"
+                "compact_vocab must be None or >= 3 (tokens, EOS, UNK), and is for text data "
+                f"only; got {self.compact_vocab} with datasets {self.datasets}"
             )
 
 
@@ -143,10 +145,11 @@ class PhaseConfig:
     """One training phase (SFT or preference). Counts are in examples (pairs for preference).
 
     Training takes ``n_examples / batch_size`` optimiser steps; each batch is split into
-    microbatches of ``microbatch_size`` (None: no accumulation) whose gradients add up to the
-    batch mean. Evaluation runs at 0, after each step that crosses a multiple of ``eval_every``
-    examples, and at the end; a checkpoint is written after each evaluation. The learning rate rises linearly over ``warmup_steps`` steps
-    (lr * min(1, (step+1)/(warmup_steps+1)), the reference code's schedule), then stays constant.
+    microbatches of ``microbatch_size`` (None: no accumulation) whose gradients add up to the batch
+    mean. Evaluation runs at 0, after each step that crosses a multiple of ``eval_every`` examples,
+    and at the end; a checkpoint is written after each evaluation. The learning rate rises linearly
+    over ``warmup_steps`` steps (lr * min(1, (step+1)/(warmup_steps+1)), the reference code's
+    schedule), then stays constant.
     """
 
     n_examples: int
@@ -165,8 +168,9 @@ class PhaseConfig:
             raise ValueError("n_examples must be >= 0 and batch sizes >= 1")
         if self.n_examples % self.batch_size:
             raise ValueError(
-                f"n_examples ({self.n_examples}) must be a multiple of batch_size ({self.batch_size}): training "
-                f"takes whole steps, and the run should end where it says"
+                f"n_examples ({self.n_examples}) must be a multiple of batch_size "
+                f"({self.batch_size}): training takes whole steps, and the run should end where "
+                "it says"
             )
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 example, got {self.eval_every}")
@@ -203,8 +207,8 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.data.compact_vocab is not None and self.model.name_or_path != TINY_GPT2:
             raise ValueError(
-                f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} has its "
-                f"own vocabulary (set data.compact_vocab=None)"
+                f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} "
+                "has its own vocabulary (set data.compact_vocab=None)"
             )
 
     def to_dict(self) -> dict:
@@ -212,11 +216,12 @@ class ExperimentConfig:
 
 
 def _quick() -> ExperimentConfig:
-    # Sized for the 20-minute budget on 2 CPU cores. A model this small, trained from scratch, spends
-    # most of its time in the output softmax: with GPT-2's 50,257 ids it is ~5x the 4-layer body. The
-    # compact vocabulary (``data.CompactVocab``: the 4,094 most frequent training tokens, EOS, UNK)
-    # removes that cost, and the time saved goes into data: SFT on 16,384 targets and one pass over
-    # 2,048 preference pairs, evaluated on all 722 held-out pairs of the prompt-hash split.
+    # Sized for the 20-minute budget on 2 CPU cores. A model this small, trained from scratch,
+    # spends most of its time in the output softmax: with GPT-2's 50,257 ids it is ~5x the 4-layer
+    # body. The compact vocabulary (``data.CompactVocab``: the 4,094 most frequent training tokens,
+    # EOS, UNK) removes that cost, and the time saved goes into data: SFT on 16,384 targets and one
+    # pass over 2,048 preference pairs, evaluated on all 722 held-out pairs of the prompt-hash
+    # split.
     return ExperimentConfig(
         name="quick",
         model=ModelConfig(TINY_GPT2, n_layer=4, n_head=4, n_embd=128),
@@ -237,7 +242,8 @@ def _quick() -> ExperimentConfig:
             warmup_steps=10,
             eval_batch_size=64,
         ),
-        # RMSprop as in the reference code; at lr 1e-4 the losses of beta 0.2 and 0.5 rise instead of falling.
+        # RMSprop as in the reference code; at lr 1e-4 the losses of beta 0.2 and 0.5 rise instead
+        # of falling.
         pref=PhaseConfig(
             n_examples=2048,
             batch_size=16,
@@ -276,7 +282,8 @@ def _paper() -> ExperimentConfig:
 
 def _synthetic() -> ExperimentConfig:
     # One pass over 1,536 fresh pairs. AdamW, as usual for a model trained from scratch; at lr 1e-3
-    # DPO (beta 0.1) overshoots late in training on some seeds, at 5e-4 all 12 seeds tried are stable.
+    # DPO (beta 0.1) overshoots late in training on some seeds, at 5e-4 all 12 seeds tried are
+    # stable.
     return ExperimentConfig(
         name="synthetic",
         model=ModelConfig(TINY_GPT2, n_layer=2, n_head=2, n_embd=32),
@@ -325,7 +332,8 @@ def get_preset(name: str) -> ExperimentConfig:
 def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
     """The same experiment shrunk to seconds: a 2-layer 32-wide random-init GPT-2 (any hub or local
     model is replaced), sequences of at most 32 tokens, a few dozen examples per phase, every loss
-    at every beta, torch's default thread count. Same code path end to end; for tests and for trying a
+    at every beta, torch's default thread count. Same code path end to end; for tests and for trying
+    a
     preset out."""
     r = dataclasses.replace
     model = r(cfg.model, name_or_path=TINY_GPT2, n_layer=2, n_head=2, n_embd=32, tokenizer=None)

@@ -57,7 +57,8 @@ MISMATCH = "rejected text does not start with the chosen text's prompt"
 
 
 class DataError(ValueError):
-    """A row of a data file that cannot be read as a preference pair; the message names file and line."""
+    """A row of a data file that cannot be read as a preference pair; the message names file and
+    line."""
 
 
 @dataclass(frozen=True)
@@ -176,14 +177,15 @@ def split_prompt(text: str, origin: str = "") -> tuple[str, str]:
     cut = text.rfind(ASSISTANT_TAG)
     if cut == -1:
         raise DataError(
-            f"{origin}: the text has no {ASSISTANT_TAG!r}, so there is no prompt to split off: {text[:80]!r}"
+            f"{origin}: the text has no {ASSISTANT_TAG!r}, so there is no prompt to split off: "
+            f"{text[:80]!r}"
         )
     cut += len(ASSISTANT_TAG)
     return text[:cut], text[cut:]
 
 
 def _keep(pair: PreferencePair, report: LoadReport, keep_identical: bool) -> bool:
-    """False (and the pair listed in the report) for a pair whose two responses are the same text."""
+    """False (and the pair listed in the report) for a pair whose responses are the same text."""
     if pair.chosen == pair.rejected and not keep_identical:
         report.drop(IDENTICAL, pair.origin)
         return False
@@ -219,8 +221,8 @@ def load_hh_file(
                 report.drop(MISMATCH, origin)
                 continue
             raise DataError(
-                f"{origin}: {MISMATCH} (prompt ends {prompt[-60:]!r}); pass drop_mismatched=True to drop "
-                f"and report such rows"
+                f"{origin}: {MISMATCH} (prompt ends {prompt[-60:]!r}); pass drop_mismatched=True "
+                "to drop and report such rows"
             )
         pair = PreferencePair(prompt, chosen, row["rejected"][len(prompt) :], origin)
         if _keep(pair, report, keep_identical):
@@ -245,9 +247,9 @@ def load_hh(
         path = Path(hh_dir) / subset / f"{split}.jsonl.gz"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found; on these machines only the test files are local (../shared/data/hh-rlhf); "
-                f"with internet, download_hh() or `python -m upo_ref.reproduce --hh-split official` fetches "
-                f"the official files"
+                f"{path} not found; on these machines only the test files are local "
+                "(../shared/data/hh-rlhf); with internet, download_hh() or `python -m "
+                "upo_ref.reproduce --hh-split official` fetches the official files"
             )
         p, r = load_hh_file(path, drop_mismatched, keep_identical)
         pairs += p
@@ -306,11 +308,12 @@ def load_shp(
     min_score_ratio: float = SHP_MIN_SCORE_RATIO,
     keep_identical: bool = False,
 ) -> tuple[list[PreferencePair], LoadReport]:
-    r"""Pairs of SHP files in the official format (fields ``SHP_FIELDS``; ``labels`` 1 = A preferred).
+    r"""Pairs of SHP files in the official format (fields ``SHP_FIELDS``; ``labels`` 1 = A
+    preferred).
 
-    Prompt ``"\n\nHuman: " + history + "\n\nAssistant:"``, responses ``" " + human_ref_*``, as in the
-    reference code, which also keeps only pairs whose score ratio max(sA/sB, sB/sA) is at least 2:
-    the others are dropped *and counted* in the report. Scores must be positive (a ratio of a
+    Prompt ``"\n\nHuman: " + history + "\n\nAssistant:"``, responses ``" " + human_ref_*``, as in
+    the reference code, which also keeps only pairs whose score ratio max(sA/sB, sB/sA) is at least
+    2: the others are dropped *and counted* in the report. Scores must be positive (a ratio of a
     non-positive score means nothing; the reference code would divide by zero). A pair of identical
     responses is dropped and listed, or kept with ``keep_identical=True``.
     """
@@ -385,7 +388,8 @@ def load_trl(
         if missing:
             raise DataError(
                 f"{origin}: missing field(s) {missing}; a TRL preference row has "
-                f"{list(TRL_FIELDS)} (the implicit-prompt format, prompt inside chosen, is not read)"
+                f"{list(TRL_FIELDS)} (the implicit-prompt format, prompt inside chosen, is not "
+                "read)"
             )
         for k in TRL_FIELDS:
             if not isinstance(row[k], str):

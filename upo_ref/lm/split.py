@@ -53,7 +53,7 @@ def sft_examples(pairs: Sequence[PreferencePair]) -> list[tuple[str, str]]:
         if p.scores is None:
             best.setdefault(p.prompt, (0.0, p.chosen))
             continue
-        for score, response in zip(p.scores, (p.chosen, p.rejected)):
+        for score, response in zip(p.scores, (p.chosen, p.rejected), strict=True):
             if p.prompt not in best or score > best[p.prompt][0]:
                 best[p.prompt] = (score, response)
     return [(prompt, target) for prompt, (_, target) in best.items()]

@@ -76,7 +76,8 @@ def truncate(
         )
     if not 0 < max_prompt_length < max_length:
         raise ValueError(
-            f"need 0 < max_prompt_length < max_length (room for a response), got {max_prompt_length}, {max_length}"
+            "need 0 < max_prompt_length < max_length (room for a response), got "
+            f"{max_prompt_length}, {max_length}"
         )
     prompt, responses = tuple(prompt), [tuple(r) for r in responses]
     longest = max(len(r) for r in responses)
@@ -129,7 +130,7 @@ def tokenize_pairs(
     chosen = _token_ids(tokenizer, [p.chosen for p in pairs])
     rejected = _token_ids(tokenizer, [p.rejected for p in pairs])
     out = []
-    for p, x, yw, yl in zip(pairs, prompts, chosen, rejected):
+    for p, x, yw, yl in zip(pairs, prompts, chosen, rejected, strict=True):
         for ids, what in ((x, "prompt"), (yw, "chosen response"), (yl, "rejected response")):
             _check_tokens(ids, eos, what, p.origin)
         if not x:
@@ -161,8 +162,8 @@ def tokenize_sft(
     max_prompt_length: int,
     truncation_mode: str,
 ) -> list[TokenizedPair]:
-    """SFT examples as TokenizedPair with rejected = chosen = the target (the reference code does the
-    same); SFT uses only (prompt, chosen)."""
+    """SFT examples as TokenizedPair with rejected = chosen = the target (the reference code does
+    the same); SFT uses only (prompt, chosen)."""
     pairs = [PreferencePair(x, y, y, f"sft example {i}") for i, (x, y) in enumerate(examples)]
     return tokenize_pairs(
         pairs, tokenizer, max_length, max_prompt_length, truncation_mode, keep_identical=True
@@ -181,7 +182,8 @@ class CompactVocab:
 
     Ids: 0 .. size-3 are the kept tokens in order of decreasing count (equal counts: lower original
     id first); ``eos_id`` = size-2 is EOS (kept whatever its count: it ends every response and is
-    the padding id); ``unk_id`` = size-1. ``ids`` maps original id -> compact id for the kept tokens.
+    the padding id); ``unk_id`` = size-1. ``ids`` maps original id -> compact id for the kept
+    tokens.
     """
 
     def __init__(self, ids: dict[int, int], size: int):

@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -95,7 +94,7 @@ __all__ = [
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training met a NaN/inf log-prob, loss or gradient norm and stopped before updating the model."""
+    """Training met a NaN/inf loss or gradient norm and stopped before updating the model."""
 
 
 def autocast(device: torch.device):
@@ -113,10 +112,10 @@ def _check_float32(model) -> None:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         raise ValueError(
-            f"the model's weights are {sorted(map(str, dtypes))}; the trainer needs float32 weights "
-            f"(half-precision weights would be updated, and log-probs computed, in that precision). "
-            f"Load the model in float32 (models.build_model does); on CUDA forward passes run under "
-            f"bf16 autocast with the log-softmax in float32"
+            f"the model's weights are {sorted(map(str, dtypes))}; the trainer needs float32 "
+            "weights (half-precision weights would be updated, and log-probs computed, in that "
+            "precision). Load the model in float32 (models.build_model does); on CUDA forward "
+            "passes run under bf16 autocast with the log-softmax in float32"
         )
 
 
@@ -133,7 +132,8 @@ def _check_finite(what: str, *tensors: Tensor) -> None:
 
 @dataclass
 class SFTPhase:
-    """Supervised fine-tuning on (x, y) = (prompt, chosen) of each example: loss -log pi(y|x). (B,)"""
+    """Supervised fine-tuning on (x, y) = (prompt, chosen) of each example: loss -log pi(y|x), (B,)
+    per batch."""
 
     pad_id: int
     average: bool = False
@@ -171,11 +171,11 @@ class SFTPhase:
 class PreferencePhase:
     """Preference optimisation with ``loss_fn(pc, pr, rc, rr, beta) -> (B,)`` against fixed pi_ref.
 
-    ``reference[split]`` = (log pi_ref(y_w|x), log pi_ref(y_l|x)), each (N,) over that split's pairs,
-    from :func:`reference_logps`. ``extras[split][name]``: further per-pair tensors (N,) that a loss
-    with ``takes_batch = True`` finds in ``batch[name]`` (B,); its ``metrics`` method, if it has one,
-    adds per-example metrics (names must not clash with the phase's). ``divergence``: the f of the
-    ``scores/*`` metrics (defaults to the loss's own, reverse KL for DPO/IPO).
+    ``reference[split]`` = (log pi_ref(y_w|x), log pi_ref(y_l|x)), each (N,) over that split's
+    pairs, from :func:`reference_logps`. ``extras[split][name]``: further per-pair tensors (N,) that
+    a loss with ``takes_batch = True`` finds in ``batch[name]`` (B,); its ``metrics`` method, if it
+    has one, adds per-example metrics (names must not clash with the phase's). ``divergence``: the f
+    of the ``scores/*`` metrics (defaults to the loss's own, reverse KL for DPO/IPO).
     """
 
     loss_fn: Callable[..., Tensor]
@@ -196,7 +196,7 @@ class PreferencePhase:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         pc, pr = concatenated_logps(model, batch, self.average, self.response_only)  # (B,), (B,)
         ref_chosen, ref_rejected = self.reference[split]
-        index = batch["index"].cpu()
+        index = batch["index"].cpu()  # (B,)
         rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
         takes_batch = getattr(self.loss_fn, "takes_batch", False)
         if takes_batch:
@@ -275,8 +275,8 @@ def reference_logps(
     :class:`ReferenceLogps` that remembers which pairs they belong to.
 
     Computed once, before preference training, with the model in eval mode, in consecutive batches
-    of ``batch_size`` (the same batches :func:`evaluate` forms, so that at step 0, where pi = pi_ref,
-    the eval margins are exactly 0).
+    of ``batch_size`` (the same batches :func:`evaluate` forms, so that at step 0, where pi =
+    pi_ref, the eval margins are exactly 0).
     """
     _check_float32(model)
     was_training = model.training
@@ -330,18 +330,27 @@ def evaluate(
 def _evaluate(model, phase, eval_set, batch_size: int, device: torch.device) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, Tensor] = {}
     for start in range(0, len(eval_set), batch_size):
         idx = range(start, min(start + batch_size, len(eval_set)))
-        batch = _to(phase.collate([eval_set[i] for i in idx], idx), device)
+        batch = _to(phase.collate([eval_set[i] for i in idx], idx), device)  # (b or 2b, T) each
         with autocast(device):
             losses, metrics = phase.losses(model, batch, "eval")  # (b,), {name: (b,)}
-        _check_finite("eval loss", losses)
-        sums["loss"] += float(losses.sum())
-        for k, v in metrics.items():
-            sums[k] += float(v.sum())
+        _add_sums(sums, {"loss": losses, **metrics})
     model.train(was_training)
-    return {k: v / len(eval_set) for k, v in sums.items()}
+    totals = torch.stack(list(sums.values())).tolist()  # the one host sync
+    means = {k: v / len(eval_set) for k, v in zip(sums, totals, strict=True)}
+    if not math.isfinite(means["loss"]):
+        raise NonFiniteLossError(f"non-finite eval loss ({means['loss']})")
+    return means
+
+
+def _add_sums(sums: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+    """sums[k] += values[k].sum() in float64, on the device: no host sync until the caller's one.
+    (float64, so the totals equal those of Python floats added one batch at a time.)"""
+    for k, v in values.items():
+        total = v.detach().sum().double()  # ()
+        sums[k] = sums[k] + total if k in sums else total
 
 
 def _make_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
@@ -359,26 +368,26 @@ def _train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     B, micro = len(examples), cfg.microbatch_size or len(examples)
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, Tensor] = {}
     for start in range(0, B, micro):
         batch = _to(
             phase.collate(examples[start : start + micro], indices[start : start + micro]), device
-        )
+        )  # (b or 2b, T) each, index (b,)
         with autocast(device):
             losses, metrics = phase.losses(model, batch, "train")  # (b,), {name: (b,)}
-        _check_finite("loss", losses)
         # The gradients of the microbatches add up to those of the batch mean.
         (losses.sum() / B).backward()
-        sums["loss"] += float(losses.detach().sum())
-        for k, v in metrics.items():
-            sums[k] += float(v.sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    if not math.isfinite(float(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"non-finite gradient norm ({float(grad_norm)})")
+        _add_sums(sums, {"loss": losses, **metrics})
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # ()
+    *totals, norm = torch.stack([*sums.values(), grad_norm.double()]).tolist()  # the one sync
+    means = {k: v / B for k, v in zip(sums, totals, strict=True)}
+    for what, value in (("loss", means["loss"]), ("gradient norm", norm)):
+        if not math.isfinite(value):  # a NaN loss in any microbatch makes its sum NaN
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"non-finite {what} ({value})")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**{k: v / B for k, v in sums.items()}, "lr": lr, "grad_norm": float(grad_norm)}
+    return {**means, "lr": lr, "grad_norm": norm}
 
 
 def train(
@@ -466,9 +475,10 @@ def _train_in_folder(
                 metrics = _train_step(model, phase, examples, indices, cfg, optimizer, step, device)
             except (NonFiniteLossError, ValueError) as err:
                 raise type(err)(
-                    f"{name}: {err} at step {step} (examples_seen {examples_seen}); stopped before "
-                    f"the update. The last good checkpoint is {ckpt_path} (from the last "
-                    f"evaluation); lower the learning rate or look at the batch's examples {indices}"
+                    f"{name}: {err} at step {step} (examples_seen {examples_seen}); stopped "
+                    f"before the update. The last good checkpoint is {ckpt_path} (from the last "
+                    "evaluation); lower the learning rate or look at the batch's examples "
+                    f"{indices}"
                 ) from None
             examples_seen += cfg.batch_size
             step += 1
