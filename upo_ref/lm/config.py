@@ -220,7 +220,7 @@ def _quick() -> ExperimentConfig:
     # spends most of its time in the output softmax: with GPT-2's 50,257 ids it is ~5x the 4-layer
     # body. The compact vocabulary (``data.CompactVocab``: the 4,094 most frequent training tokens,
     # EOS, UNK) removes that cost, and the time saved goes into data: SFT on 16,384 targets and one
-    # pass over 2,048 preference pairs, evaluated on all 722 held-out pairs of the prompt-hash
+    # pass over 2,048 preference pairs, evaluated on all 718 held-out pairs of the prompt-hash
     # split.
     return ExperimentConfig(
         name="quick",
@@ -306,8 +306,8 @@ def _synthetic() -> ExperimentConfig:
 
 
 def _quick_sft_disjoint() -> ExperimentConfig:
-    # The quick preset with SFT on the training prompts that preference training does not use (4,636
-    # of 6,684): the control experiment for the SFT overlap (README, "Why the train loss falls").
+    # The quick preset with SFT on the training prompts that preference training does not use (4,606
+    # of 6,654): the control experiment for the SFT overlap (README, "Why the train loss falls").
     q = _quick()
     return dataclasses.replace(
         q, name="quick-sft-disjoint", data=dataclasses.replace(q.data, sft_disjoint=True)
