@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,6 +66,24 @@ def test_a_second_run_on_a_folder_refuses_naming_the_holder(synthetic, tmp_path)
     run(synthetic, tmp_path)  # released: the folder is usable again
     with run_lock(tmp_path):  # and train() released it when it returned
         pass
+
+
+def test_a_run_in_another_process_holds_the_folder_until_it_exits(synthetic, tmp_path):
+    """The real case: two commands on one folder. The second refuses, naming the first's pid; once
+    the first is killed (-9: no clean-up of its own), the folder is free."""
+    code = (
+        "import sys, time; from upo_ref.lm.runfiles import run_lock\n"
+        "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(RunLockedError, match=rf'"pid": {holder.pid}, "host": '):
+            run(synthetic, tmp_path, n_examples=32)
+    finally:
+        holder.kill()
+        holder.wait()
+    run(synthetic, tmp_path, n_examples=32)
 
 
 def test_a_partial_last_record_is_dropped_with_a_warning_and_resume_stays_exact(
