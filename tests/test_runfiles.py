@@ -5,8 +5,10 @@ nothing that was on disk before the failure is lost."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
+import pickle
 import subprocess
 import sys
 
@@ -16,10 +18,12 @@ from test_train import CPU, FailOnCall, Interrupted, small_phase, synthetic, wit
 
 from upo_ref.lm import runfiles
 from upo_ref.lm.runfiles import LOCK, RunLockedError, identity_differences, run_lock
+from upo_ref.lm.tokenize import fingerprint
 from upo_ref.lm.train import (
     CHECKPOINT,
     METRICS,
     PreferencePhase,
+    ReferenceLogps,
     RunFolderError,
     SFTPhase,
     evaluate,
@@ -195,6 +199,16 @@ def test_the_eval_set_must_be_the_one_of_its_reference_log_probs(synthetic, tmp_
         evaluate(new_model(), phase, swapped, 64, CPU)
     at_step_0 = evaluate(new_model(), phase, data.pref_eval, 64, CPU)
     assert at_step_0["rewards/margins"] == 0.0  # pi = pi_ref, scored against its own reference
+
+
+def test_reference_log_probs_keep_their_fingerprint_through_copy_and_pickle(synthetic):
+    cfg, data, new_model, reference = synthetic
+    ref = reference["eval"]
+    for twin in (copy.deepcopy(ref), pickle.loads(pickle.dumps(ref))):
+        assert type(twin) is ReferenceLogps and twin.pairs == ref.pairs == fingerprint(
+            data.pref_eval
+        )
+        assert all(torch.equal(a, b) for a, b in zip(twin, ref, strict=True))
 
 
 def test_half_precision_weights_are_refused(synthetic, tmp_path):

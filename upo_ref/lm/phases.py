@@ -216,6 +216,9 @@ class ReferenceLogps(tuple):
         self.pairs = pairs
         return self
 
+    def __getnewargs__(self):  # copy and pickle rebuild it through __new__
+        return (self[0], self[1], self.pairs)
+
 
 @torch.no_grad()
 def reference_logps(
