@@ -11,30 +11,28 @@ import math
 import pytest
 import torch
 
-from upo_ref.auxiliary.lm import (
+from upo_ref.auxiliary.evaluation import (
     AuxEvaluation,
-    AuxLMConfig,
     AuxRun,
-    MODPOLoss,
-    TextReward,
-    UPODPOLoss,
-    aux_extras,
+    HeldOutSet,
     dpo_baseline,
     evaluate_aux,
-    fit_prompt_values,
     format_before_after,
-    generation_prompts,
+)
+from upo_ref.auxiliary.lm import AuxLMConfig, run_aux_experiment
+from upo_ref.auxiliary.objectives import MODPOLoss, UPODPOLoss, aux_extras
+from upo_ref.auxiliary.sampling import generation_prompts, sample_responses
+from upo_ref.auxiliary.scoring import (
+    TextReward,
     pair_rewards,
     preference_agreement,
-    prompt_features,
-    run_aux_experiment,
-    sample_responses,
     shorter_response_agreement,
 )
+from upo_ref.auxiliary.values import fit_prompt_values, prompt_features
 from upo_ref.auxiliary.rewards import readability_rewards
 from upo_ref.lm.config import TINY_GPT2, DataConfig, ModelConfig, PhaseConfig, get_preset
 from upo_ref.lm.data import IGNORE_INDEX, TokenizedPair
-from upo_ref.lm.experiment import prepare_data
+from upo_ref.lm.experiment import LogpSettings, prepare_data
 from upo_ref.lm.models import build_model
 from upo_ref.lm.train import PreferencePhase, read_metrics, reference_logps, train
 from upo_ref.losses import PreferenceLoss
@@ -157,21 +155,29 @@ def test_the_extras_reach_the_loss_with_their_own_pairs(synthetic, tmp_path):
     extras = {s: aux_extras(*rewards[s], values[s]) for s in rewards}
     checked = []
 
-    class Spy(UPODPOLoss):
-        def __call__(self, pc, pr, rc, rr, beta, batch=None):
-            B = pc.shape[0]
+    current = {}
+
+    class Spy(PreferencePhase):
+        """The phase, keeping each batch so that the objective can look at its tokens."""
+
+        def losses(self, model, batch, split):
+            current["batch"], current["split"] = batch, split
+            return super().losses(model, batch, split)
+
+    class Recording(UPODPOLoss):
+        def losses(self, pc, pr, rc, rr, beta, extras):
+            batch, B = current["batch"], pc.shape[0]
             responses = [
                 tuple(row[row != IGNORE_INDEX].tolist()) for row in batch["labels"]
             ]  # chosen, then rejected
             recomputed = code_reward(None, responses)
-            assert torch.equal(batch["chosen_rewards"], recomputed[:B])
-            assert torch.equal(batch["rejected_rewards"], recomputed[B:])
-            split = "train" if torch.is_grad_enabled() else "eval"
-            assert torch.equal(batch["values"], values[split][batch["index"]])
+            assert torch.equal(extras["chosen_rewards"], recomputed[:B])
+            assert torch.equal(extras["rejected_rewards"], recomputed[B:])
+            assert torch.equal(extras["values"], values[current["split"]][batch["index"]])
             checked.append(B)
-            return super().__call__(pc, pr, rc, rr, beta, batch=batch)
+            return super().losses(pc, pr, rc, rr, beta, extras)
 
-    phase = PreferencePhase(Spy(0.5), 0.1, reference, data.pad_id, extras=extras)
+    phase = Spy(Recording(0.5), 0.1, reference, data.pad_id, extras=extras)
     train(
         new_model(),
         phase,
@@ -221,7 +227,7 @@ def test_loss_metrics_may_not_overwrite_the_phases_own(synthetic, tmp_path):
     data, new_model, reference, extras = synthetic
 
     class Clashing(UPODPOLoss):
-        def metrics(self, pc, pr, rc, rr, beta, batch=None):
+        def metrics(self, pc, pr, rc, rr, beta, extras):
             return {"rewards/margins": pc}
 
     phase = PreferencePhase(Clashing(0.0), 0.1, reference, data.pad_id, extras=extras)
@@ -317,24 +323,25 @@ def test_evaluation_closed_forms(synthetic):
     ref = reference_logps(model, pairs, 256, data.pad_id, CPU)  # the batches evaluate_aux forms
     rewards = (extras["eval"]["chosen_rewards"][:64], extras["eval"]["rejected_rewards"][:64])
     prompts = generation_prompts(pairs, 64, 8)
-    common = dict(
+    held_out = HeldOutSet(
         pairs=pairs,
+        reference=ref,
         rewards=rewards,
         beta=0.1,
+        logps=LogpSettings(data.pad_id, average=False, response_only=True),
         prompts=prompts,
         reward_fn=count_reward,
         max_new_tokens=6,
         eos_id=data.pad_id,
-        pad_id=data.pad_id,
-        device=CPU,
         batch_size=256,
     )
-    same = evaluate_aux(model, "pi_ref", reference=ref, **common)
+    same = evaluate_aux(model, "pi_ref", held_out, CPU)
     assert torch.equal(same.preference_correct, torch.full((64,), 0.5, dtype=torch.float64))
     assert (
         same.summary()["preference_accuracy"] == 0.5 and same.summary()["auxiliary_accuracy"] == 0.5
     )
-    shifted = evaluate_aux(model, "shifted", reference=(ref[0] - 1, ref[1] + 1), **common)
+    shifted_ref = dataclasses.replace(held_out, reference=(ref[0] - 1, ref[1] + 1))
+    shifted = evaluate_aux(model, "shifted", shifted_ref, CPU)
     assert shifted.summary()["preference_accuracy"] == 1.0
     differ = rewards[0] != rewards[1]
     assert 0 < int(differ.sum()) < 64 and len(shifted.auxiliary_correct) == int(differ.sum())
@@ -521,25 +528,19 @@ def test_bad_inputs_raise_clear_value_errors(make, message):
         make()
 
 
-def test_a_loss_without_its_extras_says_what_is_missing(synthetic, tmp_path):
-    data, new_model, reference, extras = synthetic
-    phase = PreferencePhase(
-        UPODPOLoss(0.5),
-        0.1,
-        reference,
-        data.pad_id,
-        extras={s: {"values": e["values"]} for s, e in extras.items()},
-    )
+def test_a_loss_without_its_extras_says_what_is_missing(synthetic):
+    """The phase checks the extras once, when it is made, for every split of the reference."""
+    data, _, reference, extras = synthetic
     with pytest.raises(
-        ValueError, match=r"the batch has no \['chosen_rewards', 'rejected_rewards'\]"
+        ValueError, match=r"the 'train' extras have no \['chosen_rewards', 'rejected_rewards'\]"
     ):
-        train(
-            new_model(),
-            phase,
-            data.pref_train,
-            data.pref_eval,
-            small_phase(n_examples=16),
-            tmp_path,
-            CPU,
-            progress=False,
+        PreferencePhase(
+            UPODPOLoss(0.5),
+            0.1,
+            reference,
+            data.pad_id,
+            extras={s: {"values": e["values"]} for s, e in extras.items()},
         )
+    short = {s: {k: v[:-1] for k, v in e.items()} for s, e in extras.items()}
+    with pytest.raises(ValueError, match=r"extras\['train'\]\['chosen_rewards'\] must be a "):
+        PreferencePhase(UPODPOLoss(0.5), 0.1, reference, data.pad_id, extras=short)

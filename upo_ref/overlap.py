@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .lm.config import PRESETS, ExperimentConfig, get_preset, smoke
-from .lm.experiment import RunResult, load_experiment_data
+from .lm.experiment import load_experiment_data, run_name
 from .lm.logprobs import head_is_linear_readout
 from .lm.models import build_model
 from .lm.train import CHECKPOINT, reference_logps
@@ -128,9 +128,7 @@ def overlap_check(
     for loss_name, divergence in cfg.losses:
         label = PreferenceLoss(loss_name, divergence).label
         for beta in cfg.betas:
-            _load_weights(
-                model, out_dir / RunResult(label, beta, {}, Path()).name / CHECKPOINT, cfg
-            )
+            _load_weights(model, out_dir / run_name(label, beta) / CHECKPOINT, cfg)
             for g, pairs in groups.items():
                 m = preference_metrics(*logps(pairs), *ref[g], beta)
                 rows.append(

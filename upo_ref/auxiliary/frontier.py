@@ -32,17 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import dpo_loss
+from ..losses import PreferenceLoss
+from ..objective import Objective, as_objective
 from ..utils.stats import mean_se
-from .losses import (
-    ValueNetwork,
-    fit_value_network,
-    kto_loss,
-    kto_reference_point,
-    modpo_loss,
-    upo_dpo_loss,
-    upo_kto_loss,
-)
+from .losses import ValueNetwork, fit_value_network
+from .objectives import KL_KEYS, KTOLoss, MODPOLoss, UPODPOLoss, UPOKTOLoss
 
 __all__ = [
     "METHODS",
@@ -55,6 +49,7 @@ __all__ = [
     "oracle_logps",
     "ToyConfig",
     "fit_values",
+    "method_objective",
     "method_loss",
     "train_policy",
     "FrontierPoint",
@@ -62,7 +57,15 @@ __all__ = [
     "summarise",
 ]
 
-METHODS = ("dpo", "kto", "modpo", "upo-dpo", "upo-kto")
+# Each method's loss, made from its config (``method_objective``).
+_OBJECTIVES = {
+    "dpo": lambda c: as_objective(PreferenceLoss("dpo")),
+    "kto": lambda c: KTOLoss(),
+    "modpo": lambda c: MODPOLoss(c.w_aux),
+    "upo-dpo": lambda c: UPODPOLoss(c.gamma, c.alpha),
+    "upo-kto": lambda c: UPOKTOLoss(c.gamma, c.alpha),
+}
+METHODS = tuple(_OBJECTIVES)
 
 
 @contextlib.contextmanager
@@ -211,55 +214,56 @@ def fit_values(
         return net(bandit.features)
 
 
+def method_objective(config: ToyConfig) -> Objective:
+    """The loss of ``config.method`` with its hyperparameters, as an ``upo_ref.objective.Objective``."""
+    return _OBJECTIVES[config.method](config)
+
+
 def method_loss(
     bandit: Bandit, pairs: Pairs, logps: Tensor, config: ToyConfig, values: Tensor | None = None
 ) -> Tensor:
-    """The method's mean loss at the policy ``logps`` (K, n), a scalar; what :func:`train_policy` minimises.
+    """The method's mean loss at the policy ``logps`` (K, n), a scalar; what :func:`train_policy`
+    minimises. ``values`` (K,) is needed by the UPO methods."""
+    return _mean_loss(method_objective(config), bandit, pairs, logps, config.beta, values)
 
-    ``values`` (K,) is needed by the UPO methods.
-    """
+
+def _mean_loss(
+    objective: Objective, bandit: Bandit, pairs: Pairs, logps: Tensor, beta: float, values
+) -> Tensor:
     x, y_w, y_l = pairs.x, pairs.y_w, pairs.y_l
     ref = bandit.reference_logps
     pc, pr, rc, rr = logps[x, y_w], logps[x, y_l], ref[x, y_w], ref[x, y_l]  # (N,) each
-    R_w, R_l = bandit.auxiliary_reward[x, y_w], bandit.auxiliary_reward[x, y_l]
-    m, beta = config.method, config.beta
-    if m == "dpo":
-        return dpo_loss(pc, pr, rc, rr, beta).mean()
-    if m == "modpo":
-        return modpo_loss(pc, pr, rc, rr, R_w, R_l, beta, (1.0 - config.w_aux, config.w_aux)).mean()
-    if m == "upo-dpo":
-        return upo_dpo_loss(
-            pc, pr, rc, rr, R_w, R_l, values[x], beta, config.gamma, config.alpha
-        ).mean()
-    # KTO-based: every response is one example; chosen are desirable, rejected undesirable.
-    policy, reference = torch.cat([pc, pr]), torch.cat([rc, rr])  # (2N,)
-    desirable = torch.cat(
-        [torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool)]
-    )
-    # z0 from mismatched pairs: prompt i with the response of example i + 1 (HALOs' KL batch).
-    xs, ys = torch.cat([x, x]), torch.cat([y_w, y_l])
-    ys_mismatched = ys.roll(1)
-    z0 = kto_reference_point(logps[xs, ys_mismatched], ref[xs, ys_mismatched])
-    if m == "kto":
-        return kto_loss(policy, reference, desirable, z0, beta).mean()
-    rewards = bandit.auxiliary_reward[xs, ys]
-    return upo_kto_loss(
-        policy, reference, desirable, z0, rewards, values[xs], beta, config.gamma, config.alpha
-    ).mean()
+    extras = {
+        "chosen_rewards": bandit.auxiliary_reward[x, y_w],  # R(x, y_w), (N,)
+        "rejected_rewards": bandit.auxiliary_reward[x, y_l],
+    }
+    if values is not None:
+        extras["values"] = values[x]  # V(x), (N,)
+    if set(KL_KEYS) & set(objective.extra_keys):
+        # KTO's mismatched pairs (HALOs' KL batch): prompt i with the response of example i - 1 of
+        # the 2N responses (chosen, then rejected), under the current policy.
+        N = len(x)
+        y_mismatched = torch.cat([y_w, y_l]).roll(1)  # (2N,)
+        kl_policy = logps[torch.cat([x, x]), y_mismatched]  # (2N,)
+        kl_reference = ref[torch.cat([x, x]), y_mismatched]
+        extras |= dict(zip(KL_KEYS, (*kl_policy.split(N), *kl_reference.split(N)), strict=True))
+    return objective.losses(pc, pr, rc, rr, beta, extras).mean()
 
 
 def train_policy(
     bandit: Bandit, pairs: Pairs, config: ToyConfig, values: Tensor | None = None
 ) -> Tensor:
     """Train theta (K, n) from pi_ref by full-batch Adam on :func:`method_loss`; returns log pi (K, n), detached."""
-    if config.method.startswith("upo") and values is None:
+    objective = method_objective(config)
+    if "values" in objective.extra_keys and values is None:
         raise ValueError(f"{config.method} needs values V(x), shape (K,): see fit_values")
     theta = bandit.reference_logps.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([theta], lr=config.lr)
     with _one_thread():
         for _ in range(config.steps):
             optimiser.zero_grad()
-            method_loss(bandit, pairs, F.log_softmax(theta, dim=-1), config, values).backward()
+            logps = F.log_softmax(theta, dim=-1)  # (K, n)
+            _mean_loss(objective, bandit, pairs, logps, config.beta, values).backward()
             optimiser.step()
     return F.log_softmax(theta.detach(), dim=-1)
 
@@ -288,7 +292,7 @@ def run_frontier(
         values_by_tau: dict[float, Tensor] = {}
         for config in configs:
             values = None
-            if config.method.startswith("upo"):
+            if "values" in method_objective(config).extra_keys:
                 if config.tau not in values_by_tau:
                     values_by_tau[config.tau] = fit_values(
                         bandit, pairs, config.tau, value_steps, seed

@@ -35,14 +35,16 @@ from .data import (
 from .logprobs import head_is_linear_readout
 from .models import build_model, default_device, load_tokenizer
 from .synthetic import SyntheticTask
-from .train import PreferencePhase, SFTPhase, reference_logps, train
+from .train import METRICS, PreferencePhase, SFTPhase, reference_logps, train
 
 __all__ = [
     "ExperimentData",
     "prepare_data",
     "load_experiment_data",
+    "LogpSettings",
     "Reference",
     "prepare_reference",
+    "run_name",
     "RunResult",
     "run_experiment",
 ]
@@ -193,7 +195,12 @@ def prepare_data(
     return ExperimentData(**out, vocab_size=vocab.size, pad_id=vocab.eos_id, reports=reports)
 
 
-@dataclass
+def run_name(label: str, beta: float) -> str:
+    """The folder of the run of loss ``label`` at ``beta`` under an experiment's output folder."""
+    return f"{label.lower()}_beta{beta:g}"
+
+
+@dataclass(frozen=True)
 class RunResult:
     """One preference run: its loss label, beta, final eval metrics, where its metrics are, and how
     many eval pairs the metrics average over."""
@@ -206,22 +213,36 @@ class RunResult:
 
     @property
     def name(self) -> str:
-        return f"{self.label.lower()}_beta{self.beta:g}"
+        return run_name(self.label, self.beta)
+
+
+@dataclass(frozen=True)
+class LogpSettings:
+    """How every phase started from one reference computes a sequence's log pi(y|x): the padding id,
+    the per-token mean instead of the sum (``average``), and logits on response tokens only
+    (``response_only``). ``as_kwargs()`` gives them as ``SFTPhase`` / ``PreferencePhase`` take them."""
+
+    pad_id: int
+    average: bool
+    response_only: bool
+
+    def as_kwargs(self) -> dict:
+        return {"pad_id": self.pad_id, "average": self.average, "response_only": self.response_only}
 
 
 @dataclass
 class Reference:
-    """The reference policy pi_ref (the SFT model, or the model as built when SFT is skipped) and what every
-    preference run started from it shares.
+    """The reference policy pi_ref (the SFT model, or the model as built when SFT is skipped) and what
+    every preference run started from it shares.
 
-    ``reference``: log pi_ref(y_w|x), log pi_ref(y_l|x) per split, for ``PreferencePhase``; ``common``: the
-    phase keyword arguments (``pad_id``, ``average``, ``response_only``); ``identity``: what a checkpoint of
-    a run must have been made with to be resumed (model, data, SFT phase, ``average_logps``).
+    ``reference``: log pi_ref(y_w|x), log pi_ref(y_l|x) per split, for ``PreferencePhase``;
+    ``logps``: how log-probs are computed (:class:`LogpSettings`); ``identity``: what a checkpoint
+    of a run must have been made with to be resumed (model, data, SFT phase, ``average_logps``).
     """
 
     model: torch.nn.Module
     reference: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    common: dict
+    logps: LogpSettings
     identity: dict
     sft_final: dict[str, float]
 
@@ -259,7 +280,7 @@ def prepare_reference(
         f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"device {device}, logits on response tokens only: {response_only}"
     )
-    common = dict(pad_id=data.pad_id, average=cfg.average_logps, response_only=response_only)
+    logps = LogpSettings(data.pad_id, cfg.average_logps, response_only)
     # What a checkpoint must have been made with to be resumed: SFT depends on the model, the data and
     # its own phase; a preference run also on the preference phase, the loss and beta.
     e = cfg.to_dict()
@@ -269,7 +290,7 @@ def prepare_reference(
     if cfg.sft.n_examples:
         sft_final = train(
             model,
-            SFTPhase(**common),
+            SFTPhase(**logps.as_kwargs()),
             data.sft_train,
             data.sft_eval,
             cfg.sft,
@@ -295,7 +316,7 @@ def prepare_reference(
         f"reference log-probs of {len(data.pref_train)} + {len(data.pref_eval)} pairs computed once "
         f"({time.perf_counter() - t0:.0f}s)"
     )
-    return Reference(model, reference, common, identity, sft_final)
+    return Reference(model, reference, logps, identity, sft_final)
 
 
 def run_experiment(
@@ -310,24 +331,15 @@ def run_experiment(
     device = device if device is not None else default_device()
     _, data = load_experiment_data(cfg)
     ref = prepare_reference(cfg, data, out_dir, device, resume, progress)
-    model, reference, common, identity, sft_final = (
-        ref.model,
-        ref.reference,
-        ref.common,
-        ref.identity,
-        ref.sft_final,
-    )
-    e = cfg.to_dict()
-
+    pref_config = cfg.to_dict()["pref"]
     results = []
     for name, divergence in cfg.losses:
         loss_fn = PreferenceLoss(name, divergence)
         for beta in cfg.betas:
-            policy = copy.deepcopy(model)
-            phase = PreferencePhase(loss_fn, beta, reference, **common)
-            result = RunResult(loss_fn.label, beta, {}, Path(), len(data.pref_eval))
-            run_dir = out_dir / result.name
-            result.final = train(
+            policy = copy.deepcopy(ref.model)
+            phase = PreferencePhase(loss_fn, beta, ref.reference, **ref.logps.as_kwargs())
+            run_dir = out_dir / run_name(loss_fn.label, beta)
+            final = train(
                 policy,
                 phase,
                 data.pref_train,
@@ -338,9 +350,10 @@ def run_experiment(
                 resume,
                 progress,
                 desc=f"{loss_fn.label} beta={beta:g}",
-                identity={**identity, "pref": e["pref"], "loss": loss_fn.label, "beta": beta},
+                identity={**ref.identity, "pref": pref_config, "loss": loss_fn.label, "beta": beta},
             )
-            result.metrics_path = run_dir / "metrics.jsonl"
-            results.append(result)
+            results.append(
+                RunResult(loss_fn.label, beta, final, run_dir / METRICS, len(data.pref_eval))
+            )
             del policy
-    return sft_final, results
+    return ref.sft_final, results
