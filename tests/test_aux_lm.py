@@ -21,6 +21,7 @@ from upo_ref.auxiliary.evaluation import (
 )
 from upo_ref.auxiliary.lm import AuxLMConfig, run_aux_experiment
 from upo_ref.auxiliary.objectives import MODPOLoss, UPODPOLoss, aux_extras
+from upo_ref.auxiliary.rewards import readability_rewards
 from upo_ref.auxiliary.sampling import generation_prompts, sample_responses
 from upo_ref.auxiliary.scoring import (
     TextReward,
@@ -29,7 +30,6 @@ from upo_ref.auxiliary.scoring import (
     shorter_response_agreement,
 )
 from upo_ref.auxiliary.values import fit_prompt_values, prompt_features
-from upo_ref.auxiliary.rewards import readability_rewards
 from upo_ref.lm.config import TINY_GPT2, DataConfig, ModelConfig, PhaseConfig, get_preset
 from upo_ref.lm.data import IGNORE_INDEX, TokenizedPair
 from upo_ref.lm.experiment import LogpSettings, prepare_data
@@ -42,13 +42,14 @@ LIKED = (0, 1)  # the synthetic auxiliary reward counts these content tokens
 
 
 def count_reward(prompts, responses) -> torch.Tensor:
-    """R(x, y) = how many tokens of y are in LIKED: a known auxiliary reward on the synthetic task."""
+    """R(x, y) = how many tokens of y are in LIKED: a known auxiliary reward on the synthetic
+    task."""
     return torch.tensor([float(sum(t in LIKED for t in y)) for y in responses])
 
 
 def code_reward(prompts, responses) -> torch.Tensor:
-    """A reward that names its response: its first 6 tokens (< 11) as the digits of a base-11 number,
-    exact in float32, to check alignment."""
+    """A reward that names its response: its first 6 tokens (< 11) as the digits of a base-11
+    number, exact in float32, to check alignment."""
     return torch.tensor([float(sum(t * 11**i for i, t in enumerate(y[:6]))) for y in responses])
 
 
@@ -101,8 +102,8 @@ def without(records, *prefixes):
 
 
 def test_gamma_zero_through_the_trainer_is_dpo_bit_for_bit(synthetic, tmp_path):
-    """Whole training runs (gradient accumulation, evaluations) with DPO and with UPO-DPO at gamma = 0
-    end at identical parameters and log identical metrics; gamma > 0 ends elsewhere."""
+    """Whole training runs (gradient accumulation, evaluations) with DPO and with UPO-DPO at gamma =
+    0 end at identical parameters and log identical metrics; gamma > 0 ends elsewhere."""
     data, new_model, reference, extras = synthetic
     models, records = {}, {}
     for name, loss in (
@@ -124,7 +125,7 @@ def test_gamma_zero_through_the_trainer_is_dpo_bit_for_bit(synthetic, tmp_path):
         )
         records[name] = without(read_metrics(tmp_path / name / "metrics.jsonl"), "time/")
     for (key, p), q in zip(
-        models["dpo"].state_dict().items(), models["upo0"].state_dict().values()
+        models["dpo"].state_dict().items(), models["upo0"].state_dict().values(), strict=True
     ):
         assert torch.equal(p, q), key
     assert without(records["upo0"], "aux/") == records["dpo"]
@@ -138,8 +139,8 @@ def test_gamma_zero_through_the_trainer_is_dpo_bit_for_bit(synthetic, tmp_path):
 
 
 def test_the_extras_reach_the_loss_with_their_own_pairs(synthetic, tmp_path):
-    """Every pair's rewards, recomputed in the loss from the batch's own tokens, equal the extras the
-    loss was given; checked at every training and eval call."""
+    """Every pair's rewards, recomputed in the loss from the batch's own tokens, equal the extras
+    the loss was given; checked at every training and eval call."""
     data, new_model, reference, _ = synthetic
     rewards = {
         s: pair_rewards(code_reward, pairs)
@@ -193,7 +194,8 @@ def test_the_extras_reach_the_loss_with_their_own_pairs(synthetic, tmp_path):
 
 def test_the_loss_metrics_are_logged_and_agree_with_the_extras(synthetic, tmp_path):
     """The trainer logs UPODPOLoss.metrics: at step 0 (pi = pi_ref) the mean advantage, weight and
-    fraction at the cap over the eval pairs equal their direct computation, and the DPO term is log 2."""
+    fraction at the cap over the eval pairs equal their direct computation, and the DPO term is log
+    2."""
     data, new_model, reference, extras = synthetic
     loss = UPODPOLoss(1.0, alpha=0.25, cap=4.0)  # a low cap, so that some weights are clamped
     phase = PreferencePhase(loss, 0.1, reference, data.pad_id, extras=extras)
@@ -251,7 +253,8 @@ def test_loss_metrics_may_not_overwrite_the_phases_own(synthetic, tmp_path):
 
 def test_prompt_features_ignore_padding_and_the_value_fit_recovers_a_linear_function():
     """h(x) is the hidden state at the last prompt token whatever the batch's padding; V fitted to
-    R = h(x) . u + noise (the two responses' noises cancel in the mean) predicts R on new prompts."""
+    R = h(x) . u + noise (the two responses' noises cancel in the mean) predicts R on new
+    prompts."""
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16), vocab_size=40, n_positions=16)
     g = torch.Generator().manual_seed(0)
     prompts = [
@@ -282,7 +285,8 @@ def test_prompt_features_ignore_padding_and_the_value_fit_recovers_a_linear_func
 
 def test_sampling_is_exact_under_left_padding_and_seeded():
     """Greedy responses from batches of left-padded prompts equal transformers' generate() on each
-    prompt alone; sampled responses end at their first EOS or at max_new_tokens, and the seed fixes them."""
+    prompt alone; sampled responses end at their first EOS or at max_new_tokens, and the seed fixes
+    them."""
     eos = 19
     model = build_model(
         ModelConfig(n_layer=2, n_head=2, n_embd=16, init_seed=3),
@@ -295,7 +299,7 @@ def test_sampling_is_exact_under_left_padding_and_seeded():
         tuple(torch.randint(0, eos, (int(n),), generator=g).tolist()) for n in (1, 5, 3, 8, 2, 6, 4)
     ]
     ours = sample_responses(model, prompts, 10, eos, eos, CPU, batch_size=3, greedy=True)
-    for p, y in zip(prompts, ours):
+    for p, y in zip(prompts, ours, strict=True):
         reference = model.generate(
             torch.tensor([p]),
             attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -315,9 +319,10 @@ def test_sampling_is_exact_under_left_padding_and_seeded():
 
 
 def test_evaluation_closed_forms(synthetic):
-    """pi_ref against itself: every implicit reward is 0, so both accuracies are exactly 1/2. A reference
-    shifted by -1 / +1 nat gives r_w = beta > -beta = r_l on every pair: preference accuracy 1 and an
-    auxiliary-ranking accuracy equal to the fraction of (differing-R) pairs whose chosen has the higher R."""
+    """pi_ref against itself: every implicit reward is 0, so both accuracies are exactly 1/2. A
+    reference shifted by -1 / +1 nat gives r_w = beta > -beta = r_l on every pair: preference
+    accuracy 1 and an auxiliary-ranking accuracy equal to the fraction of (differing-R) pairs whose
+    chosen has the higher R."""
     data, new_model, _, extras = synthetic
     model, pairs = new_model(), data.pref_eval[:64]
     ref = reference_logps(model, pairs, 256, data.pad_id, CPU)  # the batches evaluate_aux forms
@@ -357,7 +362,8 @@ def test_preference_agreement_and_text_reward_closed_forms():
     assert a["mean_difference"] == pytest.approx((1 + 0 - 1 + 0.5) / 4)
     assert a["ties"] == 1 and a["n"] == 4
     assert a["p_se"] == pytest.approx(torch.tensor([1, 0.5, 0, 1.0]).std().item() / 2)
-    # Pair 0: the chosen (R 1 > 0) is the shorter: 1. Pair 1: equal R, left out. Pair 2: the rejected has
+    # Pair 0: the chosen (R 1 > 0) is the shorter: 1. Pair 1: equal R, left out. Pair 2: the
+    # rejected has
     # the higher R and is longer: 0. Pair 3: equal lengths: 1/2.
     pairs = [
         TokenizedPair((1,), (2,), (3, 3)),
@@ -382,8 +388,8 @@ def test_preference_agreement_and_text_reward_closed_forms():
 
 
 def test_each_run_is_compared_with_the_dpo_run_of_its_seed():
-    """UPO and MODPO against the DPO run of their own seed, DPO of a later seed against the first DPO
-    (training noise); the table's differences are paired means with their standard errors."""
+    """UPO and MODPO against the DPO run of their own seed, DPO of a later seed against the first
+    DPO (training noise); the table's differences are paired means with their standard errors."""
 
     def run(loss, seed, pref):
         e = AuxEvaluation(
@@ -413,8 +419,8 @@ def test_each_run_is_compared_with_the_dpo_run_of_its_seed():
     )
     # UPO seed 1 minus DPO seed 1: preference differences (1, 0): mean 0.5, standard error 0.5.
     assert table[7] == (
-        "| UPO-DPO gamma=0.1 s1 | 0.500 +- 0.500 | 0.500 +- 0.000 | 0.500 +- 0.500 | 3.0 | "
-        "DPO (gamma=0) s1 | 0.500 +- 0.500 | 0.000 +- 0.000 | 0.000 +- 0.000 |"
+        "| UPO-DPO gamma=0.1 s1 | 0.500 +- 0.500 | 0.500 +- 0.000 | 0.500 +- 0.500 | 3.0 | DPO "
+        "(gamma=0) s1 | 0.500 +- 0.500 | 0.000 +- 0.000 | 0.000 +- 0.000 |"
     )
 
 
@@ -453,8 +459,8 @@ def synthetic_config(**overrides) -> AuxLMConfig:
 
 
 def test_upo_raises_the_auxiliary_reward_on_the_synthetic_task(tmp_path):
-    """R = number of LIKED tokens in the response. One pass over 512 pairs: UPO at gamma 0.01 raises R
-    of the policy's own samples over DPO's by more than 4 paired standard errors (measured: +0.28,
+    """R = number of LIKED tokens in the response. One pass over 512 pairs: UPO at gamma 0.01 raises
+    R of the policy's own samples over DPO's by more than 4 paired standard errors (measured: +0.28,
     standard error 0.044), ranks the higher-R response of held-out pairs first more often (0.69
     against 0.47), and pays for it in preference accuracy (0.77 against DPO's 0.96): the trade-off.
     (At gamma 0.03 the auxiliary term already takes over: preference accuracy 0.52.)"""

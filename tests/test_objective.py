@@ -142,6 +142,7 @@ def test_check_extras_names_the_split_the_key_and_the_shape():
             {"eval": 3},
         )
     with pytest.raises(
-        ValueError, match=r"extras\['train'\]\['chosen_rewards'\] must be a tensor of shape \(4,\), one"
+        ValueError,
+        match=r"extras\['train'\]\['chosen_rewards'\] must be a tensor of shape \(4,\), one",
     ):
         check_extras(objective, {"train": good}, {"train": 4})

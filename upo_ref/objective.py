@@ -82,7 +82,7 @@ def as_objective(loss) -> Objective:
     if callable(loss):
         return PreferenceObjective(loss)
     raise ValueError(
-        f"the loss must be an Objective (upo_ref.objective), a losses.PreferenceLoss or a callable "
+        "the loss must be an Objective (upo_ref.objective), a losses.PreferenceLoss or a callable "
         f"(pc, pr, rc, rr, beta) -> (B,), got {type(loss).__name__}"
     )
 
@@ -97,9 +97,10 @@ def check_extras(
         missing = [k for k in objective.extra_keys if k not in given]
         if missing:
             raise ValueError(
-                f"{objective.label} needs the per-pair inputs {list(objective.extra_keys)}, but the "
-                f"{split!r} extras have no {missing}: pass extras={{split: {{name: (N,) tensor}}}} "
-                f"for every split (for UPO, auxiliary.objectives.aux_extras builds them)"
+                f"{objective.label} needs the per-pair inputs {list(objective.extra_keys)}, but "
+                f"the {split!r} extras have no {missing}: pass "
+                f"extras={{split: {{name: (N,) tensor}}}} for every split (for UPO, "
+                "auxiliary.objectives.aux_extras builds them)"
             )
         for k in objective.extra_keys:
             shape = tuple(getattr(given[k], "shape", ()))

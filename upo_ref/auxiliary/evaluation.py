@@ -3,7 +3,8 @@ r"""Evaluating a policy of the auxiliary-objective experiment before and after t
 Every model is evaluated on held-out pairs and prompts (:class:`HeldOutSet`): preference accuracy
 of its implicit reward r = beta log(pi / pi_ref), the accuracy of r at ranking the higher-R response
 of a pair first, and the auxiliary reward R of its own samples, all kept per example
-(:class:`AuxEvaluation`) so that two runs can be compared pair by pair (:func:`format_before_after`).
+(:class:`AuxEvaluation`) so that two runs can be compared pair by pair
+(:func:`format_before_after`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ __all__ = [
 class AuxEvaluation:
     """One model on the held-out data, kept per example so two models can be compared pair by pair.
 
-    ``preference_correct`` (N,): 1 where the implicit reward r = beta log(pi / pi_ref) ranks y_w above
-    y_l, 1/2 on a tie, 0 otherwise; ``auxiliary_correct`` (M,): the same for the response of higher R,
-    over the M pairs whose two R differ; ``generation_rewards`` (P,): R of one response sampled from
-    the model for each of P held-out prompts; ``generation_lengths`` (P,): their lengths in tokens.
+    ``preference_correct`` (N,): 1 where the implicit reward r = beta log(pi / pi_ref) ranks y_w
+    above y_l, 1/2 on a tie, 0 otherwise; ``auxiliary_correct`` (M,): the same for the response of
+    higher R, over the M pairs whose two R differ; ``generation_rewards`` (P,): R of one response
+    sampled from the model for each of P held-out prompts; ``generation_lengths`` (P,): their
+    lengths in tokens.
     """
 
     label: str
@@ -50,8 +52,8 @@ class AuxEvaluation:
     samples: list[tuple[int, ...]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, float]:
-        """Means and standard errors: ``preference_accuracy``, ``auxiliary_accuracy``, ``generation_reward``
-        (each with ``_se``), and ``generation_length``."""
+        """Means and standard errors: ``preference_accuracy``, ``auxiliary_accuracy``,
+        ``generation_reward`` (each with ``_se``), and ``generation_length``."""
         out = {}
         for key, x in (
             ("preference_accuracy", self.preference_correct),
@@ -137,8 +139,8 @@ class AuxRun:
 
 
 def dpo_baseline(runs: Sequence[AuxRun], run: AuxRun) -> AuxRun | None:
-    """What ``run`` is compared with: DPO of the same seed; for DPO of a later seed, DPO of the first
-    seed (their difference is training noise); None for the first DPO run."""
+    """What ``run`` is compared with: DPO of the same seed; for DPO of a later seed, DPO of the
+    first seed (their difference is training noise); None for the first DPO run."""
     dpo = [r for r in runs if r.is_dpo]
     if run.is_dpo:
         return None if run is dpo[0] else dpo[0]
@@ -148,8 +150,8 @@ def dpo_baseline(runs: Sequence[AuxRun], run: AuxRun) -> AuxRun | None:
 def format_before_after(before: AuxEvaluation, runs: Sequence[AuxRun]) -> str:
     """A markdown table: each model's preference accuracy, auxiliary-ranking accuracy and mean R of
     its samples (mean +- one standard error), and the change of each against its DPO baseline
-    (:func:`dpo_baseline`), paired over the same pairs / prompts (+- the standard error of the paired
-    difference)."""
+    (:func:`dpo_baseline`), paired over the same pairs / prompts (+- the standard error of the
+    paired difference)."""
 
     def pm(x: Tensor) -> str:
         m, se = mean_se(x)
@@ -157,7 +159,8 @@ def format_before_after(before: AuxEvaluation, runs: Sequence[AuxRun]) -> str:
 
     keys = ("preference_correct", "auxiliary_correct", "generation_rewards")
     lines = [
-        "| model | pref. acc. | aux-rank acc. | R of samples | len | compared with | d pref. | d aux-rank | d R |",
+        "| model | pref. acc. | aux-rank acc. | R of samples | len | compared with | d pref. | d "
+        "aux-rank | d R |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for run in [None, *runs]:

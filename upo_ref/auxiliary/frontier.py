@@ -12,14 +12,15 @@ reference pi_ref. Two rewards live on the responses:
 Every method trains on the same offline pairs by full-batch Adam for a fixed number of steps, and
 is scored by two numbers of the trained policy, both exact sums over the finite response set:
 
-* preference win-rate against pi_ref, E_x E_{y ~ pi, y' ~ pi_ref} sigma(r(x, y) - r(x, y')) (0.5 at pi_ref);
+* preference win-rate against pi_ref, E_x E_{y ~ pi, y' ~ pi_ref} sigma(r(x, y) - r(x, y')) (0.5 at
+  pi_ref);
 * auxiliary reward E_x E_{y ~ pi} R(x, y).
 
 Methods (``METHODS``): ``dpo``; ``kto`` (chosen = desirable, rejected = undesirable); ``modpo``
-(R as MODPO's margin reward, w = (1 - w_aux, w_aux)); ``upo-dpo`` and ``upo-kto`` (UPO with that base
-and weight gamma, advantages from an expectile value network on the prompt features). As a yardstick,
-:func:`oracle_logps` is the KL-regularised optimum pi_ref exp((r + lam R) / beta) / Z, which knows r
-exactly: sweeping lam traces the best trade-off any beta-regularised policy can reach.
+(R as MODPO's margin reward, w = (1 - w_aux, w_aux)); ``upo-dpo`` and ``upo-kto`` (UPO with that
+base and weight gamma, advantages from an expectile value network on the prompt features). As a
+yardstick, :func:`oracle_logps` is the KL-regularised optimum pi_ref exp((r + lam R) / beta) / Z,
+which knows r exactly: sweeping lam traces the best trade-off any beta-regularised policy can reach.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ METHODS = tuple(_OBJECTIVES)
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run the tiny-tensor loops on one thread (restored afterwards): with several threads each op of a
-    (K, n) problem pays a synchronisation cost larger than its work, ten times slower on a busy machine."""
+    """Run the tiny-tensor loops on one thread (restored afterwards): with several threads each op
+    of a (K, n) problem pays a synchronisation cost larger than its work, ten times slower on a busy
+    machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -109,10 +111,11 @@ def make_bandit(
     reward_scale: float = 2.0,
     seed: int = 0,
 ) -> Bandit:
-    """A random bandit whose auxiliary reward has correlation about ``-conflict`` with the preference reward.
+    """A random bandit whose auxiliary reward has correlation about ``-conflict`` with the
+    preference reward.
 
-    r ~ reward_scale N(0, 1); R = -conflict z + sqrt(1 - conflict^2) N(0, 1) with z = r / reward_scale,
-    so R has unit scale; pi_ref = softmax(N(0, 0.5^2)) logits; features ~ N(0, 1).
+    r ~ reward_scale N(0, 1); R = -conflict z + sqrt(1 - conflict^2) N(0, 1) with z = r /
+    reward_scale, so R has unit scale; pi_ref = softmax(N(0, 0.5^2)) logits; features ~ N(0, 1).
     """
     if not -1.0 <= conflict <= 1.0:
         raise ValueError(
@@ -128,7 +131,8 @@ def make_bandit(
 
 @dataclass(frozen=True)
 class Pairs:
-    """Offline preference data: prompt ``x``, preferred ``y_w`` and dispreferred ``y_l``, each (N,) int64."""
+    """Offline preference data: prompt ``x``, preferred ``y_w`` and dispreferred ``y_l``, each (N,)
+    int64."""
 
     x: Tensor
     y_w: Tensor
@@ -136,7 +140,8 @@ class Pairs:
 
 
 def sample_pairs(bandit: Bandit, n_pairs: int, seed: int) -> Pairs:
-    """N pairs: x uniform, two *different* responses from pi_ref(.|x), labelled by Bradley-Terry on r."""
+    """N pairs: x uniform, two *different* responses from pi_ref(.|x), labelled by Bradley-Terry on
+    r."""
     g = torch.Generator().manual_seed(seed)
     K, n = bandit.reference_logps.shape
     x = torch.randint(K, (n_pairs,), generator=g)
@@ -151,7 +156,8 @@ def sample_pairs(bandit: Bandit, n_pairs: int, seed: int) -> Pairs:
 
 
 def win_rate(bandit: Bandit, logps: Tensor) -> Tensor:
-    """E_x sum_{y, y'} pi(y|x) pi_ref(y'|x) sigma(r(x, y) - r(x, y')): the preference win-rate against pi_ref. ()"""
+    """E_x sum_{y, y'} pi(y|x) pi_ref(y'|x) sigma(r(x, y) - r(x, y')): the preference win-rate
+    against pi_ref. ()"""
     r = bandit.preference_reward
     p_beats = torch.sigmoid(r[:, :, None] - r[:, None, :])  # (K, n, n): y beats y'
     pi, ref = logps.exp(), bandit.reference_logps.exp()
@@ -164,7 +170,8 @@ def auxiliary_value(bandit: Bandit, logps: Tensor) -> Tensor:
 
 
 def oracle_logps(bandit: Bandit, beta: float, lam: float) -> Tensor:
-    """log of the KL-regularised optimum pi_ref exp((r + lam R) / beta) / Z, which knows r exactly. (K, n)"""
+    """log of the KL-regularised optimum pi_ref exp((r + lam R) / beta) / Z, which knows r exactly.
+    (K, n)"""
     reward = bandit.preference_reward + lam * bandit.auxiliary_reward
     return F.log_softmax(bandit.reference_logps + reward / beta, dim=-1)
 
@@ -191,15 +198,16 @@ class ToyConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not 0.0 <= self.w_aux < 1.0:
             raise ValueError(
-                f"w_aux must be in [0, 1) so that MODPO's preference weight 1 - w_aux is > 0, got {self.w_aux!r}"
+                "w_aux must be in [0, 1) so that MODPO's preference weight 1 - w_aux is > 0, got "
+                f"{self.w_aux!r}"
             )
 
 
 def fit_values(
     bandit: Bandit, pairs: Pairs, tau: float = 0.5, steps: int = 300, seed: int = 0
 ) -> Tensor:
-    """V(x) for every prompt, (K,): a small MLP on the prompt features fitted by expectile regression
-    to R(x, y) over all 2N responses of the data (both sides of every pair)."""
+    """V(x) for every prompt, (K,): a small MLP on the prompt features fitted by expectile
+    regression to R(x, y) over all 2N responses of the data (both sides of every pair)."""
     x = torch.cat([pairs.x, pairs.x])
     y = torch.cat([pairs.y_w, pairs.y_l])
     rewards = bandit.auxiliary_reward[x, y]  # (2N,)
@@ -215,7 +223,8 @@ def fit_values(
 
 
 def method_objective(config: ToyConfig) -> Objective:
-    """The loss of ``config.method`` with its hyperparameters, as an ``upo_ref.objective.Objective``."""
+    """The loss of ``config.method`` with its hyperparameters, as an
+    ``upo_ref.objective.Objective``."""
     return _OBJECTIVES[config.method](config)
 
 
@@ -253,7 +262,8 @@ def _mean_loss(
 def train_policy(
     bandit: Bandit, pairs: Pairs, config: ToyConfig, values: Tensor | None = None
 ) -> Tensor:
-    """Train theta (K, n) from pi_ref by full-batch Adam on :func:`method_loss`; returns log pi (K, n), detached."""
+    """Train theta (K, n) from pi_ref by full-batch Adam on :func:`method_loss`; returns log pi (K,
+    n), detached."""
     objective = method_objective(config)
     if "values" in objective.extra_keys and values is None:
         raise ValueError(f"{config.method} needs values V(x), shape (K,): see fit_values")

@@ -41,12 +41,12 @@ __all__ = ["AuxLMConfig", "aux_lm_config", "AuxExperiment", "run_aux_experiment"
 
 @dataclass(frozen=True)
 class AuxLMConfig:
-    """The language-model experiment: a model, HH data, SFT (pi_ref) and the preference phase of every
-    run, which are DPO (gamma = 0), UPO-DPO at each positive gamma and MODPO at each w_aux; then DPO
-    and UPO-DPO again with the preference phase's seed replaced by each of ``extra_seeds``. Those
-    runs differ from the first ones only in the order the training pairs come in: DPO against DPO
-    measures training noise, and UPO against DPO of the same seed is a second, independent estimate
-    of UPO's effect.
+    """The language-model experiment: a model, HH data, SFT (pi_ref) and the preference phase of
+    every run, which are DPO (gamma = 0), UPO-DPO at each positive gamma and MODPO at each w_aux;
+    then DPO and UPO-DPO again with the preference phase's seed replaced by each of ``extra_seeds``.
+    Those runs differ from the first ones only in the order the training pairs come in: DPO against
+    DPO measures training noise, and UPO against DPO of the same seed is a second, independent
+    estimate of UPO's effect.
 
     ``alpha``: UPO's advantage temperature, in the reward's units (readability: hundreds of Flesch
     points; the responses' rewards have a standard deviation of about 0.2 on HH). ``value_*``: the
@@ -75,7 +75,8 @@ class AuxLMConfig:
     def __post_init__(self):
         if not self.gammas or self.gammas[0] != 0.0:
             raise ValueError(
-                f"gammas must start with 0.0 (plain DPO, the baseline of every comparison), got {self.gammas}"
+                "gammas must start with 0.0 (plain DPO, the baseline of every comparison), got "
+                f"{self.gammas}"
             )
         for g in self.gammas:
             UPODPOLoss(g, self.alpha)  # raises on a bad gamma or alpha
@@ -114,16 +115,18 @@ class AuxLMConfig:
 
 
 def aux_lm_config(fast: bool = False) -> AuxLMConfig:
-    """The notebook's configs: a random-init GPT-2 (the ``quick`` preset's family) on the local HH files.
+    """The notebook's configs: a random-init GPT-2 (the ``quick`` preset's family) on the local HH
+    files.
 
-    Full (about four minutes on 2 busy CPU cores): 2 layers of 64, SFT on 1,024 targets, one pass over
-    384 training pairs, 192 held-out pairs, 64 held-out prompts; DPO, UPO-DPO at gamma 0.1 and MODPO
-    at w_aux 0.5, then DPO and UPO-DPO with another order of the training pairs. Fast (``UPO_REF_FAST=1``, seconds): 2
-    layers of 32 and everything smaller. The preference phase uses AdamW at 1e-4: at the ``quick``
-    preset's RMSprop 2e-5, 24 steps move the policy so little that its samples barely change.
-    Microbatches of 2 pairs keep each (tokens x 50,257) logit buffer under 32 MB, which glibc reuses
-    instead of mapping fresh pages every time (a third less time on the CPU; no effect on the
-    numbers beyond rounding). The same code runs a hub or local model on a GPU: replace ``model``.
+    Full (about four minutes on 2 busy CPU cores): 2 layers of 64, SFT on 1,024 targets, one pass
+    over 384 training pairs, 192 held-out pairs, 64 held-out prompts; DPO, UPO-DPO at gamma 0.1 and
+    MODPO at w_aux 0.5, then DPO and UPO-DPO with another order of the training pairs. Fast
+    (``UPO_REF_FAST=1``, seconds): 2 layers of 32 and everything smaller. The preference phase uses
+    AdamW at 1e-4: at the ``quick`` preset's RMSprop 2e-5, 24 steps move the policy so little that
+    its samples barely change. Microbatches of 2 pairs keep each (tokens x 50,257) logit buffer
+    under 32 MB, which glibc reuses instead of mapping fresh pages every time (a third less time on
+    the CPU; no effect on the numbers beyond rounding). The same code runs a hub or local model on a
+    GPU: replace ``model``.
     """
     if fast:
         return AuxLMConfig(

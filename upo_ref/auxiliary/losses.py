@@ -8,17 +8,17 @@ advantage-weighted maximum-likelihood term for a designer reward that is not a p
     A_\theta(x, y) = R(x, y) - V_\theta(x),
 
 with ``L_pref`` DPO (``upo_ref.losses.dpo_loss``) or KTO (:func:`kto_loss`), ``R`` an auxiliary
-reward (``upo_ref.auxiliary.rewards``: readability, safety), and ``V_theta`` a value network fitted to the same
-offline data (:class:`ValueNetwork`, :func:`expectile_loss`). MODPO (Zhou et al. 2023), the main
-multi-objective baseline the paper compares with, is :func:`modpo_loss`.
+reward (``upo_ref.auxiliary.rewards``: readability, safety), and ``V_theta`` a value network fitted
+to the same offline data (:class:`ValueNetwork`, :func:`expectile_loss`). MODPO (Zhou et al. 2023),
+the main multi-objective baseline the paper compares with, is :func:`modpo_loss`.
 
 Like ``upo_ref.losses``, every loss here is a pure function of per-sequence tensors of shape (B,)
 (summed log-probs, per-response rewards, per-prompt values) returning per-example losses (B,).
 
 What is a reconstruction
 ------------------------
-The paper's full text was not available to this project (only its abstract and a summary card),
-and no code of theirs is public. The card gives the decomposition above, A = R - V with V "a value
+This implementation is built from the paper's abstract and a summary card, not its full text, and
+no code of theirs is public. The card gives the decomposition above, A = R - V with V "a value
 network trained on the same offline data", "alpha/beta temperature scales", a KL regulariser, and
 gamma = 0 reducing to the base method. Everything below beyond that is a reconstruction, named
 where it is made:
@@ -100,23 +100,25 @@ def _check_cap(cap: float) -> float:
     return _check_number(
         cap,
         "cap",
-        f"the largest weight; without one exp(A / alpha) overflows, default WEIGHT_CAP = {WEIGHT_CAP:g}",
+        "the largest weight; without one exp(A / alpha) overflows, default WEIGHT_CAP = "
+        f"{WEIGHT_CAP:g}",
     )
 
 
 def _check_tau(tau: float) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 < tau < 1.0:
         raise ValueError(
-            f"tau must be a number strictly between 0 and 1 (the expectile; 0.5 is least squares), got {tau!r}"
+            "tau must be a number strictly between 0 and 1 (the expectile; 0.5 is least squares), "
+            f"got {tau!r}"
         )
     return float(tau)
 
 
 def _check_vectors(*tensors: Tensor, names: tuple[str, ...], finite: bool = True) -> None:
-    """Rewards, values, advantages: 1-D floating tensors of one shape (B,) and dtype; finite, or with
-    ``finite=False`` at least not NaN (an advantage of +-inf still has a finite weight)."""
+    """Rewards, values, advantages: 1-D floating tensors of one shape (B,) and dtype; finite, or
+    with ``finite=False`` at least not NaN (an advantage of +-inf still has a finite weight)."""
     first = tensors[0]
-    for x, name in zip(tensors, names):
+    for x, name in zip(tensors, names, strict=True):
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 1:
             got = (
                 f"shape {tuple(x.shape)}, dtype {x.dtype}"
@@ -128,15 +130,16 @@ def _check_vectors(*tensors: Tensor, names: tuple[str, ...], finite: bool = True
             )
         if x.shape != first.shape or x.dtype != first.dtype:
             raise ValueError(
-                f"{name} is {tuple(x.shape)} {x.dtype} but {names[0]} is {tuple(first.shape)} {first.dtype}: "
-                f"they must have one shape (B,) and one dtype"
+                f"{name} is {tuple(x.shape)} {x.dtype} but {names[0]} is {tuple(first.shape)} "
+                f"{first.dtype}: they must have one shape (B,) and one dtype"
             )
         bad = ~torch.isfinite(x) if finite else torch.isnan(x)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"{name} has {int(bad.sum())} {'non-finite' if finite else 'NaN'} value(s), the first "
-                f"{x[i].item()!r} at index {i}; look for a reward model or value network that overflowed"
+                f"{name} has {int(bad.sum())} {'non-finite' if finite else 'NaN'} value(s), the "
+                f"first {x[i].item()!r} at index {i}; look for a reward model or value network "
+                "that overflowed"
             )
 
 
@@ -147,7 +150,7 @@ def _check_all_finite(x: Tensor, name: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(
             f"{name} has {int((~torch.isfinite(x)).sum())} non-finite value(s); rewards and "
-            f"features must be finite"
+            "features must be finite"
         )
 
 
@@ -175,17 +178,18 @@ def advantages(rewards: Tensor, values: Tensor) -> Tensor:
 
 
 def advantage_weights(advantages: Tensor, alpha: float, cap: float = WEIGHT_CAP) -> Tensor:
-    r"""w(A) = exp(min(A / alpha, log cap)), detached; shape of ``advantages``. (Reconstruction: AWR/IQL.)
+    r"""w(A) = exp(min(A / alpha, log cap)), detached; shape of ``advantages``. (Reconstruction:
+    AWR/IQL.)
 
     Finite and in [0, cap] for every finite or infinite advantage: the exponent is clamped *before*
-    exp, so nothing overflows (clamping exp(A / alpha) afterwards would give inf, then NaN gradients).
-    A = -inf (or A / alpha below about -745 in float64, -104 in float32) gives weight 0.
+    exp, so nothing overflows (clamping exp(A / alpha) afterwards would give inf, then NaN
+    gradients). A = -inf (or A / alpha below about -745 in float64, -104 in float32) gives weight 0.
     Small alpha approaches "imitate only the best response" (weights concentrate on the largest A);
     large alpha approaches plain maximum likelihood (all weights 1).
 
-    Note that with these weights V(x) only rescales all responses of one prompt by exp(-V(x) / alpha):
-    within a prompt the relative weights are exp((R_i - R_j) / alpha) whatever V is. V matters for
-    how prompts are weighted against each other and for where the cap binds.
+    Note that with these weights V(x) only rescales all responses of one prompt by exp(-V(x) /
+    alpha): within a prompt the relative weights are exp((R_i - R_j) / alpha) whatever V is. V
+    matters for how prompts are weighted against each other and for where the cap binds.
     """
     alpha = _check_alpha(alpha)
     cap = _check_cap(cap)
@@ -212,11 +216,12 @@ def auxiliary_loss(
 
 # --- the value network ---------------------------------------------------------------------------
 def expectile_loss(values: Tensor, targets: Tensor, tau: float) -> Tensor:
-    r"""Expectile regression (IQL, Kostrikov et al. 2021): L_tau(u) = |tau - 1(u < 0)| u^2, u = R - V. (B,)
+    r"""Expectile regression (IQL, Kostrikov et al. 2021): L_tau(u) = |tau - 1(u < 0)| u^2, u = R -
+    V. (B,)
 
     ``values`` V(x) (B,) are trained towards ``targets`` R(x, y) (B,). tau = 0.5 gives half the
-    squared error, whose minimiser is the mean; tau > 0.5 penalises V < R more, so the minimiser (the
-    tau-expectile of R) rises with tau towards max R; tau < 0.5 moves it towards min R.
+    squared error, whose minimiser is the mean; tau > 0.5 penalises V < R more, so the minimiser
+    (the tau-expectile of R) rises with tau towards max R; tau < 0.5 moves it towards min R.
     """
     tau = _check_tau(tau)
     _check_vectors(values, targets, names=("values", "targets"))
@@ -229,8 +234,8 @@ class ValueNetwork(nn.Module):
     """V_theta(x): a small MLP from a fixed prompt feature vector (B, in_features) to a value (B,).
 
     ``hidden_sizes=()`` makes it a linear head, e.g. on the reference model's pooled hidden state
-    (:func:`last_token_pool`) for a language model. Tanh hidden units; the last layer starts at zero,
-    so V = 0 and A = R before training.
+    (:func:`last_token_pool`) for a language model. Tanh hidden units; the last layer starts at
+    zero, so V = 0 and A = R before training.
     """
 
     def __init__(
@@ -248,7 +253,7 @@ class ValueNetwork(nn.Module):
         if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive ints, got {tuple(hidden_sizes)!r}")
         layers: list[nn.Module] = []
-        for a, b in zip(sizes, sizes[1:]):
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b, dtype=dtype), nn.Tanh()]
         out = nn.Linear(sizes[-1], 1, dtype=dtype)
         nn.init.zeros_(out.weight)
@@ -272,15 +277,17 @@ def fit_value_network(
     steps: int = 500,
     lr: float = 1e-2,
 ) -> list[float]:
-    """Fit V on offline (x, R) data by full-batch Adam on the mean expectile loss; returns the loss per step.
+    """Fit V on offline (x, R) data by full-batch Adam on the mean expectile loss; returns the loss
+    per step.
 
-    ``features`` (N, in_features) holds each response's prompt features, ``rewards`` (N,) its reward.
-    In place; deterministic given the network's initial weights.
+    ``features`` (N, in_features) holds each response's prompt features, ``rewards`` (N,) its
+    reward. In place; deterministic given the network's initial weights.
     """
     _check_tau(tau)
     if features.dim() != 2 or features.shape[0] != rewards.shape[0]:
         raise ValueError(
-            f"features (N, d) and rewards (N,) disagree: {tuple(features.shape)} vs {tuple(rewards.shape)}"
+            f"features (N, d) and rewards (N,) disagree: {tuple(features.shape)} vs "
+            f"{tuple(rewards.shape)}"
         )
     _check_all_finite(features, "features")
     _check_vectors(rewards, names=("rewards",))
@@ -303,8 +310,8 @@ def last_token_pool(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
     """
     if hidden_states.dim() != 3 or attention_mask.shape != hidden_states.shape[:2]:
         raise ValueError(
-            f"hidden_states must be (B, T, H) and attention_mask (B, T); got {tuple(hidden_states.shape)} "
-            f"and {tuple(attention_mask.shape)}"
+            "hidden_states must be (B, T, H) and attention_mask (B, T); got "
+            f"{tuple(hidden_states.shape)} and {tuple(attention_mask.shape)}"
         )
     lengths = attention_mask.sum(dim=1)  # (B,)
     if bool((lengths == 0).any()):
@@ -317,7 +324,8 @@ def last_token_pool(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
 
 # --- KTO -----------------------------------------------------------------------------------------
 def kto_reference_point(policy_kl_logps: Tensor, reference_kl_logps: Tensor) -> Tensor:
-    r"""KTO's reference point z0 = max(0, mean_i [log pi(y'_i|x_i) - log pi_ref(y'_i|x_i)]), detached. ()
+    r"""KTO's reference point z0 = max(0, mean_i [log pi(y'_i|x_i) - log pi_ref(y'_i|x_i)]),
+    detached. ()
 
     As in ContextualAI/HALOs: (x_i, y'_i) are *mismatched* pairs (each prompt with another example's
     response), so the mean log-ratio is a batch estimate of KL(pi || pi_ref) that needs no sampling.
@@ -370,7 +378,7 @@ def kto_loss(
     return torch.where(desirable, desirable_losses, undesirable_losses)
 
 
-# --- MODPO, the baseline ---------------------------------------------------------------------------
+# --- MODPO, the baseline --------------------------------------------------------------------------
 def modpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -381,14 +389,19 @@ def modpo_loss(
     beta: float,
     w: Sequence[float],
 ) -> Tensor:
-    r"""MODPO (Zhou et al. 2023, ZHZisZZ/modpo ``modpo_loss``): DPO with the other objectives as a margin. (B,)
+    r"""MODPO (Zhou et al. 2023, ZHZisZZ/modpo ``modpo_loss``): DPO with the other objectives as a
+    margin. (B,)
 
-    .. math:: -\log\sigma\!\Big(\tfrac{1}{w_0}\big[\beta h_\pi - w_{1:}\cdot(r_{1:}(x, y_w) - r_{1:}(x, y_l))\big]\Big)
+    .. math::
 
-    ``w = (w_0, w_1, ..., w_K)``: w_0 > 0 weighs the preference being trained on, w_k the k-th margin
-    reward. ``chosen_margin_rewards``/``rejected_margin_rewards`` are (B,) for one other objective or
-    (B, K) for K. Its optimum has beta log(pi / pi_ref) = w_0 r_pref + sum_k w_k r_k (+ a function of x):
-    the KL-regularised optimum of the weighted reward. With w = (1,) (no margin) it is DPO.
+        -\log\sigma\!\Big(\tfrac{1}{w_0}\big[\beta h_\pi
+            - w_{1:}\cdot(r_{1:}(x, y_w) - r_{1:}(x, y_l))\big]\Big)
+
+    ``w = (w_0, w_1, ..., w_K)``: w_0 > 0 weighs the preference being trained on, w_k the k-th
+    margin reward. ``chosen_margin_rewards``/``rejected_margin_rewards`` are (B,) for one other
+    objective or (B, K) for K. Its optimum has beta log(pi / pi_ref) = w_0 r_pref + sum_k w_k r_k (+
+    a function of x): the KL-regularised optimum of the weighted reward. With w = (1,) (no margin)
+    it is DPO.
     """
     check_logps(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
@@ -399,7 +412,8 @@ def modpo_loss(
     ]
     if len(w) < 1 or not all(math.isfinite(v) for v in w) or w[0] <= 0:
         raise ValueError(
-            f"w must be finite numbers (w_0 > 0 for the preference, then one per margin reward), got {w!r}"
+            "w must be finite numbers (w_0 > 0 for the preference, then one per margin reward), "
+            f"got {w!r}"
         )
     chosen_m, rejected_m = chosen_margin_rewards, rejected_margin_rewards
     if chosen_m.dim() == 1:
@@ -421,7 +435,7 @@ def modpo_loss(
     return softplus(-logits)
 
 
-# --- several rewards, and the combined loss --------------------------------------------------------
+# --- several rewards, and the combined loss -------------------------------------------------------
 def combine_rewards(rewards: Tensor, weights: Sequence[float]) -> Tensor:
     r"""R = sum_k c_k R_k for rewards (B, K) and explicit weights c (K,): (B,). (Reconstruction.)
 
@@ -432,7 +446,8 @@ def combine_rewards(rewards: Tensor, weights: Sequence[float]) -> Tensor:
     """
     if rewards.dim() != 2 or rewards.shape[1] != len(weights):
         raise ValueError(
-            f"rewards must be (B, K) with K = len(weights) = {len(weights)}, got {tuple(rewards.shape)}"
+            f"rewards must be (B, K) with K = len(weights) = {len(weights)}, got "
+            f"{tuple(rewards.shape)}"
         )
     _check_all_finite(rewards, "rewards")
     c = torch.tensor([float(v) for v in weights], dtype=rewards.dtype, device=rewards.device)
@@ -472,9 +487,10 @@ def upo_dpo_loss(
 ) -> Tensor:
     r"""UPO with DPO as the base: DPO + gamma (L_pi(x, y_w) + L_pi(x, y_l)) / 2. (B,)
 
-    ``chosen_rewards``/``rejected_rewards`` are the auxiliary rewards R(x, y_w), R(x, y_l); ``values``
-    is V(x), shared by both responses of a pair. Averaging L_pi over the pair's two responses is a
-    reconstruction: it weighs every response of the data equally, so gamma is "per response".
+    ``chosen_rewards``/``rejected_rewards`` are the auxiliary rewards R(x, y_w), R(x, y_l);
+    ``values`` is V(x), shared by both responses of a pair. Averaging L_pi over the pair's two
+    responses is a reconstruction: it weighs every response of the data equally, so gamma is "per
+    response".
     """
     pref = dpo_loss(
         policy_chosen_logps,

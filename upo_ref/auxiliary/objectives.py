@@ -1,4 +1,5 @@
-r"""The auxiliary-objective losses as :class:`upo_ref.objective.Objective`\ s, with their per-pair inputs.
+r"""The auxiliary-objective losses as :class:`upo_ref.objective.Objective`\ s, with their per-pair
+inputs.
 
 Each is a frozen value (its hyperparameters, checked when it is made) whose ``losses`` calls the
 pure function of ``upo_ref.auxiliary.losses`` with the per-pair tensors it names in
@@ -53,7 +54,8 @@ __all__ = [
 # The per-pair inputs of UPO and MODPO: R(x, y_w), R(x, y_l), V(x), each (B,).
 EXTRA_KEYS = ("chosen_rewards", "rejected_rewards", "values")
 # KTO's mismatched pairs: log pi and log pi_ref of another example's chosen / rejected response
-# under this pair's prompt, each (B,); the batch's mean log-ratio over them estimates KL(pi || pi_ref).
+# under this pair's prompt, each (B,); the batch's mean log-ratio over them estimates KL(pi ||
+# pi_ref).
 KL_KEYS = ("kl_policy_chosen", "kl_policy_rejected", "kl_reference_chosen", "kl_reference_rejected")
 
 
@@ -65,7 +67,7 @@ def aux_extras(
     n = chosen_rewards.shape
     if len(n) != 1 or rejected_rewards.shape != n or values.shape != n:
         raise ValueError(
-            f"chosen_rewards, rejected_rewards and values must be (N,) each, got "
+            "chosen_rewards, rejected_rewards and values must be (N,) each, got "
             f"{tuple(chosen_rewards.shape)}, {tuple(rejected_rewards.shape)}, {tuple(values.shape)}"
         )
     tensors = (chosen_rewards.float(), rejected_rewards.float(), values.float().detach())
@@ -74,7 +76,8 @@ def aux_extras(
 
 @dataclass(frozen=True)
 class UPODPOLoss:
-    r"""UPO with DPO as the base: ``auxiliary.losses.upo_dpo_loss`` on R(x, y_w), R(x, y_l), V(x). (B,)
+    r"""UPO with DPO as the base: ``auxiliary.losses.upo_dpo_loss`` on R(x, y_w), R(x, y_l), V(x).
+    (B,)
 
     gamma = 0 is DPO: the same loss and the same gradients, bit for bit (``tests/test_aux_lm.py``
     trains both and compares every parameter). ``alpha`` is the advantage temperature of the

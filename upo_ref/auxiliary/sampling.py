@@ -26,8 +26,8 @@ def sample_responses(
     batch_size: int = 32,
     greedy: bool = False,
 ) -> list[tuple[int, ...]]:
-    """One response per prompt, token by token from the model: y_t ~ pi(. | x, y_<t) at temperature 1
-    (``greedy=True``: the most likely token), until EOS (kept, as in the training data) or
+    """One response per prompt, token by token from the model: y_t ~ pi(. | x, y_<t) at temperature
+    1 (``greedy=True``: the most likely token), until EOS (kept, as in the training data) or
     ``max_new_tokens``.
 
     Prompts are left-padded in batches, with position ids counted from each prompt's first real
@@ -104,8 +104,8 @@ def generation_prompts(
     pairs: Sequence[TokenizedPair], n: int, max_prompt_tokens: int
 ) -> list[tuple[int, ...]]:
     """The prompts of the first n pairs, each cut to its last ``max_prompt_tokens`` tokens (the turn
-    being answered, as HH truncation keeps it). A prompt shared by several pairs appears once per pair,
-    as prompts do in the held-out data; each gets its own sample."""
+    being answered, as HH truncation keeps it). A prompt shared by several pairs appears once per
+    pair, as prompts do in the held-out data; each gets its own sample."""
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     if not 1 <= n <= len(pairs):

@@ -56,14 +56,14 @@ def checked_rewards(values, n: int, what: str) -> Tensor:
     r = torch.as_tensor(values)
     if r.shape != (n,) or not r.is_floating_point():
         raise ValueError(
-            f"the reward function must return a floating-point (N,) tensor with N = {n} for {what}, "
-            f"got {'shape ' + str(tuple(r.shape)) + ' ' + str(r.dtype)}"
+            f"the reward function must return a floating-point (N,) tensor with N = {n} for "
+            f"{what}, got {'shape ' + str(tuple(r.shape)) + ' ' + str(r.dtype)}"
         )
     if not bool(torch.isfinite(r).all()):
         i = int((~torch.isfinite(r)).nonzero()[0, 0])
         raise ValueError(
-            f"the reward function returned {int((~torch.isfinite(r)).sum())} non-finite value(s) for "
-            f"{what}, the first {r[i].item()!r} at index {i}"
+            f"the reward function returned {int((~torch.isfinite(r)).sum())} non-finite value(s) "
+            f"for {what}, the first {r[i].item()!r} at index {i}"
         )
     return r.float()
 
@@ -87,7 +87,8 @@ def pair_rewards(reward_fn: Reward, pairs: Sequence[TokenizedPair]) -> tuple[Ten
 
 def ranked_correct(higher: Tensor, lower: Tensor) -> Tensor:
     """1 where higher > lower, 1/2 on a tie, 0 otherwise: (N,). Ties count half, so a score that
-    cannot tell two responses apart (e.g. the implicit reward of pi = pi_ref, 0 for all) is at 0.5."""
+    cannot tell two responses apart (e.g. the implicit reward of pi = pi_ref, 0 for all) is at
+    0.5."""
     return (higher > lower).double() + 0.5 * (higher == lower).double()
 
 

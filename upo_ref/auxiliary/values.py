@@ -35,10 +35,12 @@ __all__ = ["prompt_features", "PromptValues", "fit_prompt_values", "weight_stati
 def prompt_features(
     model, prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int, device: torch.device
 ) -> Tensor:
-    """h(x): the model's last-layer hidden state at each prompt's last token, (N, H) float32 on the CPU.
+    """h(x): the model's last-layer hidden state at each prompt's last token, (N, H) float32 on the
+    CPU.
 
     The prompts are right-padded in batches of ``batch_size``; ``last_token_pool`` picks each row's
-    last real position, so the features do not depend on the padding. Eval mode, bf16 autocast on CUDA.
+    last real position, so the features do not depend on the padding. Eval mode, bf16 autocast on
+    CUDA.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt_features needs a non-empty list of non-empty prompts")
@@ -62,9 +64,10 @@ def prompt_features(
 
 @dataclass
 class PromptValues:
-    """A fitted V(x): ``network`` on standardised features (``mean``, ``std`` of the training features),
-    and its fit: ``losses`` per step, and R^2 of V as a predictor of R on the training responses and on
-    held-out ones (``r2_train``, ``r2_eval``; 0 is no better than the training mean, < 0 worse)."""
+    """A fitted V(x): ``network`` on standardised features (``mean``, ``std`` of the training
+    features), and its fit: ``losses`` per step, and R^2 of V as a predictor of R on the training
+    responses and on held-out ones (``r2_train``, ``r2_eval``; 0 is no better than the training
+    mean, < 0 worse)."""
 
     network: ValueNetwork
     mean: Tensor
@@ -81,7 +84,8 @@ class PromptValues:
     def r_squared(
         self, features: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, baseline: float
     ) -> float:
-        """1 - SSE(V) / SSE(baseline) over both responses of every pair; ``baseline`` is the training mean."""
+        """1 - SSE(V) / SSE(baseline) over both responses of every pair; ``baseline`` is the
+        training mean."""
         v = self(features)
         r = torch.cat([chosen_rewards, rejected_rewards]).double()
         sse = (r - torch.cat([v, v]).double()).square().sum()
@@ -98,9 +102,9 @@ def fit_prompt_values(
     lr: float = 1e-2,
     seed: int = 0,
 ) -> PromptValues:
-    """Fit V(x) to R(x, y) over both responses of every pair: the 2N samples (h(x_i), R(x_i, y_w,i)),
-    (h(x_i), R(x_i, y_l,i)), by ``auxiliary.fit_value_network`` (full-batch Adam on the expectile loss;
-    tau = 0.5 is least squares, V(x) -> E[R | x]).
+    """Fit V(x) to R(x, y) over both responses of every pair: the 2N samples (h(x_i), R(x_i,
+    y_w,i)), (h(x_i), R(x_i, y_l,i)), by ``auxiliary.fit_value_network`` (full-batch Adam on the
+    expectile loss; tau = 0.5 is least squares, V(x) -> E[R | x]).
 
     ``features`` (N, H) from :func:`prompt_features`, rewards (N,) each. Features are standardised
     with their training mean and standard deviation (so one learning rate suits any model's hidden
@@ -141,9 +145,9 @@ def fit_prompt_values(
 def weight_statistics(
     extras: dict[str, Tensor], alpha: float, cap: float = WEIGHT_CAP
 ) -> dict[str, float]:
-    """The advantages and UPO weights of one split's 2N responses (A = R - V is fixed before training,
-    so these describe the whole run): ``mean_advantage``, ``std_advantage``, ``mean_weight``,
-    ``max_weight`` and ``at_cap`` (fraction of weights clamped at ``cap``)."""
+    """The advantages and UPO weights of one split's 2N responses (A = R - V is fixed before
+    training, so these describe the whole run): ``mean_advantage``, ``std_advantage``,
+    ``mean_weight``, ``max_weight`` and ``at_cap`` (fraction of weights clamped at ``cap``)."""
     values = extras["values"]
     a = torch.cat(
         [

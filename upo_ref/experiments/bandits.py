@@ -3,11 +3,10 @@ r"""Azar et al.'s illustrative bandit experiment, extended to f-divergences.
 Azar et al. (2023, "A general theoretical paradigm to understand learning from human
 preferences", section 5.1) train a policy pi = softmax(theta) over three actions {a, b, c} on a
 handful of fixed preference pairs and compare DPO, which drifts to a deterministic policy, with
-IPO, which converges to a regularised one. The optimisation settings used here (Adam, lr 0.01,
-mini-batches of 9 pairs drawn with replacement) are the ones upo_ref's issue 3 specifies for that
-experiment. upo_ref runs the same experiment for every loss of ``upo_ref.losses``,
-vectorised over seeds: theta has shape (S, K), one row per seed, and each seed's gradient is
-that of its own mini-batch mean (Adam is elementwise, so the seeds never interact).
+IPO, which converges to a regularised one. The optimisation settings here are Adam, lr 0.01,
+mini-batches of 9 pairs drawn with replacement. upo_ref runs the same experiment for every loss of
+``upo_ref.losses``, vectorised over seeds: theta has shape (S, K), one row per seed, and each seed's
+gradient is that of its own mini-batch mean (Adam is elementwise, so the seeds never interact).
 
 Datasets (pairs are (y_w, y_l), winner first; actions a, b, c are 0, 1, 2):
 
@@ -76,7 +75,8 @@ _STATIONARY_GRAD = 1e-8
 
 @dataclass(frozen=True)
 class PreferenceData:
-    """A finite preference dataset on ``n_actions`` actions: pairs (y_w, y_l) and how often each is drawn.
+    """A finite preference dataset on ``n_actions`` actions: pairs (y_w, y_l) and how often each is
+    drawn.
 
     Attributes:
         name: e.g. ``"D1"``.
@@ -93,16 +93,18 @@ class PreferenceData:
     def __post_init__(self):
         if not self.pairs:
             raise ValueError(f"{self.name}: a dataset needs at least one pair")
-        for w, l in self.pairs:
-            if not (0 <= w < self.n_actions and 0 <= l < self.n_actions) or w == l:
+        for y_w, y_l in self.pairs:
+            if not (0 <= y_w < self.n_actions and 0 <= y_l < self.n_actions) or y_w == y_l:
                 raise ValueError(
-                    f"{self.name}: pair ({w}, {l}) must name two different actions in 0..{self.n_actions - 1}"
+                    f"{self.name}: pair ({y_w}, {y_l}) must name two different actions in "
+                    f"0..{self.n_actions - 1}"
                 )
         if self.weights is not None and (
             len(self.weights) != len(self.pairs) or min(self.weights) < 0 or sum(self.weights) <= 0
         ):
             raise ValueError(
-                f"{self.name}: weights must be {len(self.pairs)} non-negative numbers with a positive sum"
+                f"{self.name}: weights must be {len(self.pairs)} non-negative numbers with a "
+                "positive sum"
             )
 
     @property
@@ -113,7 +115,7 @@ class PreferenceData:
     @property
     def losers(self) -> Tensor:
         """(N,) int64: y_l of each pair."""
-        return torch.tensor([l for _, l in self.pairs], dtype=torch.int64)
+        return torch.tensor([y_l for _, y_l in self.pairs], dtype=torch.int64)
 
     @property
     def probabilities(self) -> Tensor:
@@ -158,7 +160,8 @@ def empirical_preferences(data: PreferenceData) -> tuple[Tensor, Tensor]:
 
     Returns:
         P_hat: (K, K), P_hat[i, j] = the (weighted) fraction of the comparisons of i with j that i
-            won; 1/2 on the diagonal (an action ties with itself); NaN where i and j were never compared.
+            won; 1/2 on the diagonal (an action ties with itself); NaN where i and j were never
+            compared.
         mu: (K,), the empirical action distribution: how often each action appears in a pair.
 
     If the pairs were drawn as (y, y') ~ m x m with ties dropped, this mu is proportional to
@@ -166,8 +169,8 @@ def empirical_preferences(data: PreferenceData) -> tuple[Tensor, Tensor]:
     """
     k = data.n_actions
     wins = torch.zeros(k, k, dtype=torch.float64)
-    for (w, l), p in zip(data.pairs, data.probabilities.tolist()):
-        wins[w, l] += p
+    for (y_w, y_l), p in zip(data.pairs, data.probabilities.tolist(), strict=True):
+        wins[y_w, y_l] += p
     games = wins + wins.T
     p_hat = torch.where(games > 0, wins / games, torch.full_like(wins, float("nan")))
     p_hat.fill_diagonal_(0.5)
@@ -193,7 +196,8 @@ def closed_form_target(
     r"""The UPO optimum (eq. 11-12) for the dataset's empirical preferences: (K,).
 
     optimal_policy(empirical_rewards(data, psi), pi_ref, beta, divergence). With Psi = identity and
-    reverse KL this is IPO's population optimum, pi* proportional to pi_ref exp(P_hat(y > mu) / beta).
+    reverse KL this is IPO's population optimum, pi* proportional to pi_ref exp(P_hat(y > mu) /
+    beta).
 
     Raises:
         ValueError: where some r(y) is not finite, naming the action and the reason (an action
@@ -206,9 +210,15 @@ def closed_form_target(
         y = int(bad.nonzero()[0, 0])
         name = ACTION_NAMES[y] if data.n_actions == len(ACTION_NAMES) else str(y)
         if torch.isnan(p_hat[y, mu > 0]).any():
-            reason = f"action {name} is never compared with the support of mu, so p({name} > mu) is not in the data"
+            reason = (
+                f"action {name} is never compared with the support of mu, so p({name} > mu) is "
+                "not in the data"
+            )
         else:
-            reason = "Psi(P_hat) is infinite (Psi = logit of a 0/1 preference): the optimum is at infinity"
+            reason = (
+                "Psi(P_hat) is infinite (Psi = logit of a 0/1 preference): the optimum is at "
+                "infinity"
+            )
         raise ValueError(
             f"{data.name}: no closed-form optimum: r({name}) = {r[y].item()}; {reason}"
         )
@@ -219,14 +229,15 @@ def closed_form_target(
 def population_loss(
     theta: Tensor, data: PreferenceData, loss: PreferenceLoss, beta: float, pi_ref: Tensor
 ) -> Tensor:
-    r"""The (weighted) dataset mean of ``loss`` for the policy softmax(theta): the expected mini-batch loss. Scalar.
+    r"""The (weighted) dataset mean of ``loss`` for the policy softmax(theta): the expected
+    mini-batch loss. Scalar.
 
     theta: (K,) logits; pi_ref: (K,) reference policy. Both float64 in practice.
     """
     logp = torch.log_softmax(theta, dim=-1)  # (K,)
     log_ref = torch.log(pi_ref)  # (K,)
-    w, l = data.winners, data.losers  # (N,), (N,)
-    return (data.probabilities * loss(logp[w], logp[l], log_ref[w], log_ref[l], beta)).sum()
+    y_w, y_l = data.winners, data.losers  # (N,), (N,)
+    return (data.probabilities * loss(logp[y_w], logp[y_l], log_ref[y_w], log_ref[y_l], beta)).sum()
 
 
 def population_minimiser(
@@ -358,9 +369,10 @@ class BanditConfig:
         seeds: independent runs, trained together as the rows of a (seeds, K) theta.
         batch_size: pairs per mini-batch, drawn uniformly with replacement from the dataset.
         lr: learning rate.
-        optimizer: "adam" (torch defaults betas=(0.9, 0.999), eps=1e-8) or "sgd" (plain gradient descent).
-        record_every: the policy is recorded at step 0, every ``record_every`` steps, and at the end.
-        seed: seeds the one generator that draws every batch index, so that all losses see the same
+        optimizer: "adam" (torch defaults betas=(0.9, 0.999), eps=1e-8) or "sgd" (plain gradient
+        descent). record_every: the policy is recorded at step 0, every ``record_every`` steps, and
+        at the end. seed: seeds the one generator that draws every batch index, so that all losses
+        see the same
             batches (common random numbers) and a run is reproducible.
         betas: the regularisation strengths an experiment sweeps (not used by :func:`train_bandit`).
     """
@@ -401,7 +413,8 @@ def bandit_losses() -> list[PreferenceLoss]:
 
 
 def bandit_config() -> BanditConfig:
-    """:data:`BANDIT_FAST` when ``UPO_REF_FAST=1`` (``upo_ref.utils.paths.fast_mode``), else :data:`BANDIT_FULL`."""
+    """:data:`BANDIT_FAST` when ``UPO_REF_FAST=1`` (``upo_ref.utils.paths.fast_mode``), else
+    :data:`BANDIT_FULL`."""
     return BANDIT_FAST if fast_mode() else BANDIT_FULL
 
 
@@ -432,11 +445,13 @@ def train_bandit(
     config: BanditConfig = BANDIT_FULL,
     pi_ref: Tensor | None = None,
 ) -> BanditRun:
-    r"""Train pi = softmax(theta) on ``data`` with ``loss``, for ``config.seeds`` seeds at once, in float64.
+    r"""Train pi = softmax(theta) on ``data`` with ``loss``, for ``config.seeds`` seeds at once, in
+    float64.
 
-    theta starts at log pi_ref - mean(log pi_ref) (theta = 0 for the default uniform pi_ref), i.e. pi = pi_ref. At every
-    step each seed draws ``batch_size`` pairs with replacement (uniformly, or by ``data.weights``) and takes one optimiser step on its
-    mini-batch mean loss; the loss sees log pi(y) = log_softmax(theta)[y] and log pi_ref(y).
+    theta starts at log pi_ref - mean(log pi_ref) (theta = 0 for the default uniform pi_ref), i.e.
+    pi = pi_ref. At every step each seed draws ``batch_size`` pairs with replacement (uniformly, or
+    by ``data.weights``) and takes one optimiser step on its mini-batch mean loss; the loss sees log
+    pi(y) = log_softmax(theta)[y] and log pi_ref(y).
     """
     beta = check_beta(beta)
     k, s, b = data.n_actions, config.seeds, config.batch_size
@@ -468,13 +483,13 @@ def train_bandit(
             idx = torch.multinomial(
                 probabilities, s * b, replacement=True, generator=generator
             ).view(s, b)
-        w, l = winners[idx], losers[idx]  # (S, B)
+        y_w, y_l = winners[idx], losers[idx]  # (S, B)
         logp = torch.log_softmax(theta, dim=1)  # (S, K)
         per_pair = loss(
-            logp.gather(1, w).reshape(-1),
-            logp.gather(1, l).reshape(-1),  # (S*B,)
-            log_ref[w].reshape(-1),
-            log_ref[l].reshape(-1),
+            logp.gather(1, y_w).reshape(-1),
+            logp.gather(1, y_l).reshape(-1),  # (S*B,)
+            log_ref[y_w].reshape(-1),
+            log_ref[y_l].reshape(-1),
             beta,
         )
         opt.zero_grad()

@@ -93,8 +93,8 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
         train, held_out = split_by_prompt_hash(pairs, d.eval_fraction)
         reports += [
             str(report),
-            f"HH split by prompt hash (eval_fraction {d.eval_fraction}): "
-            f"{len(train)} train / {len(held_out)} eval pairs",
+            f"HH split by prompt hash (eval_fraction {d.eval_fraction}): {len(train)} train / "
+            f"{len(held_out)} eval pairs",
         ]
         return train, held_out
     splits = []
@@ -111,16 +111,18 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
 def prepare_data(
     cfg: ExperimentConfig, tokenizer=None, keep_unused: int | None = 0
 ) -> ExperimentData:
-    """Load, split, subsample and tokenize the data of ``cfg`` (``tokenizer`` is unused for synthetic).
+    """Load, split, subsample and tokenize the data of ``cfg`` (``tokenizer`` is unused for
+    synthetic).
 
-    ``keep_unused``: also tokenize the first that many of the training pairs not drawn for preference
-    training, None for all of them (``ExperimentData.pref_unused``; they change nothing else, the
-    vocabulary included)."""
+    ``keep_unused``: also tokenize the first that many of the training pairs not drawn for
+    preference training, None for all of them (``ExperimentData.pref_unused``; they change nothing
+    else, the vocabulary included)."""
     d, reports = cfg.data, []
     if d.datasets == ("synthetic",):
         if d.n_train_pairs is None or d.n_eval_pairs is None:
             raise ValueError(
-                "the synthetic task draws as many pairs as asked: set n_train_pairs and n_eval_pairs"
+                "the synthetic task draws as many pairs as asked: set n_train_pairs and "
+                "n_eval_pairs"
             )
         task = SyntheticTask(seed=d.shuffle_seed)
         train, held_out = (
@@ -128,7 +130,8 @@ def prepare_data(
             task.pairs(d.n_eval_pairs, stream=1),
         )
         reports.append(
-            f"synthetic task: {len(train)} train / {len(held_out)} eval pairs, vocab {task.vocab_size}"
+            f"synthetic task: {len(train)} train / {len(held_out)} eval pairs, vocab "
+            f"{task.vocab_size}"
         )
         return ExperimentData(
             train, held_out, train, held_out, task.vocab_size, task.eos_id, reports
@@ -141,7 +144,8 @@ def prepare_data(
         else:
             if d.shp_dir is None:
                 raise ValueError(
-                    "dataset 'shp' needs shp_dir (--shp-dir), a folder of <subreddit>/{train,test}.json"
+                    "dataset 'shp' needs shp_dir (--shp-dir), a folder of "
+                    "<subreddit>/{train,test}.json"
                 )
             train, r1 = load_shp(shp_files(d.shp_dir, "train"))
             held_out, r2 = load_shp(shp_files(d.shp_dir, "test"))
@@ -165,8 +169,9 @@ def prepare_data(
             drawn = {p.prompt for p in used}
             sft_source = [p for p in train if p.prompt not in drawn]
             reports.append(
-                f"{name} SFT disjoint from preference training: SFT draws from the {len(sft_source)} of "
-                f"{len(train)} training pairs whose prompt no preference-training pair has"
+                f"{name} SFT disjoint from preference training: SFT draws from the "
+                f"{len(sft_source)} of {len(train)} training pairs whose prompt no "
+                "preference-training pair has"
             )
         else:
             sft_source = train
@@ -188,9 +193,9 @@ def prepare_data(
     out = {k: vocab.remap(v) for k, v in out.items()}
     cover = {k: CompactVocab.coverage(out[k], vocab.unk_id) for k in ("pref_train", "pref_eval")}
     reports.append(
-        f"compact vocabulary of {vocab.size} ids (the {vocab.size - 2} most frequent training tokens, EOS, "
-        f"UNK): {cover['pref_train']:.1%} of the train and {cover['pref_eval']:.1%} of the eval response "
-        f"tokens are not UNK"
+        f"compact vocabulary of {vocab.size} ids (the {vocab.size - 2} most frequent training "
+        f"tokens, EOS, UNK): {cover['pref_train']:.1%} of the train and {cover['pref_eval']:.1%} "
+        "of the eval response tokens are not UNK"
     )
     return ExperimentData(**out, vocab_size=vocab.size, pad_id=vocab.eos_id, reports=reports)
 
@@ -220,7 +225,8 @@ class RunResult:
 class LogpSettings:
     """How every phase started from one reference computes a sequence's log pi(y|x): the padding id,
     the per-token mean instead of the sum (``average``), and logits on response tokens only
-    (``response_only``). ``as_kwargs()`` gives them as ``SFTPhase`` / ``PreferencePhase`` take them."""
+    (``response_only``). ``as_kwargs()`` gives them as ``SFTPhase`` / ``PreferencePhase`` take
+    them."""
 
     pad_id: int
     average: bool
@@ -232,8 +238,8 @@ class LogpSettings:
 
 @dataclass
 class Reference:
-    """The reference policy pi_ref (the SFT model, or the model as built when SFT is skipped) and what
-    every preference run started from it shares.
+    """The reference policy pi_ref (the SFT model, or the model as built when SFT is skipped) and
+    what every preference run started from it shares.
 
     ``reference``: log pi_ref(y_w|x), log pi_ref(y_l|x) per split, for ``PreferencePhase``;
     ``logps``: how log-probs are computed (:class:`LogpSettings`); ``identity``: what a checkpoint
@@ -248,7 +254,8 @@ class Reference:
 
 
 def load_experiment_data(cfg: ExperimentConfig, keep_unused: int | None = 0):
-    """(tokenizer, data) of ``cfg`` (no tokenizer for the synthetic task), with the loaders' reports printed."""
+    """(tokenizer, data) of ``cfg`` (no tokenizer for the synthetic task), with the loaders' reports
+    printed."""
     tokenizer = None if cfg.data.datasets == ("synthetic",) else load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer, keep_unused)
     for line in data.reports:
@@ -268,8 +275,8 @@ def prepare_reference(
     resume: bool = True,
     progress: bool = True,
 ) -> Reference:
-    """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and compute
-    pi_ref's log-probs of the train and eval pairs once."""
+    """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and
+    compute pi_ref's log-probs of the train and eval pairs once."""
     out_dir = Path(out_dir)
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)
@@ -277,11 +284,12 @@ def prepare_reference(
         device
     )  # also when SFT is skipped and the reference log-probs come from the model as built
     print(
-        f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"device {device}, logits on response tokens only: {response_only}"
+        f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, device {device}, logits on response tokens only: {response_only}"
     )
     logps = LogpSettings(data.pad_id, cfg.average_logps, response_only)
-    # What a checkpoint must have been made with to be resumed: SFT depends on the model, the data and
+    # What a checkpoint must have been made with to be resumed: SFT depends on the model, the data
+    # and
     # its own phase; a preference run also on the preference phase, the loss and beta.
     e = cfg.to_dict()
     identity = {k: e[k] for k in ("model", "data", "sft", "average_logps")}
@@ -313,8 +321,8 @@ def prepare_reference(
         ),
     }
     print(
-        f"reference log-probs of {len(data.pref_train)} + {len(data.pref_eval)} pairs computed once "
-        f"({time.perf_counter() - t0:.0f}s)"
+        f"reference log-probs of {len(data.pref_train)} + {len(data.pref_eval)} pairs computed "
+        f"once ({time.perf_counter() - t0:.0f}s)"
     )
     return Reference(model, reference, logps, identity, sft_final)
 
@@ -326,7 +334,8 @@ def run_experiment(
     resume: bool = True,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[RunResult]]:
-    """SFT once, then every (loss, beta) run; returns (final SFT eval metrics, the runs' results)."""
+    """SFT once, then every (loss, beta) run; returns (final SFT eval metrics, the runs'
+    results)."""
     out_dir = Path(out_dir)
     device = device if device is not None else default_device()
     _, data = load_experiment_data(cfg)
