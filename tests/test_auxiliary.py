@@ -13,22 +13,22 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from strategies import F64_RTOL, betas, dyadic_logp_batches, logp_batches
 
+from upo_ref.auxiliary.baselines import kto_loss, kto_reference_point, modpo_loss
 from upo_ref.auxiliary.losses import (
     WEIGHT_CAP,
-    ValueNetwork,
     advantage_weights,
     advantages,
     auxiliary_loss,
     combine_rewards,
-    expectile_loss,
-    fit_value_network,
-    kto_loss,
-    kto_reference_point,
-    last_token_pool,
-    modpo_loss,
     upo_dpo_loss,
     upo_kto_loss,
     upo_loss,
+)
+from upo_ref.auxiliary.value_network import (
+    ValueNetwork,
+    expectile_loss,
+    fit_value_network,
+    last_token_pool,
 )
 from upo_ref.losses import dpo_loss
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from upo_ref.auxiliary.baselines import kto_loss, kto_reference_point, modpo_loss
 from upo_ref.auxiliary.frontier import (
     ToyConfig,
     make_bandit,
@@ -16,13 +17,7 @@ from upo_ref.auxiliary.frontier import (
     method_objective,
     sample_pairs,
 )
-from upo_ref.auxiliary.losses import (
-    kto_loss,
-    kto_reference_point,
-    modpo_loss,
-    upo_dpo_loss,
-    upo_kto_loss,
-)
+from upo_ref.auxiliary.losses import upo_dpo_loss, upo_kto_loss
 from upo_ref.auxiliary.objectives import (
     EXTRA_KEYS,
     KL_KEYS,

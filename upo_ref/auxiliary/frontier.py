@@ -36,8 +36,8 @@ from torch import Tensor
 from ..losses import PreferenceLoss
 from ..objective import Objective, as_objective
 from ..utils.stats import mean_se
-from .losses import ValueNetwork, fit_value_network
 from .objectives import KL_KEYS, KTOLoss, MODPOLoss, UPODPOLoss, UPOKTOLoss
+from .value_network import ValueNetwork, fit_value_network
 
 __all__ = [
     "METHODS",

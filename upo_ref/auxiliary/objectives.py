@@ -28,14 +28,12 @@ import torch
 from torch import Tensor
 
 from ..losses import dpo_loss
+from .baselines import kto_loss, kto_reference_point, modpo_loss
 from .losses import (
     WEIGHT_CAP,
     advantage_weights,
     advantages,
     auxiliary_loss,
-    kto_loss,
-    kto_reference_point,
-    modpo_loss,
     upo_dpo_loss,
     upo_kto_loss,
     upo_loss,

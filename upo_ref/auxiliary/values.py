@@ -19,14 +19,8 @@ from torch import Tensor
 
 from ..lm.data import collate_sequences
 from ..lm.train import autocast
-from .losses import (
-    WEIGHT_CAP,
-    ValueNetwork,
-    advantage_weights,
-    advantages,
-    fit_value_network,
-    last_token_pool,
-)
+from .losses import WEIGHT_CAP, advantage_weights, advantages
+from .value_network import ValueNetwork, fit_value_network, last_token_pool
 
 __all__ = ["prompt_features", "PromptValues", "fit_prompt_values", "weight_statistics"]
 
