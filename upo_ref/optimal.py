@@ -133,9 +133,9 @@ def optimal_policy(
 
     Returns:
         pi* of shape (K,) (and lambda). Under reverse KL, lambda = beta (logsumexp(log pi_ref + r /
-        beta) - 1) exactly; otherwise lambda is found by bisection on the strictly decreasing
-        function lambda -> sum_y pi_ref(y) u*((r(y) - lambda) / beta), to two float64 ulps of its
-        scale.
+            beta) - 1) exactly; otherwise lambda is found by bisection on the strictly decreasing
+            function lambda -> sum_y pi_ref(y) u*((r(y) - lambda) / beta), to two float64 ulps of
+            its scale.
     """
     beta, div = _check_problem(rewards, pi_ref, beta, divergence)
     if isinstance(div, ReverseKL):
@@ -245,11 +245,14 @@ class KKTResidual:
 
     Attributes:
         stationarity: max over the support of |r - beta f'(pi/pi_ref) - lambda| (eq. 16: eta = 0
-        where pi > 0). primal_feasibility: |sum pi - 1| + max(0, -min pi).
+            where pi > 0).
+        primal_feasibility: |sum pi - 1| + max(0, -min pi).
         dual_feasibility: max(0, -min eta): eta >= 0 fails where an action with pi = 0 would want
-        more mass. complementary_slackness: max |pi eta|.
+            more mass.
+        complementary_slackness: max |pi eta|.
         lam: the lambda used (given, or fitted as the pi-weighted mean of r - beta f'(u) on the
-        support). eta: (K,) the multipliers.
+            support).
+        eta: (K,) the multipliers.
     """
 
     stationarity: float

@@ -370,9 +370,10 @@ class BanditConfig:
         batch_size: pairs per mini-batch, drawn uniformly with replacement from the dataset.
         lr: learning rate.
         optimizer: "adam" (torch defaults betas=(0.9, 0.999), eps=1e-8) or "sgd" (plain gradient
-        descent). record_every: the policy is recorded at step 0, every ``record_every`` steps, and
-        at the end. seed: seeds the one generator that draws every batch index, so that all losses
-        see the same
+            descent).
+        record_every: the policy is recorded at step 0, every ``record_every`` steps, and at the
+            end.
+        seed: seeds the one generator that draws every batch index, so that all losses see the same
             batches (common random numbers) and a run is reproducible.
         betas: the regularisation strengths an experiment sweeps (not used by :func:`train_bandit`).
     """
