@@ -10,22 +10,21 @@ import torch
 from strategies import ADMISSIBLE_NAMES, divergence_of
 
 from upo_ref.experiments.analysis import paper_reachability_threshold
-from upo_ref.experiments.bandits import (
-    BANDIT_FAST,
-    BANDIT_FULL,
-    D1,
-    D3,
-    BanditConfig,
-    PreferenceData,
-    bandit_config,
-    bandit_losses,
+from upo_ref.experiments.bandit_data import D1, D3, PreferenceData, preference_population
+from upo_ref.experiments.bandit_targets import (
     bandit_target,
     closed_form_target,
     empirical_preferences,
     empirical_rewards,
     population_loss,
     population_minimiser,
-    preference_population,
+)
+from upo_ref.experiments.bandits import (
+    BANDIT_FAST,
+    BANDIT_FULL,
+    BanditConfig,
+    bandit_config,
+    bandit_losses,
     train_bandit,
 )
 from upo_ref.losses import PreferenceLoss

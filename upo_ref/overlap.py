@@ -75,16 +75,7 @@ def _load_weights(model, path: Path, cfg: ExperimentConfig) -> None:
     model.load_state_dict(state["model"])
 
 
-def overlap_check(
-    cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | None = None
-) -> list[GroupStats]:
-    """The check on the finished run of ``cfg`` under ``out_dir`` (CPU); see the module docstring.
-    ``n_unused``: how many of the unused training pairs to score (None: all).
-
-    Rows: pi_ref first (``margin`` is then its mean log pi_ref(y_w) - log pi_ref(y_l) and
-    ``accuracy`` its ranking), then every (loss, beta) run, each on ``GROUPS``.
-    """
-    out_dir = Path(out_dir)
+def _check_overlap_inputs(cfg: ExperimentConfig, n_unused: int | None) -> None:
     if not cfg.sft.n_examples:
         raise ValueError(f"preset {cfg.name!r} has no SFT phase: there is no overlap to check")
     if cfg.data.n_train_pairs is None:
@@ -96,6 +87,19 @@ def overlap_check(
         raise ValueError(
             f"n_unused must be a positive number of pairs or None (all), got {n_unused}"
         )
+
+
+def overlap_check(
+    cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | None = None
+) -> list[GroupStats]:
+    """The check on the finished run of ``cfg`` under ``out_dir`` (CPU); see the module docstring.
+    ``n_unused``: how many of the unused training pairs to score (None: all).
+
+    Rows: pi_ref first (``margin`` is then its mean log pi_ref(y_w) - log pi_ref(y_l) and
+    ``accuracy`` its ranking), then every (loss, beta) run, each on ``GROUPS``.
+    """
+    out_dir = Path(out_dir)
+    _check_overlap_inputs(cfg, n_unused)
     _, data = load_experiment_data(cfg, keep_unused=n_unused)
     if not data.pref_unused:
         raise ValueError(

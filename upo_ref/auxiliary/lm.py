@@ -114,7 +114,7 @@ class AuxLMConfig:
         return out
 
 
-def aux_lm_config(fast: bool = False) -> AuxLMConfig:
+def aux_lm_config(fast: bool = False) -> AuxLMConfig:  # long: two configs, every field named
     """The notebook's configs: a random-init GPT-2 (the ``quick`` preset's family) on the local HH
     files.
 
@@ -247,6 +247,44 @@ def _fit_values(
     return values, extras
 
 
+def _held_out_set(
+    cfg: AuxLMConfig, data: ExperimentData, ref: Reference, rewards, reward_fn: Reward
+) -> HeldOutSet:
+    """The eval pairs and generation prompts every model of the experiment is evaluated on."""
+    return HeldOutSet(
+        pairs=data.pref_eval,
+        reference=ref.reference["eval"],
+        rewards=rewards,
+        beta=cfg.beta,
+        logps=ref.logps,
+        prompts=generation_prompts(
+            data.pref_eval, cfg.n_generation_prompts, cfg.data.max_length - cfg.max_new_tokens
+        ),
+        reward_fn=reward_fn,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_id=data.pad_id,
+        batch_size=cfg.pref.eval_batch_size,
+        seed=cfg.generation_seed,
+    )
+
+
+def _preference_run(
+    cfg, data, ref, extras, held_out, run, out_dir, identity, device, resume, progress
+) -> AuxRun:
+    """Train one (label, loss, preference phase) of ``cfg.runs()`` from pi_ref and evaluate it."""
+    label, loss, pref = run
+    policy = copy.deepcopy(ref.model)
+    phase = PreferencePhase(loss, cfg.beta, ref.reference, extras=extras, **ref.logps.as_kwargs())
+    run_dir = out_dir / _run_name(label)
+    final = train(
+        policy, phase, data.pref_train, data.pref_eval, pref, run_dir, device, resume,
+        progress, desc=label,
+        identity={**identity, "pref": dataclasses.asdict(pref), "loss": repr(loss)},
+    )  # fmt: skip
+    evaluated = evaluate_aux(policy, label, held_out, device)
+    return AuxRun(label, loss, pref.seed, final, read_metrics(run_dir / METRICS), evaluated)
+
+
 def run_aux_experiment(
     cfg: AuxLMConfig,
     out_dir: str | Path,
@@ -281,21 +319,7 @@ def run_aux_experiment(
     }
     ref = prepare_reference(exp, data, out_dir, device, resume, progress)
     values, extras = _fit_values(cfg, data, ref, rewards, device)
-    held_out = HeldOutSet(
-        pairs=data.pref_eval,
-        reference=ref.reference["eval"],
-        rewards=rewards["eval"],
-        beta=cfg.beta,
-        logps=ref.logps,
-        prompts=generation_prompts(
-            data.pref_eval, cfg.n_generation_prompts, cfg.data.max_length - cfg.max_new_tokens
-        ),
-        reward_fn=reward_fn,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_id=data.pad_id,
-        batch_size=cfg.pref.eval_batch_size,
-        seed=cfg.generation_seed,
-    )
+    held_out = _held_out_set(cfg, data, ref, rewards["eval"], reward_fn)
     before = evaluate_aux(ref.model, "SFT (pi_ref, before)", held_out, device)
     identity = {
         **ref.identity,
@@ -306,22 +330,11 @@ def run_aux_experiment(
             "value": [cfg.value_hidden_sizes, cfg.value_steps, cfg.value_lr, cfg.tau],
         },
     }
-    runs = []
-    for label, loss, pref in cfg.runs():
-        policy = copy.deepcopy(ref.model)
-        phase = PreferencePhase(
-            loss, cfg.beta, ref.reference, extras=extras, **ref.logps.as_kwargs()
+    runs = [
+        _preference_run(
+            cfg, data, ref, extras, held_out, run, out_dir, identity, device, resume, progress
         )
-        run_dir = out_dir / _run_name(label)
-        final = train(
-            policy, phase, data.pref_train, data.pref_eval, pref, run_dir, device, resume,
-            progress, desc=label,
-            identity={**identity, "pref": dataclasses.asdict(pref), "loss": repr(loss)},
-        )  # fmt: skip
-        evaluated = evaluate_aux(policy, label, held_out, device)
-        runs.append(
-            AuxRun(label, loss, pref.seed, final, read_metrics(run_dir / METRICS), evaluated)
-        )
-        del policy
+        for run in cfg.runs()
+    ]
     seconds = time.perf_counter() - t0
     return AuxExperiment(cfg, data, rewards, values, extras, before, runs, ref.sft_final, seconds)

@@ -9,8 +9,7 @@ mini-batches of 9 pairs drawn with replacement. upo_ref runs the same experiment
 gradient is that of its own mini-batch mean (Adam is elementwise, so the seeds never interact).
 
 The datasets (D1, D3) are in ``experiments.bandit_data``, the population targets each loss should
-reach in ``experiments.bandit_targets``; this module has the training loop, and gives all three
-parts' names, so that one import serves a notebook.
+reach in ``experiments.bandit_targets``; this module has the training loop.
 
 The choice of 0-indexed actions, the uniform pi_ref and theta = 0 at the start follow Azar et al.;
 the number of steps and seeds, and the betas, are upo_ref's (:data:`BANDIT_FULL`).
@@ -27,39 +26,9 @@ from ..checks import check_beta
 from ..divergences import AlphaDivergence
 from ..losses import PreferenceLoss
 from ..utils.paths import fast_mode
-from .bandit_data import (
-    ACTION_NAMES,
-    BANDIT_DATASETS,
-    D1,
-    D3,
-    PreferenceData,
-    preference_population,
-    uniform,
-)
-from .bandit_targets import (
-    BanditTarget,
-    bandit_target,
-    closed_form_target,
-    empirical_preferences,
-    empirical_rewards,
-    population_loss,
-    population_minimiser,
-)
+from .bandit_data import PreferenceData, uniform
 
 __all__ = [
-    "ACTION_NAMES",
-    "PreferenceData",
-    "D1",
-    "D3",
-    "BANDIT_DATASETS",
-    "preference_population",
-    "empirical_preferences",
-    "empirical_rewards",
-    "closed_form_target",
-    "population_loss",
-    "population_minimiser",
-    "BanditTarget",
-    "bandit_target",
     "BanditConfig",
     "BANDIT_FULL",
     "BANDIT_FAST",

@@ -108,6 +108,67 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
     return splits[0], splits[1]
 
 
+def _synthetic_data(d, reports: list[str]) -> ExperimentData:
+    if d.n_train_pairs is None or d.n_eval_pairs is None:
+        raise ValueError(
+            "the synthetic task draws as many pairs as asked: set n_train_pairs and n_eval_pairs"
+        )
+    task = SyntheticTask(seed=d.shuffle_seed)
+    train, held_out = task.pairs(d.n_train_pairs, stream=0), task.pairs(d.n_eval_pairs, stream=1)
+    reports.append(
+        f"synthetic task: {len(train)} train / {len(held_out)} eval pairs, vocab {task.vocab_size}"
+    )
+    return ExperimentData(train, held_out, train, held_out, task.vocab_size, task.eos_id, reports)
+
+
+def _text_pairs(cfg: ExperimentConfig, name: str, reports: list[str]):
+    """(train, held-out) pairs of dataset ``name`` ('hh' or 'shp'); appends the loaders' reports."""
+    if name == "hh":
+        return _hh_pairs(cfg, reports)
+    d = cfg.data
+    if d.shp_dir is None:
+        raise ValueError(
+            "dataset 'shp' needs shp_dir (--shp-dir), a folder of <subreddit>/{train,test}.json"
+        )
+    train, r1 = load_shp(shp_files(d.shp_dir, "train"))
+    held_out, r2 = load_shp(shp_files(d.shp_dir, "test"))
+    reports += [str(r1), str(r2)]
+    return train, held_out
+
+
+def _tokenize_dataset(
+    cfg: ExperimentConfig, name: str, tokenizer, keep_unused, out: dict, reports: list[str]
+) -> None:
+    """Draw, tokenize and append dataset ``name``'s preference and SFT sets to ``out``."""
+    d, seed = cfg.data, cfg.data.shuffle_seed
+    train, held_out = _text_pairs(cfg, name, reports)
+    lengths = dict(
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation_mode=TRUNCATION[name],
+    )
+    used, unused = _first_and_rest(train, d.n_train_pairs, seed, f"{name} train pairs")
+    out["pref_train"] += tokenize_pairs(used, tokenizer, **lengths)
+    if keep_unused != 0:
+        out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **lengths)
+    out["pref_eval"] += tokenize_pairs(
+        _first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **lengths
+    )
+    sft_source = train
+    if d.sft_disjoint:  # the control: no SFT target is the chosen response of a preference pair
+        drawn = {p.prompt for p in used}
+        sft_source = [p for p in train if p.prompt not in drawn]
+        reports.append(
+            f"{name} SFT disjoint from preference training: SFT draws from the "
+            f"{len(sft_source)} of {len(train)} training pairs whose prompt no "
+            "preference-training pair has"
+        )
+    sft_train = _first(sft_examples(sft_source), d.n_sft_examples, seed, f"{name} SFT examples")
+    out["sft_train"] += tokenize_sft(sft_train, tokenizer, **lengths)
+    sft_eval = _first(sft_examples(held_out), d.n_eval_pairs, seed, f"{name} SFT eval")
+    out["sft_eval"] += tokenize_sft(sft_eval, tokenizer, **lengths)
+
+
 def prepare_data(
     cfg: ExperimentConfig, tokenizer=None, keep_unused: int | None = 0
 ) -> ExperimentData:
@@ -119,69 +180,10 @@ def prepare_data(
     else, the vocabulary included)."""
     d, reports = cfg.data, []
     if d.datasets == ("synthetic",):
-        if d.n_train_pairs is None or d.n_eval_pairs is None:
-            raise ValueError(
-                "the synthetic task draws as many pairs as asked: set n_train_pairs and "
-                "n_eval_pairs"
-            )
-        task = SyntheticTask(seed=d.shuffle_seed)
-        train, held_out = (
-            task.pairs(d.n_train_pairs, stream=0),
-            task.pairs(d.n_eval_pairs, stream=1),
-        )
-        reports.append(
-            f"synthetic task: {len(train)} train / {len(held_out)} eval pairs, vocab "
-            f"{task.vocab_size}"
-        )
-        return ExperimentData(
-            train, held_out, train, held_out, task.vocab_size, task.eos_id, reports
-        )
-
+        return _synthetic_data(d, reports)
     out = {"sft_train": [], "sft_eval": [], "pref_train": [], "pref_eval": [], "pref_unused": []}
     for name in d.datasets:
-        if name == "hh":
-            train, held_out = _hh_pairs(cfg, reports)
-        else:
-            if d.shp_dir is None:
-                raise ValueError(
-                    "dataset 'shp' needs shp_dir (--shp-dir), a folder of "
-                    "<subreddit>/{train,test}.json"
-                )
-            train, r1 = load_shp(shp_files(d.shp_dir, "train"))
-            held_out, r2 = load_shp(shp_files(d.shp_dir, "test"))
-            reports += [str(r1), str(r2)]
-        lengths = dict(
-            max_length=d.max_length,
-            max_prompt_length=d.max_prompt_length,
-            truncation_mode=TRUNCATION[name],
-        )
-        seed = d.shuffle_seed
-        used, unused = _first_and_rest(train, d.n_train_pairs, seed, f"{name} train pairs")
-        out["pref_train"] += tokenize_pairs(used, tokenizer, **lengths)
-        if keep_unused != 0:
-            out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **lengths)
-        out["pref_eval"] += tokenize_pairs(
-            _first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **lengths
-        )
-        if (
-            d.sft_disjoint
-        ):  # the control: no SFT target is the chosen response of a preference-training pair
-            drawn = {p.prompt for p in used}
-            sft_source = [p for p in train if p.prompt not in drawn]
-            reports.append(
-                f"{name} SFT disjoint from preference training: SFT draws from the "
-                f"{len(sft_source)} of {len(train)} training pairs whose prompt no "
-                "preference-training pair has"
-            )
-        else:
-            sft_source = train
-        sft_train = _first(sft_examples(sft_source), d.n_sft_examples, seed, f"{name} SFT examples")
-        out["sft_train"] += tokenize_sft(sft_train, tokenizer, **lengths)
-        out["sft_eval"] += tokenize_sft(
-            _first(sft_examples(held_out), d.n_eval_pairs, seed, f"{name} SFT eval"),
-            tokenizer,
-            **lengths,
-        )
+        _tokenize_dataset(cfg, name, tokenizer, keep_unused, out, reports)
     if d.compact_vocab is None:
         return ExperimentData(
             **out, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, reports=reports
