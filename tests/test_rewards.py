@@ -25,7 +25,8 @@ from upo_ref.auxiliary.rewards import (
     train_bradley_terry_scorer,
     train_safety_scorer,
 )
-from upo_ref.lm.data import PreferencePair, prompt_hash_fraction
+from upo_ref.lm.data import PreferencePair
+from upo_ref.lm.split import prompt_hash_fraction
 
 # Dictionary syllable counts (Merriam-Webster) of words each rule of count_syllables decides.
 SYLLABLES = {

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..lm.data import TokenizedPair
 from ..lm.experiment import LogpSettings
-from ..lm.train import reference_logps
+from ..lm.phases import reference_logps
+from ..lm.tokenize import TokenizedPair
 from ..utils.stats import mean_se
 from .objectives import MODPOLoss, UPODPOLoss
 from .sampling import sample_responses

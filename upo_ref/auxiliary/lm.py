@@ -29,7 +29,8 @@ from torch import Tensor
 from ..lm.config import TINY_GPT2, DataConfig, ExperimentConfig, ModelConfig, PhaseConfig
 from ..lm.experiment import ExperimentData, Reference, load_experiment_data, prepare_reference
 from ..lm.models import default_device
-from ..lm.train import METRICS, PreferencePhase, read_metrics, train
+from ..lm.phases import PreferencePhase
+from ..lm.train import METRICS, read_metrics, train
 from .evaluation import AuxEvaluation, AuxRun, HeldOutSet, evaluate_aux
 from .objectives import MODPOLoss, UPODPOLoss, aux_extras
 from .sampling import generation_prompts

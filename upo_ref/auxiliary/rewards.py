@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..lm.data import LoadReport, PreferencePair, load_hh, split_by_prompt_hash
+from ..lm.data import LoadReport, PreferencePair, load_hh
+from ..lm.split import split_by_prompt_hash
 from ..utils.paths import hh_dir
 
 __all__ = [
@@ -271,8 +272,9 @@ def harmless_pairs(
 ) -> tuple[list[PreferencePair], list[PreferencePair], LoadReport]:
     """(train, held-out, report): the local HH-RLHF harmless-base test file, read by the pipeline's
     loader (``lm.data.load_hh``; rows whose rejected text does not start with the chosen text's
-    prompt are dropped and listed in the report) and split by the pipeline's prompt-hash rule
-    (``lm.data.split_by_prompt_hash``) with :data:`SAFETY_HELD_OUT` of the prompts held out.
+    prompt, and rows whose two responses are identical, are dropped and listed in the report) and
+    split by the pipeline's prompt-hash rule
+    (``lm.split.split_by_prompt_hash``) with :data:`SAFETY_HELD_OUT` of the prompts held out.
     ``root`` is the HH folder (default ``<shared>/data/hh-rlhf``)."""
     root = Path(root) if root is not None else hh_dir()
     pairs, report = load_hh(root, "test", ("harmless-base",), drop_mismatched=True)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..lm.data import TokenizedPair
-from ..lm.train import autocast
+from ..lm.phases import autocast
+from ..lm.tokenize import TokenizedPair
 
 __all__ = ["sample_responses", "generation_prompts"]
 

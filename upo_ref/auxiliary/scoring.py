@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..lm.data import TokenizedPair
+from ..lm.tokenize import TokenizedPair
 from ..utils.stats import mean_se
 from .rewards import readability_rewards
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..lm.data import collate_sequences
-from ..lm.train import autocast
+from ..lm.phases import autocast
+from ..lm.tokenize import collate_sequences
 from .losses import WEIGHT_CAP, advantage_weights, advantages
 from .value_network import ValueNetwork, fit_value_network, last_token_pool
 

@@ -20,21 +20,12 @@ import torch
 from ..losses import PreferenceLoss
 from ..utils.paths import hh_dir
 from .config import ExperimentConfig
-from .data import (
-    CompactVocab,
-    TokenizedPair,
-    download_hh,
-    load_hh,
-    load_shp,
-    sft_examples,
-    shp_files,
-    split_by_prompt_hash,
-    tokenize_pairs,
-    tokenize_sft,
-)
+from .data import LoadReport, download_hh, load_hh, load_shp, load_trl, shp_files
 from .logprobs import head_is_linear_readout
 from .models import build_model, default_device, load_tokenizer
+from .split import sft_examples, split_by_prompt_hash
 from .synthetic import SyntheticTask
+from .tokenize import CompactVocab, TokenizedPair, tokenize_pairs, tokenize_sft
 from .train import METRICS, PreferencePhase, SFTPhase, reference_logps, train
 
 __all__ = [
@@ -49,7 +40,7 @@ __all__ = [
     "run_experiment",
 ]
 
-TRUNCATION = {"hh": "keep_end", "shp": "keep_start"}  # HH keeps the turn being answered
+TRUNCATION = {"hh": "keep_end", "shp": "keep_start", "trl": "keep_end"}  # keep the turn answered
 
 
 @dataclass
@@ -89,7 +80,7 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
     d = cfg.data
     root = Path(d.hh_dir) if d.hh_dir else hh_dir()
     if d.hh_split == "hash":
-        pairs, report = load_hh(root, "test", d.hh_subsets, drop_mismatched=True)
+        pairs, report = load_hh(root, "test", d.hh_subsets, True, d.keep_identical)
         train, held_out = split_by_prompt_hash(pairs, d.eval_fraction)
         reports += [
             str(report),
@@ -102,10 +93,23 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
         if not all((root / s / f"{split}.jsonl.gz").is_file() for s in d.hh_subsets):
             print(f"downloading the official HH {split} files into {root} ...", flush=True)
             download_hh(root, split, d.hh_subsets)
-        pairs, report = load_hh(root, split, d.hh_subsets, drop_mismatched=True)
+        pairs, report = load_hh(root, split, d.hh_subsets, True, d.keep_identical)
         reports.append(str(report))
         splits.append(pairs)
     return splits[0], splits[1]
+
+
+def _trl_pairs(cfg: ExperimentConfig, reports: list[str]):
+    d = cfg.data
+    pairs, report = load_trl(d.trl_train, d.keep_identical)
+    reports.append(str(report))
+    if d.trl_eval is not None:
+        held_out, eval_report = load_trl(d.trl_eval, d.keep_identical)
+        reports.append(str(eval_report))
+        return pairs, held_out
+    train, held_out = split_by_prompt_hash(pairs, d.eval_fraction)
+    reports.append(f"{d.trl_train} split by prompt hash: {len(train)} train / {len(held_out)} eval")
+    return train, held_out
 
 
 def _synthetic_data(d, reports: list[str]) -> ExperimentData:
@@ -122,16 +126,19 @@ def _synthetic_data(d, reports: list[str]) -> ExperimentData:
 
 
 def _text_pairs(cfg: ExperimentConfig, name: str, reports: list[str]):
-    """(train, held-out) pairs of dataset ``name`` ('hh' or 'shp'); appends the loaders' reports."""
+    """(train, held-out) pairs of dataset ``name`` ('hh', 'trl' or 'shp'); appends the loaders'
+    reports."""
     if name == "hh":
         return _hh_pairs(cfg, reports)
+    if name == "trl":
+        return _trl_pairs(cfg, reports)
     d = cfg.data
     if d.shp_dir is None:
         raise ValueError(
             "dataset 'shp' needs shp_dir (--shp-dir), a folder of <subreddit>/{train,test}.json"
         )
-    train, r1 = load_shp(shp_files(d.shp_dir, "train"))
-    held_out, r2 = load_shp(shp_files(d.shp_dir, "test"))
+    train, r1 = load_shp(shp_files(d.shp_dir, "train"), keep_identical=d.keep_identical)
+    held_out, r2 = load_shp(shp_files(d.shp_dir, "test"), keep_identical=d.keep_identical)
     reports += [str(r1), str(r2)]
     return train, held_out
 
@@ -147,12 +154,14 @@ def _tokenize_dataset(
         max_prompt_length=d.max_prompt_length,
         truncation_mode=TRUNCATION[name],
     )
+    tokenized = LoadReport(f"{name} pairs tokenized (max_length {d.max_length})")
+    pair_args = dict(**lengths, report=tokenized, keep_identical=d.keep_identical)
     used, unused = _first_and_rest(train, d.n_train_pairs, seed, f"{name} train pairs")
-    out["pref_train"] += tokenize_pairs(used, tokenizer, **lengths)
+    out["pref_train"] += tokenize_pairs(used, tokenizer, **pair_args)
     if keep_unused != 0:
-        out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **lengths)
+        out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **pair_args)
     out["pref_eval"] += tokenize_pairs(
-        _first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **lengths
+        _first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **pair_args
     )
     sft_source = train
     if d.sft_disjoint:  # the control: no SFT target is the chosen response of a preference pair
@@ -167,6 +176,8 @@ def _tokenize_dataset(
     out["sft_train"] += tokenize_sft(sft_train, tokenizer, **lengths)
     sft_eval = _first(sft_examples(held_out), d.n_eval_pairs, seed, f"{name} SFT eval")
     out["sft_eval"] += tokenize_sft(sft_eval, tokenizer, **lengths)
+    if tokenized.dropped:
+        reports.append(str(tokenized))
 
 
 def prepare_data(
