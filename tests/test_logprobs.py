@@ -88,7 +88,8 @@ def test_prompt_and_padding_tokens_contribute_nothing(model):
             torch.testing.assert_close(
                 sequence_logps(model, ids, mask, labels)[0], ref, atol=LOGP_ATOL, rtol=0
             )
-    # Only the response's own labels count: labels (B, T) with the prompt unmasked give a different sum.
+    # Only the response's own labels count: labels (B, T) with the prompt unmasked give a different
+    # sum.
     leaky = base["labels"].clone()
     leaky[0, 1:4] = base["input_ids"][0, 1:4]
     with torch.no_grad():
@@ -127,7 +128,8 @@ def test_average_is_sum_over_response_token_count(model):
 
 
 def test_gradients_reach_only_through_response_positions(model):
-    """d log pi(y|x) / d logits is zero at every position whose next token is not a response token."""
+    """d log pi(y|x) / d logits is zero at every position whose next token is not a response
+    token."""
     b = collate_sequences([((1, 2, 3), (4, 5)), ((6,), (7, 8, 9, 10))], pad_id=0)
     logits = torch.randn(2, b["input_ids"].shape[1], V, requires_grad=True)
     logps_from_logits(logits, b["labels"]).sum().backward()

@@ -1,4 +1,5 @@
-"""The SFT-overlap check (upo_ref.overlap) on a smoke run of the main job, and the unused pairs it reads."""
+"""The SFT-overlap check (upo_ref.overlap) on a smoke run of the main job, and the unused pairs it
+reads."""
 
 import dataclasses
 from collections import Counter

@@ -313,30 +313,31 @@ def test_one_forward_pass_per_step_and_none_for_the_reference(synthetic, tmp_pat
     assert len(calls) == steps * micro + evals * eval_batches
 
 
-def test_a_loss_that_takes_the_batch_gets_it_with_its_per_pair_extras(synthetic, tmp_path):
-    """The hook for combined losses (e.g. auxiliary-objective UPO): ``takes_batch = True``, and
-    per-pair tensors given to the phase as ``extras`` arrive in the batch, looked up by index for
-    each split."""
+def test_an_objective_gets_the_per_pair_extras_it_names(synthetic, tmp_path):
+    """The interface of combined losses (e.g. auxiliary-objective UPO): an objective names its
+    per-pair inputs in ``extra_keys``, and the phase's ``extras`` of those names arrive in each
+    call, looked up by index for each split (here each pair's extra is its index, negated for
+    eval)."""
     cfg, data, new_model, reference = synthetic
     seen = {"train": [], "eval": []}
 
-    class WithBatch:
-        takes_batch = True
+    class WithExtras:
+        label, extra_keys, divergence = "IPO with an extra", ("aux_reward",), None
 
-        def __call__(self, pc, pr, rc, rr, beta, batch):
+        def losses(self, pc, pr, rc, rr, beta, extras):
             split = "train" if torch.is_grad_enabled() else "eval"
-            assert torch.equal(
-                batch["aux_reward"], batch["index"] * (1.0 if split == "train" else -1.0)
-            )
-            seen[split].extend(batch["index"].tolist())
+            seen[split].extend((extras["aux_reward"] * (1 if split == "train" else -1)).tolist())
             return ipo_loss(pc, pr, rc, rr, beta)
+
+        def metrics(self, pc, pr, rc, rr, beta, extras):
+            return {}
 
     extras = {
         "train": {"aux_reward": torch.arange(len(data.pref_train), dtype=torch.float32)},
         "eval": {"aux_reward": -torch.arange(len(data.pref_eval), dtype=torch.float32)},
     }
     phase_cfg = small_phase(n_examples=48, eval_every=48)
-    phase = PreferencePhase(WithBatch(), 0.1, reference, data.pad_id, extras=extras)
+    phase = PreferencePhase(WithExtras(), 0.1, reference, data.pad_id, extras=extras)
     train(
         new_model(),
         phase,

@@ -7,15 +7,13 @@ losses (B,) and metrics (B,) each:
   DPO reference code; ``average=True`` for the per-token mean);
 * :class:`PreferencePhase`: computes log pi(y_w|x), log pi(y_l|x) in one concatenated forward pass,
   looks up log pi_ref(y_w|x), log pi_ref(y_l|x) (computed once, before training, by
-  :func:`reference_logps`), and calls ``loss_fn(pc, pr, rc, rr, beta) -> (B,)``, a
-  ``losses.PreferenceLoss`` or any callable of that signature. A loss that also needs per-pair
-  data (e.g. auxiliary-objective UPO: a preference loss plus gamma times an advantage-weighted
-  log-likelihood of each response, with auxiliary rewards R(x, y_w), R(x, y_l) and values V(x))
-  sets the attribute ``takes_batch = True``; it is then called with ``batch=`` as well, in which
-  the phase has put the pairs' entries of every per-pair tensor of ``extras`` (looked up by
-  index, exactly like the reference log-probs). Such a loss may also have a method
-  ``metrics(pc, pr, rc, rr, beta, batch=batch) -> {name: (B,)}``: its per-example metrics (e.g. the
-  two terms of a combined loss) are logged with the phase's own.
+  :func:`reference_logps`), and calls the loss through the one interface of every preference
+  loss, ``upo_ref.objective.Objective``: ``losses(pc, pr, rc, rr, beta, extras) -> (B,)``.
+  ``extras`` holds the pairs' entries of the per-pair tensors the objective names in
+  ``extra_keys`` (e.g. the auxiliary rewards R(x, y_w), R(x, y_l) and values V(x) of
+  auxiliary-objective UPO), looked up by index exactly like the reference log-probs; the
+  objective's own per-example metrics are logged with the phase's. A ``losses.PreferenceLoss`` or
+  any callable ``(pc, pr, rc, rr, beta) -> (B,)`` is adapted by ``objective.as_objective``.
 
 Each phase also has ``check_data(split, examples)``, which the loop calls once per run on its
 training and eval sets: a preference phase holds them against the pairs its reference log-probs
@@ -33,6 +31,7 @@ from torch import Tensor
 
 from ..divergences import Divergence
 from ..losses import preference_metrics
+from ..objective import Objective, as_objective, check_extras
 from .logprobs import IGNORE_INDEX, concatenated_logps, sequence_logps
 from .tokenize import TokenizedPair, collate_pairs, collate_sequences, fingerprint
 
@@ -125,16 +124,17 @@ class SFTPhase:
 
 @dataclass
 class PreferencePhase:
-    """Preference optimisation with ``loss_fn(pc, pr, rc, rr, beta) -> (B,)`` against fixed pi_ref.
+    """Preference optimisation with an objective (``upo_ref.objective``) against a fixed pi_ref.
 
-    ``reference[split]`` = (log pi_ref(y_w|x), log pi_ref(y_l|x)), each (N,) over that split's
-    pairs, from :func:`reference_logps`. ``extras[split][name]``: further per-pair tensors (N,) that
-    a loss with ``takes_batch = True`` finds in ``batch[name]`` (B,); its ``metrics`` method, if it
-    has one, adds per-example metrics (names must not clash with the phase's). ``divergence``: the f
-    of the ``scores/*`` metrics (defaults to the loss's own, reverse KL for DPO/IPO).
+    ``loss_fn``: an ``Objective``, a ``losses.PreferenceLoss`` or a callable
+    ``(pc, pr, rc, rr, beta) -> (B,)``. ``reference[split]`` = (log pi_ref(y_w|x),
+    log pi_ref(y_l|x)), each (N,) over that split's pairs, from :func:`reference_logps`.
+    ``extras[split][name]``: the per-pair tensors (N,) the objective names in ``extra_keys``,
+    checked here, once. Its metrics' names must not clash with the phase's. ``divergence``: the f
+    of the ``scores/*`` metrics (defaults to the objective's own, reverse KL for DPO/IPO).
     """
 
-    loss_fn: Callable[..., Tensor]
+    loss_fn: Objective | Callable[..., Tensor]
     beta: float
     reference: dict[str, tuple[Tensor, Tensor]]
     pad_id: int
@@ -143,6 +143,10 @@ class PreferencePhase:
     divergence: Divergence | str | None = None
     extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     name: str = "preference"
+
+    def __post_init__(self):
+        self.objective = as_objective(self.loss_fn)
+        check_extras(self.objective, self.extras, {s: len(r[0]) for s, r in self.reference.items()})
 
     def collate(self, pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, Tensor]:
         return collate_pairs(pairs, indices, self.pad_id)  # (2B, T) each, index (B,)
@@ -154,33 +158,18 @@ class PreferencePhase:
         ref_chosen, ref_rejected = self.reference[split]
         index = batch["index"].cpu()  # (B,)
         rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
-        takes_batch = getattr(self.loss_fn, "takes_batch", False)
-        if takes_batch:
-            batch = {
-                **batch,
-                **{k: v[index].to(pc.device) for k, v in self.extras.get(split, {}).items()},
-            }
-            losses = self.loss_fn(pc, pr, rc, rr, self.beta, batch=batch)
-        else:
-            losses = self.loss_fn(pc, pr, rc, rr, self.beta)  # (B,)
-        divergence = (
-            self.divergence
-            if self.divergence is not None
-            else getattr(self.loss_fn, "divergence", None)
-        )
+        objective, split_extras = self.objective, self.extras.get(split, {})
+        extras = {k: split_extras[k][index].to(pc.device) for k in objective.extra_keys}  # (B,)
+        losses = objective.losses(pc, pr, rc, rr, self.beta, extras)  # (B,)
+        divergence = self.divergence if self.divergence is not None else objective.divergence
         metrics = preference_metrics(pc.detach(), pr.detach(), rc, rr, self.beta, divergence)
         metrics["logps/chosen"], metrics["logps/rejected"] = pc.detach(), pr.detach()
-        if takes_batch and hasattr(self.loss_fn, "metrics"):
-            with torch.no_grad():
-                own = self.loss_fn.metrics(
-                    pc.detach(), pr.detach(), rc, rr, self.beta, batch=batch
-                )  # {name: (B,)}
-            clash = sorted(set(own) & set(metrics))
-            if clash:
-                raise ValueError(
-                    f"the loss's metrics {clash} clash with the preference phase's; rename them"
-                )
-            metrics.update(own)
+        with torch.no_grad():
+            own = objective.metrics(pc.detach(), pr.detach(), rc, rr, self.beta, extras)
+        clash = sorted(set(own) & set(metrics))
+        if clash:
+            raise ValueError(f"the objective's metrics {clash} clash with the phase's; rename them")
+        metrics.update(own)
         return losses, metrics
 
     def check_data(self, split: str, pairs: Sequence[TokenizedPair]) -> None:
