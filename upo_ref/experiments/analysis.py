@@ -169,14 +169,17 @@ def reference_logratios(cfg, out_dir, device: torch.device | None = None) -> dic
     ref = prepare_reference(cfg, data, out_dir, device, progress=False)
     out = {}
     for name, average in (("summed", False), ("averaged", True)):
-        rc, rr = reference_logps(
-            ref.model,
-            data.pref_train,
-            cfg.pref.eval_batch_size,
-            data.pad_id,
-            device,
-            average,
-            ref.common["response_only"],
-        )
+        if average == cfg.average_logps:  # the kind the experiment itself uses: already computed
+            rc, rr = ref.reference["train"]
+        else:
+            rc, rr = reference_logps(
+                ref.model,
+                data.pref_train,
+                cfg.pref.eval_batch_size,
+                data.pad_id,
+                device,
+                average,
+                ref.common["response_only"],
+            )
         out[name] = rc - rr  # (N,)
     return out
