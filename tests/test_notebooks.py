@@ -31,7 +31,7 @@ def _code(cell) -> ast.Module:
 
 
 def _calls(tree, skip_defs: bool):
-    """Names of what ``tree`` calls: ("plt", "subplots") for plt.subplots(...), ("", "f") for f(...)."""
+    """What ``tree`` calls: ("plt", "subplots") for plt.subplots(...), ("", "f") for f(...)."""
     todo, out = list(ast.iter_child_nodes(tree)), set()
     while todo:
         node = todo.pop()
@@ -82,8 +82,8 @@ def test_committed_notebook_embeds_every_figure_it_draws(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_committed_outputs_are_those_of_the_current_code(path):
-    """Guarantees: the committed outputs come from one top-to-bottom run (execution counts 1, 2, ...,
-    no error), made by ``upo_ref.utils.notebooks.execute`` (a full run: it refuses fast mode) on
+    """Guarantees: the committed outputs come from one top-to-bottom run (execution counts
+    1, 2, ..., no error), made by ``upo_ref.utils.notebooks.execute`` (a full run: it refuses fast mode) on
     exactly the current code cells and the current upo_ref modules the notebook imports. Does not
     guarantee: the same third-party versions or shared data, nor that a rerun prints the same
     numbers (timings differ; the notebooks seed their randomness)."""
@@ -130,3 +130,58 @@ def test_notebook_runs_clean_in_fast_mode(path, tmp_path, monkeypatch):
         any("image/png" in o.get("data", {}) for o in nb.cells[i].get("outputs", []))
         for i in figure_cells(nb)
     ), f"{path.name}: a figure is not embedded when run under MPLBACKEND=Agg"
+
+
+# Numbers the prose of a committed notebook quotes, each of which one of its cells prints.
+PROSE_NUMBERS = {
+    "01_f_divergences.ipynb": [
+        "88.72",
+        "103.97",
+        "88.75",
+        "88.05",
+        "104.00",
+        "103.95",
+        "88.03",
+        "3.23",
+        "7.46",
+        "1.11",
+    ],
+    "02_kkt_reparameterisation.ipynb": ["1.1e-16", "0.4"],
+    "03_loss_zoo.ipynb": [
+        "7.4e-13",
+        "2.7e-15",
+        "4.99",
+        "147.4",
+        "0.7213",
+        "0.4180",
+        "0.0109",
+        "0.4448",
+        "0.4614",
+        "0.0107",
+        "0.2324",
+        "0.0093",
+        "2.516",
+        "83.592",
+        "0.145",
+    ],
+    "06_auxiliary_upo_frontier.ipynb": ["-0.875"],
+}
+
+
+def _printed(nb) -> str:
+    texts = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            texts.append(o.get("text", "") + o.get("data", {}).get("text/plain", ""))
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("name", sorted(PROSE_NUMBERS))
+def test_numbers_quoted_in_the_prose_are_printed_by_the_cells(name):
+    nb = _read(ROOT / "notebooks" / name)
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    printed = _printed(nb)
+    not_in_prose = [x for x in PROSE_NUMBERS[name] if x not in prose]
+    not_printed = [x for x in PROSE_NUMBERS[name] if x not in printed]
+    assert not not_in_prose, f"{name}: the prose no longer quotes {not_in_prose}"
+    assert not not_printed, f"{name}: the prose quotes {not_printed}, which no cell prints"
