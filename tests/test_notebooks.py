@@ -83,10 +83,10 @@ def test_committed_notebook_embeds_every_figure_it_draws(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_committed_outputs_are_those_of_the_current_code(path):
     """Guarantees: the committed outputs come from one top-to-bottom run (execution counts
-    1, 2, ..., no error), made by ``upo_ref.utils.notebooks.execute`` (a full run: it refuses fast mode) on
-    exactly the current code cells and the current upo_ref modules the notebook imports. Does not
-    guarantee: the same third-party versions or shared data, nor that a rerun prints the same
-    numbers (timings differ; the notebooks seed their randomness)."""
+    1, 2, ..., no error), made by ``upo_ref.utils.notebooks.execute`` (a full run: it refuses
+    fast mode) on exactly the current code cells and the current upo_ref modules the notebook
+    imports. Does not guarantee: the same third-party versions or shared data, nor that a rerun
+    prints the same numbers (timings differ; the notebooks seed their randomness)."""
     nb = _read(path)
     counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
     assert counts == list(range(1, len(counts) + 1)), f"{path.name}: not one run top to bottom"
