@@ -33,9 +33,10 @@ from upo_ref.auxiliary.lm import (
 )
 from upo_ref.auxiliary.rewards import readability_rewards
 from upo_ref.lm.config import TINY_GPT2, DataConfig, ModelConfig, PhaseConfig, get_preset
-from upo_ref.lm.data import IGNORE_INDEX, TokenizedPair
 from upo_ref.lm.experiment import prepare_data
+from upo_ref.lm.logprobs import IGNORE_INDEX
 from upo_ref.lm.models import build_model
+from upo_ref.lm.tokenize import TokenizedPair
 from upo_ref.lm.train import PreferencePhase, read_metrics, reference_logps, train
 from upo_ref.losses import PreferenceLoss
 

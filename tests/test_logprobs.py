@@ -7,13 +7,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from upo_ref.lm.data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
 from upo_ref.lm.logprobs import (
+    IGNORE_INDEX,
     concatenated_logps,
     head_is_linear_readout,
     logps_from_logits,
     sequence_logps,
 )
+from upo_ref.lm.tokenize import TokenizedPair, collate_pairs, collate_sequences
 
 # Summed log-probs of ~10 tokens under a random model are about -40; float32 rounding of a sum of
 # that size, computed along two different paths (different matmul shapes), stays well below this.

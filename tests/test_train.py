@@ -16,6 +16,7 @@ from upo_ref.lm.train import (
     CHECKPOINT,
     NonFiniteLossError,
     PreferencePhase,
+    RunFolderError,
     SFTPhase,
     example_indices,
     read_metrics,
@@ -33,7 +34,7 @@ replace = dataclasses.replace
 
 @pytest.fixture(scope="module")
 def synthetic():
-    """The synthetic preset's data, a builder of its initial model, and pi_ref's log-probs (once)."""
+    """The synthetic preset's data, a builder of its initial model, pi_ref's log-probs (once)."""
     cfg = get_preset("synthetic")
     data = prepare_data(cfg)
 
@@ -95,7 +96,8 @@ def test_synthetic_task_is_learnt(synthetic, tmp_path, name, divergence):
 
 def test_sft_learns_the_chosen_responses(synthetic, tmp_path):
     """SFT on the chosen responses: per-token NLL from about log(13) (uniform over the vocabulary)
-    to below log(8) * 6/7 (uniform over the 8 content tokens, EOS free), i.e. it learns the liked tokens."""
+    to below log(8) * 6/7 (uniform over the 8 content tokens, EOS free), i.e. it learns the liked
+    tokens."""
     cfg, data, new_model, _ = synthetic
     phase_cfg = small_phase(n_examples=1024, eval_every=1024, lr=3e-3)
     final = train(
@@ -123,8 +125,9 @@ class Interrupted(Exception):
 
 
 class FailOnCall:
-    """A loss that behaves like ``loss_fn`` until its ``n``-th training call, then fails with ``failure``:
-    an exception class to raise, or a function of the log-probs whose value it returns."""
+    """A loss that behaves like ``loss_fn`` until its ``n``-th training call, then fails with
+    ``failure``: an exception class to raise, or a function of the log-probs whose value it returns.
+    """
 
     def __init__(self, loss_fn, n, failure):
         self.loss_fn, self.n, self.failure, self.calls = loss_fn, n, failure, 0
@@ -167,7 +170,9 @@ def test_resume_is_exact(synthetic, tmp_path):
     )
     assert without_time(a) == without_time(b)
     assert [r["examples_seen"] for r in a if r["split"] == "eval"] == [0, 32, 64, 96]
-    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, p), q in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         assert torch.equal(p, q), name
     # A finished run resumes to its end at once and returns the same final metrics.
     again = train(
@@ -196,7 +201,12 @@ def test_resume_refuses_a_checkpoint_of_another_config(synthetic, tmp_path):
         CPU,
         progress=False,
     )
-    with pytest.raises(ValueError, match="was written by a different run configuration"):
+    with pytest.raises(
+        RunFolderError,
+        match=r"was written by a different run configuration; what differs \(checkpoint -> this "
+        r"run\): cfg.lr: 0.001 -> 0.002[.] Use another output folder, or to start this run over: "
+        r"`--fresh-run test_resume_refuses_a_checkpoi0`",
+    ):
         train(
             new_model(),
             phase,
@@ -259,7 +269,10 @@ def test_non_finite_policy_logps_are_reported(synthetic, tmp_path):
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
     phase = PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id)
-    with pytest.raises(NonFiniteLossError, match="non-finite policy log-probs"):
+    with pytest.raises(
+        ValueError,
+        match=r"policy_chosen_logps has \d+ non-finite value\(s\), the first nan",
+    ):
         train(
             model,
             phase,
@@ -278,8 +291,8 @@ def test_non_finite_policy_logps_are_reported(synthetic, tmp_path):
 
 
 def test_one_forward_pass_per_step_and_none_for_the_reference(synthetic, tmp_path):
-    """Chosen and rejected share one forward pass, and pi_ref is never run during training: the model
-    body runs once per microbatch and once per eval batch, nothing more."""
+    """Chosen and rejected share one forward pass, and pi_ref is never run during training: the
+    model body runs once per microbatch and once per eval batch, nothing more."""
     cfg, data, new_model, reference = synthetic
     model = new_model()
     calls = []
@@ -301,8 +314,9 @@ def test_one_forward_pass_per_step_and_none_for_the_reference(synthetic, tmp_pat
 
 
 def test_a_loss_that_takes_the_batch_gets_it_with_its_per_pair_extras(synthetic, tmp_path):
-    """The hook for combined losses (e.g. auxiliary-objective UPO): ``takes_batch = True``, and per-pair
-    tensors given to the phase as ``extras`` arrive in the batch, looked up by index for each split."""
+    """The hook for combined losses (e.g. auxiliary-objective UPO): ``takes_batch = True``, and
+    per-pair tensors given to the phase as ``extras`` arrive in the batch, looked up by index for
+    each split."""
     cfg, data, new_model, reference = synthetic
     seen = {"train": [], "eval": []}
 
@@ -451,6 +465,9 @@ def test_phase_config_checks(kwargs, message):
         (dict(datasets=()), "datasets must be a non-empty subset"),
         (dict(hh_split="random"), "hh_split must be"),
         (dict(max_length=64, max_prompt_length=64), "max_prompt_length < max_length"),
+        (dict(datasets=("trl",)), "dataset 'trl' and trl_train go together"),
+        (dict(trl_train="t.jsonl"), "dataset 'trl' and trl_train go together"),
+        (dict(datasets=("hh",), trl_eval="e.jsonl"), "trl_eval is the eval set of trl_train"),
     ],
 )
 def test_data_config_checks(kwargs, message):

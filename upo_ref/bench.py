@@ -193,7 +193,7 @@ def reference_logps_of(ref_model, batch: dict) -> tuple:
 def random_pair_batch(batch: int, length: int, prompt: int, vocab: int, seed: int = 0) -> dict:
     """2 * batch rows of random token ids, each a prompt of ``prompt`` tokens and a response filling
     the rest (the worst case: no padding), in ``collate_pairs``'s layout."""
-    from .lm.data import IGNORE_INDEX
+    from .lm.logprobs import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2 * batch, length), generator=g)

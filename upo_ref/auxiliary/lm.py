@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..lm.config import TINY_GPT2, DataConfig, ExperimentConfig, ModelConfig, PhaseConfig
-from ..lm.data import TokenizedPair, collate_sequences
 from ..lm.experiment import ExperimentData, load_experiment_data, prepare_reference
 from ..lm.models import default_device
+from ..lm.tokenize import TokenizedPair, collate_sequences
 from ..lm.train import METRICS, PreferencePhase, autocast, read_metrics, reference_logps, train
 from ..losses import dpo_loss
 from ..utils.stats import mean_se

@@ -20,21 +20,12 @@ import torch
 from ..losses import PreferenceLoss
 from ..utils.paths import hh_dir
 from .config import ExperimentConfig
-from .data import (
-    CompactVocab,
-    TokenizedPair,
-    download_hh,
-    load_hh,
-    load_shp,
-    sft_examples,
-    shp_files,
-    split_by_prompt_hash,
-    tokenize_pairs,
-    tokenize_sft,
-)
+from .data import LoadReport, download_hh, load_hh, load_shp, load_trl, shp_files
 from .logprobs import head_is_linear_readout
 from .models import build_model, default_device, load_tokenizer
+from .split import sft_examples, split_by_prompt_hash
 from .synthetic import SyntheticTask
+from .tokenize import CompactVocab, TokenizedPair, tokenize_pairs, tokenize_sft
 from .train import PreferencePhase, SFTPhase, reference_logps, train
 
 __all__ = [
@@ -47,7 +38,7 @@ __all__ = [
     "run_experiment",
 ]
 
-TRUNCATION = {"hh": "keep_end", "shp": "keep_start"}  # HH keeps the turn being answered
+TRUNCATION = {"hh": "keep_end", "shp": "keep_start", "trl": "keep_end"}  # keep the turn answered
 
 
 @dataclass
@@ -87,7 +78,7 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
     d = cfg.data
     root = Path(d.hh_dir) if d.hh_dir else hh_dir()
     if d.hh_split == "hash":
-        pairs, report = load_hh(root, "test", d.hh_subsets, drop_mismatched=True)
+        pairs, report = load_hh(root, "test", d.hh_subsets, True, d.keep_identical)
         train, held_out = split_by_prompt_hash(pairs, d.eval_fraction)
         reports += [
             str(report),
@@ -100,10 +91,23 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
         if not all((root / s / f"{split}.jsonl.gz").is_file() for s in d.hh_subsets):
             print(f"downloading the official HH {split} files into {root} ...", flush=True)
             download_hh(root, split, d.hh_subsets)
-        pairs, report = load_hh(root, split, d.hh_subsets, drop_mismatched=True)
+        pairs, report = load_hh(root, split, d.hh_subsets, True, d.keep_identical)
         reports.append(str(report))
         splits.append(pairs)
     return splits[0], splits[1]
+
+
+def _trl_pairs(cfg: ExperimentConfig, reports: list[str]):
+    d = cfg.data
+    pairs, report = load_trl(d.trl_train, d.keep_identical)
+    reports.append(str(report))
+    if d.trl_eval is not None:
+        held_out, eval_report = load_trl(d.trl_eval, d.keep_identical)
+        reports.append(str(eval_report))
+        return pairs, held_out
+    train, held_out = split_by_prompt_hash(pairs, d.eval_fraction)
+    reports.append(f"{d.trl_train} split by prompt hash: {len(train)} train / {len(held_out)} eval")
+    return train, held_out
 
 
 def prepare_data(
@@ -136,26 +140,30 @@ def prepare_data(
     for name in d.datasets:
         if name == "hh":
             train, held_out = _hh_pairs(cfg, reports)
+        elif name == "trl":
+            train, held_out = _trl_pairs(cfg, reports)
         else:
             if d.shp_dir is None:
                 raise ValueError(
                     "dataset 'shp' needs shp_dir (--shp-dir), a folder of <subreddit>/{train,test}.json"
                 )
-            train, r1 = load_shp(shp_files(d.shp_dir, "train"))
-            held_out, r2 = load_shp(shp_files(d.shp_dir, "test"))
+            train, r1 = load_shp(shp_files(d.shp_dir, "train"), keep_identical=d.keep_identical)
+            held_out, r2 = load_shp(shp_files(d.shp_dir, "test"), keep_identical=d.keep_identical)
             reports += [str(r1), str(r2)]
         lengths = dict(
             max_length=d.max_length,
             max_prompt_length=d.max_prompt_length,
             truncation_mode=TRUNCATION[name],
         )
+        tokenized = LoadReport(f"{name} pairs tokenized (max_length {d.max_length})")
+        pair_args = dict(**lengths, report=tokenized, keep_identical=d.keep_identical)
         seed = d.shuffle_seed
         used, unused = _first_and_rest(train, d.n_train_pairs, seed, f"{name} train pairs")
-        out["pref_train"] += tokenize_pairs(used, tokenizer, **lengths)
+        out["pref_train"] += tokenize_pairs(used, tokenizer, **pair_args)
         if keep_unused != 0:
-            out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **lengths)
+            out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **pair_args)
         out["pref_eval"] += tokenize_pairs(
-            _first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **lengths
+            _first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **pair_args
         )
         if (
             d.sft_disjoint
@@ -175,6 +183,8 @@ def prepare_data(
             tokenizer,
             **lengths,
         )
+        if tokenized.dropped:
+            reports.append(str(tokenized))
     if d.compact_vocab is None:
         return ExperimentData(
             **out, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, reports=reports

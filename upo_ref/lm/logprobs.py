@@ -23,14 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import IGNORE_INDEX
-
 __all__ = [
+    "IGNORE_INDEX",
     "logps_from_logits",
     "sequence_logps",
     "concatenated_logps",
     "head_is_linear_readout",
 ]
+
+IGNORE_INDEX = (
+    -100
+)  # label of a position that enters no log-prob (prompt, padding); torch's default
 
 
 def _reduce(token_logps: Tensor, rows: Tensor, n_rows: int, average: bool) -> Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import TokenizedPair
+from .tokenize import TokenizedPair
 
 __all__ = ["SyntheticTask"]
 
