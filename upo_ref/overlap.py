@@ -45,8 +45,8 @@ GROUPS = ("trained", "unused", "eval")
 
 @dataclass
 class GroupStats:
-    """One model on one group of pairs: its accuracy (strict, as the trainer logs it), its mean
-    implicit-reward margin beta * h, and the number of pairs."""
+    """One model on one group of pairs: its accuracy (a tie counts half, as the trainer logs it),
+    its mean implicit-reward margin beta * h, and the number of pairs."""
 
     model: str
     group: str
@@ -127,7 +127,7 @@ def overlap_check(
                 "pi_ref",
                 g,
                 len(diff),
-                float((diff > 0).double().mean()),
+                float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean()),  # ties half
                 float(diff.double().mean()),
             )
         )

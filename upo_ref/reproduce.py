@@ -86,7 +86,8 @@ def _write_outputs(
     wall_s: float,
 ) -> str:
     n_evals = {r.n_eval for r in results}
-    table = format_table(results, sft_final, n_evals.pop() if len(n_evals) == 1 else None)
+    n_eval = n_evals.pop() if len(n_evals) == 1 else None
+    table = format_table(results, sft_final, n_eval)
     runs = {(r.label, r.beta): read_metrics(r.metrics_path) for r in results}
     labels = " vs ".join(dict.fromkeys(r.label for r in results))
     d, p = cfg.data, cfg.pref
@@ -95,7 +96,7 @@ def _write_outputs(
         f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, "
         f"{d.n_eval_pairs or 'all'} eval pairs"
     )
-    figure1(runs, figure_path, title=title)
+    figure1(runs, figure_path, title=title, n_eval=n_eval)
     (results_dir / "metrics").mkdir(parents=True, exist_ok=True)
     if cfg.sft.n_examples:
         shutil.copyfile(out_dir / "sft" / "metrics.jsonl", results_dir / "metrics" / "sft.jsonl")
