@@ -179,7 +179,7 @@ def reference_logratios(cfg, out_dir, device: torch.device | None = None) -> dic
                 data.pad_id,
                 device,
                 average,
-                ref.common["response_only"],
+                ref.logps.response_only,
             )
         out[name] = rc - rr  # (N,)
     return out
