@@ -1,10 +1,11 @@
-r"""The synthetic task of :mod:`upo_ref.lm.synthetic` as text, for trainers that take text (TRL).
+r"""Token-id data as text, for trainers that take text (TRL): the synthetic task, or any ids.
 
-Every token id of the task gets a word: content token i is ``"c{i}"``, topic token k is
-``"t{k}"``, EOS is ``"<eos>"``. :func:`synthetic_tokenizer` is a word-level tokenizer on exactly
-those words, splitting on whitespace, so that a pair written out by :func:`synthetic_dataset` and
-tokenized again has the task's ids, token for token: a TRL run and an upo_ref run see the same
-sequences. No file and no hub access is needed.
+Every token id gets a word, and :func:`word_tokenizer` is a word-level tokenizer on exactly those
+words, splitting on whitespace, so that a pair written out by :func:`pairs_dataset` and tokenized
+again has the same ids, token for token: a TRL run and an upo_ref run see the same sequences. For
+the synthetic task of :mod:`upo_ref.lm.synthetic` (:func:`synthetic_tokenizer`,
+:func:`synthetic_dataset`) content token i is ``"c{i}"``, topic token k is ``"t{k}"`` and EOS is
+``"<eos>"``. No file and no hub access is needed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from collections.abc import Sequence
 from ..lm.data import TokenizedPair
 from ..lm.synthetic import SyntheticTask
 
-__all__ = ["EOS_WORD", "token_words", "synthetic_tokenizer", "pair_texts", "synthetic_dataset"]
+__all__ = [
+    "EOS_WORD",
+    "word_tokenizer",
+    "pairs_dataset",
+    "token_words",
+    "synthetic_tokenizer",
+    "synthetic_dataset",
+]
 
 EOS_WORD = "<eos>"
 
@@ -28,38 +36,41 @@ def token_words(task: SyntheticTask) -> list[str]:
     )
 
 
-def synthetic_tokenizer(task: SyntheticTask):
-    """A ``PreTrainedTokenizerFast`` mapping the words of :func:`token_words` to their ids; EOS is
-    also the padding token (as in the upo_ref pipeline). The vocabulary has no UNK: a word not in it
-    makes the tokenizer raise ("Missing [UNK] token"), it is never mapped to another id."""
+def word_tokenizer(words: Sequence[str]):
+    """A ``PreTrainedTokenizerFast`` mapping ``words[i]`` to id i; the last word is EOS and also the
+    padding token (as in the upo_ref pipeline). The vocabulary has no UNK: a word not in it makes
+    the tokenizer raise ("Missing [UNK] token"), it is never mapped to another id."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = token_words(task)
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_WORD, pad_token=EOS_WORD)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=words[-1], pad_token=words[-1])
 
 
-def pair_texts(task: SyntheticTask, pair: TokenizedPair) -> dict[str, str]:
-    """``{"prompt", "chosen", "rejected"}`` of one pair as text; responses start with a space and
-    keep their EOS word (TRL appends EOS only to a response that does not end with it)."""
-    words = token_words(task)
+def pairs_dataset(words: Sequence[str], pairs: Sequence[TokenizedPair]):
+    """A ``datasets.Dataset`` in TRL's standard explicit-prompt preference format, one row per pair,
+    in the order of ``pairs``; responses start with a space and keep their EOS word (TRL appends
+    EOS only to a response that does not end with it)."""
+    from datasets import Dataset
 
     def text(ids: Sequence[int]) -> str:
         return " ".join(words[i] for i in ids)
 
-    return {
-        "prompt": text(pair.prompt),
-        "chosen": " " + text(pair.chosen),
-        "rejected": " " + text(pair.rejected),
-    }
+    return Dataset.from_dict(
+        {
+            "prompt": [text(p.prompt) for p in pairs],
+            "chosen": [" " + text(p.chosen) for p in pairs],
+            "rejected": [" " + text(p.rejected) for p in pairs],
+        }
+    )
+
+
+def synthetic_tokenizer(task: SyntheticTask):
+    """:func:`word_tokenizer` on the words of the task's ids."""
+    return word_tokenizer(token_words(task))
 
 
 def synthetic_dataset(task: SyntheticTask, pairs: Sequence[TokenizedPair]):
-    """A ``datasets.Dataset`` in TRL's standard explicit-prompt preference format, one row per pair,
-    in the order of ``pairs``."""
-    from datasets import Dataset
-
-    rows = [pair_texts(task, p) for p in pairs]
-    return Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
+    """:func:`pairs_dataset` of pairs of the synthetic task."""
+    return pairs_dataset(token_words(task), pairs)
