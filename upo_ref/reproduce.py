@@ -32,6 +32,7 @@ import torch
 from .experiments.figure1 import figure1
 from .lm.config import PRESETS, ExperimentConfig, get_preset, smoke
 from .lm.data import HH_LOCAL_SUBSETS
+from .lm.distributed import data_parallel
 from .lm.experiment import RunResult, run_experiment
 from .lm.models import default_device
 from .lm.train import read_metrics
@@ -226,13 +227,16 @@ def _main(args: argparse.Namespace, cfg: ExperimentConfig, command: str) -> list
     figure_path = (
         Path(args.figure) if args.figure else (inside or figures_dir()) / f"figure1_{cfg.name}.png"
     )
-    device = torch.device(args.device) if args.device else default_device()
+    dp = data_parallel()  # accelerate launch: each process's device is set before any model
+    device = torch.device(args.device) if args.device else (dp.device if dp else default_device())
 
     t0 = time.perf_counter()
     sft_final, results = run_experiment(
         cfg, out_dir, device, resume=not args.fresh, progress=not args.no_progress
     )
     wall_s = time.perf_counter() - t0
+    if dp is not None and not dp.is_main:
+        return results  # the main process writes the figure and the tables
     table = _write_outputs(
         cfg, results, sft_final, out_dir, results_dir, figure_path, command, wall_s
     )

@@ -56,6 +56,7 @@ from ..divergences import Divergence
 from ..losses import preference_metrics
 from .config import PhaseConfig
 from .data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
+from .distributed import DataParallel, data_parallel
 from .logprobs import concatenated_logps, sequence_logps
 
 __all__ = [
@@ -281,27 +282,53 @@ def _make_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
 
 
 def _train_step(
-    model, phase, examples, indices, cfg: PhaseConfig, optimizer, step: int, device
+    model,
+    phase,
+    examples,
+    indices,
+    cfg: PhaseConfig,
+    optimizer,
+    step: int,
+    device,
+    dp: DataParallel | None = None,
+    forward=None,
 ) -> dict[str, float]:
-    """One optimiser step on one batch; returns its mean metrics, loss, lr and gradient norm."""
+    """One optimiser step on one batch; returns its mean metrics, loss, lr and gradient norm.
+
+    Under a multi-process launch (``dp``, ``forward`` its DDP-wrapped ``phase.losses``) this process
+    computes its shard of the batch; see ``upo_ref.lm.distributed``."""
     lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1))
     for group in optimizer.param_groups:
         group["lr"] = lr
-    B, micro = len(examples), cfg.microbatch_size or len(examples)
+    B, n = len(examples), 1 if dp is None else dp.n_processes
+    if dp is not None:
+        examples, indices = dp.shard(examples), dp.shard(indices)
+    forward = forward or (lambda batch, split: phase.losses(model, batch, split))
+    micro = cfg.microbatch_size or len(examples)
     sums: dict[str, float] = defaultdict(float)
-    for start in range(0, B, micro):
+    for start in range(0, len(examples), micro):
         batch = _to(
             phase.collate(examples[start : start + micro], indices[start : start + micro]), device
         )
-        with autocast(device):
-            losses, metrics = phase.losses(model, batch, "train")  # (b,), {name: (b,)}
-        _check_finite("loss", losses)
-        (
-            losses.sum() / B
-        ).backward()  # gradients of the microbatches add up to those of the batch mean
+        error = None
+        try:
+            with autocast(device):
+                losses, metrics = forward(batch, "train")  # (b,), {name: (b,)}
+            _check_finite("loss", losses)
+        except NonFiniteLossError as err:
+            error = err
+        if dp is not None and dp.sum({}, error is not None)[1]:  # all processes stop together
+            error = error or NonFiniteLossError("non-finite loss or log-prob in another process")
+        if error is not None:
+            raise error
+        # Gradients of the microbatches add up to those of the batch mean (DDP averages the n
+        # processes' gradients, hence the factor n).
+        (losses.sum() * n / B).backward()
         sums["loss"] += float(losses.detach().sum())
         for k, v in metrics.items():
             sums[k] += float(v.sum())
+    if dp is not None:
+        sums = dp.sum(sums)[0]
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     if not math.isfinite(float(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -335,7 +362,7 @@ def _save_checkpoint(
 
 
 def _resume(
-    path: Path, metrics_path: Path, model, optimizer, identity: dict, device
+    path: Path, metrics_path: Path, model, optimizer, identity: dict, device, main: bool = True
 ) -> tuple[int, int]:
     state = torch.load(path, map_location=device, weights_only=False)
     if state["identity"] != identity:
@@ -349,6 +376,8 @@ def _resume(
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     n = state["examples_seen"]
+    if not main:  # only the main process writes the metrics file
+        return n, state["step"]
     kept = (
         [r for r in read_metrics(metrics_path) if r["examples_seen"] <= n]
         if metrics_path.exists()
@@ -380,27 +409,47 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device if device is not None else torch.device("cpu")
+    dp = data_parallel()  # None unless launched as several processes (accelerate launch)
+    if dp is not None:
+        if dp.device.type != device.type:
+            raise ValueError(
+                f"this process of the launch runs on {dp.device}, but device {device} was asked "
+                f"for; launch with --cpu for the CPU, or without it for GPUs"
+            )
+        device = dp.device
+    main = dp is None or dp.is_main
     model.to(device)
     model.train()
+    forward = None if dp is None else dp.wrap(model, phase)
     optimizer = _make_optimizer(model, cfg)
     identity = {"phase": phase.name, "cfg": asdict(cfg), **(identity or {})}
     ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
 
     if resume and ckpt_path.exists():
-        examples_seen, step = _resume(ckpt_path, metrics_path, model, optimizer, identity, device)
+        examples_seen, step = _resume(
+            ckpt_path, metrics_path, model, optimizer, identity, device, main
+        )
     else:
         examples_seen, step = 0, 0
-        metrics_path.write_text("", encoding="utf-8")
+        if main:
+            metrics_path.write_text("", encoding="utf-8")
         torch.manual_seed(cfg.seed)  # dropout, if any
+    if dp is not None:
+        dp.barrier()  # the main process has cut the metrics file back before anyone reads it
 
     def log(record: dict) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if main:
+            with open(metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
 
     def evaluate_and_save() -> dict[str, float]:
+        # Every process evaluates the whole eval set (the models are equal): no metric to gather.
         metrics = evaluate(model, phase, eval_set, cfg.eval_batch_size, device)
         log({"split": "eval", "examples_seen": examples_seen, "step": step, **metrics})
-        _save_checkpoint(ckpt_path, model, optimizer, examples_seen, step, identity)
+        if main:
+            _save_checkpoint(ckpt_path, model, optimizer, examples_seen, step, identity)
+        if dp is not None:
+            dp.barrier()
         return metrics
 
     if examples_seen == 0:
@@ -413,7 +462,7 @@ def train(
         initial=examples_seen,
         unit="ex",
         desc=desc or phase.name,
-        disable=not progress,
+        disable=not progress or not main,
     )
     try:
         while examples_seen < cfg.n_examples:
@@ -429,6 +478,8 @@ def train(
                     optimizer,
                     step,
                     device,
+                    dp,
+                    forward,
                 )
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(
