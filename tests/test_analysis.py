@@ -14,6 +14,8 @@ from upo_ref.experiments.analysis import (
     paper_optimal_logratio,
     paper_reachability_threshold,
     paper_uh_supremum,
+    reachable_fraction,
+    reference_logratios,
     relative_error,
 )
 from upo_ref.losses import PreferenceLoss, iupo_loss, uh_pi
@@ -162,3 +164,67 @@ def test_relative_error_cases():
     err = relative_error(approx, ref)
     assert err[0].item() == pytest.approx(0.1, rel=1e-14)
     assert err[1:].tolist() == [math.inf, 0.0, math.inf, 0.0, math.inf, 0.0, 0.0]
+
+
+# --- the worked pair of notebook 03 ------------------------------------------------------------
+# pi(y_w) = 0.3, pi(y_l) = 0.1, pi_ref(y_w) = pi_ref(y_l) = 0.2, beta = 0.5 (T = 1):
+# u_w = 1.5, u_l = 0.5, a = log 3, c = 0, h = log 3. Every value below is derived by hand in the
+# notebook; JS: f'(u) = log(2u / (1 + u)) and d f'(e^x)/dx = sigmoid(-x) = 1 / (1 + e^x).
+WORKED = tuple(torch.tensor([math.log(p)], dtype=torch.float64) for p in (0.3, 0.1, 0.2, 0.2))
+WORKED_BETA = 0.5
+WORKED_RTOL = 1e-14  # float64: a handful of roundings from the log-probs to the loss
+WORKED_HAND = {  # loss: (value, dL/d log pi(y_w), dL/d log pi(y_l))
+    "dpo": (math.log(1 + 3**-0.5), -0.5 / (1 + 3**0.5), 0.5 / (1 + 3**0.5)),  # eq. (4)
+    "ipo": ((math.log(3) - 1) ** 2, 2 * (math.log(3) - 1), -2 * (math.log(3) - 1)),  # eq. (10)
+    # eq. (26): Uh = f'(3) - f'(1) = log(6/4) - 0 = log 1.5; d/da of f'(e^a) at a = log 3 is 1/4
+    "paper": ((math.log(1.5) - 1) ** 2, (math.log(1.5) - 1) / 2, -(math.log(1.5) - 1) / 2),
+    # eq. (17) form: Uh = f'(1.5) - f'(0.5) = log 1.2 - log(2/3) = log 1.8; slopes 1/2.5 and 1/1.5
+    "kkt": ((math.log(1.8) - 1) ** 2, 0.8 * (math.log(1.8) - 1), -(4 / 3) * (math.log(1.8) - 1)),
+}
+WORKED_LOSSES = {
+    "dpo": PreferenceLoss("dpo"),
+    "ipo": PreferenceLoss("ipo"),
+    "paper": PreferenceLoss("iupo", JS),
+    "kkt": PreferenceLoss("iupo", JS, form="kkt"),
+}
+
+
+@pytest.mark.parametrize("name", list(WORKED_HAND))
+def test_the_worked_pair_of_notebook_03_by_hand(name):
+    value, d_chosen, d_rejected = loss_and_gradients(WORKED_LOSSES[name], *WORKED, WORKED_BETA)
+    got = (value.item(), d_chosen.item(), d_rejected.item())
+    assert got == pytest.approx(WORKED_HAND[name], rel=WORKED_RTOL, abs=0)
+
+
+def test_worked_pair_uh_by_hand():
+    assert uh_pi(*WORKED, JS).item() == pytest.approx(math.log(1.5), rel=WORKED_RTOL)
+    assert uh_pi(*WORKED, JS, form="kkt").item() == pytest.approx(math.log(1.8), rel=WORKED_RTOL)
+
+
+# --- the fraction of reachable pairs ----------------------------------------------------------
+def test_reachable_fraction_counts_pairs_below_the_threshold():
+    c_star = paper_reachability_threshold(0.1, JS)  # -4.9932
+    c = t64(-6.0, c_star - 1e-9, c_star, 0.0, 3.0)  # c* itself is not reachable (strict)
+    p, se = reachable_fraction(c, 0.1, JS)
+    assert p == 2 / 5 and se == pytest.approx(math.sqrt(0.4 * 0.6 / 5), rel=1e-15)
+    assert reachable_fraction(c, 0.1, "reverse_kl") == (1.0, 0.0)  # IPO: every pair
+
+
+def test_reachable_fraction_rejects_bad_log_ratios():
+    with pytest.raises(ValueError, match="1 non-finite value"):
+        reachable_fraction(t64(0.0, math.nan), 0.1, JS)
+    with pytest.raises(ValueError, match=r"non-empty \(N,\) tensor"):
+        reachable_fraction(torch.zeros(2, 2, dtype=torch.float64), 0.1, JS)
+
+
+def test_reference_logratios_are_the_trainers_reference_log_probs(tmp_path):
+    from upo_ref.lm.config import get_preset, smoke
+    from upo_ref.lm.experiment import load_experiment_data, prepare_reference
+
+    cfg = smoke(get_preset("quick"))
+    c = reference_logratios(cfg, tmp_path)
+    _, data = load_experiment_data(cfg)
+    ref = prepare_reference(cfg, data, tmp_path, torch.device("cpu"), progress=False)  # resumed
+    rc, rr = ref.reference["train"]
+    assert torch.equal(c["summed"], rc - rr) and len(c["summed"]) == cfg.data.n_train_pairs
+    assert c["averaged"].shape == c["summed"].shape and not torch.equal(c["averaged"], c["summed"])

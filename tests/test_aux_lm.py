@@ -11,31 +11,30 @@ import math
 import pytest
 import torch
 
-from upo_ref.auxiliary.lm import (
+from upo_ref.auxiliary.evaluation import (
     AuxEvaluation,
-    AuxLMConfig,
     AuxRun,
-    MODPOLoss,
-    TextReward,
-    UPODPOLoss,
-    aux_extras,
+    HeldOutSet,
     dpo_baseline,
     evaluate_aux,
-    fit_prompt_values,
     format_before_after,
-    generation_prompts,
+)
+from upo_ref.auxiliary.lm import AuxLMConfig, run_aux_experiment
+from upo_ref.auxiliary.objectives import MODPOLoss, UPODPOLoss, aux_extras
+from upo_ref.auxiliary.rewards import readability_rewards
+from upo_ref.auxiliary.sampling import generation_prompts, sample_responses
+from upo_ref.auxiliary.scoring import (
+    TextReward,
     pair_rewards,
     preference_agreement,
-    prompt_features,
-    run_aux_experiment,
-    sample_responses,
     shorter_response_agreement,
 )
-from upo_ref.auxiliary.rewards import readability_rewards
+from upo_ref.auxiliary.values import fit_prompt_values, prompt_features
 from upo_ref.lm.config import TINY_GPT2, DataConfig, ModelConfig, PhaseConfig, get_preset
-from upo_ref.lm.data import IGNORE_INDEX, TokenizedPair
-from upo_ref.lm.experiment import prepare_data
+from upo_ref.lm.experiment import LogpSettings, prepare_data
+from upo_ref.lm.logprobs import IGNORE_INDEX
 from upo_ref.lm.models import build_model
+from upo_ref.lm.tokenize import TokenizedPair
 from upo_ref.lm.train import PreferencePhase, read_metrics, reference_logps, train
 from upo_ref.losses import PreferenceLoss
 
@@ -44,13 +43,14 @@ LIKED = (0, 1)  # the synthetic auxiliary reward counts these content tokens
 
 
 def count_reward(prompts, responses) -> torch.Tensor:
-    """R(x, y) = how many tokens of y are in LIKED: a known auxiliary reward on the synthetic task."""
+    """R(x, y) = how many tokens of y are in LIKED: a known auxiliary reward on the synthetic
+    task."""
     return torch.tensor([float(sum(t in LIKED for t in y)) for y in responses])
 
 
 def code_reward(prompts, responses) -> torch.Tensor:
-    """A reward that names its response: its first 6 tokens (< 11) as the digits of a base-11 number,
-    exact in float32, to check alignment."""
+    """A reward that names its response: its first 6 tokens (< 11) as the digits of a base-11
+    number, exact in float32, to check alignment."""
     return torch.tensor([float(sum(t * 11**i for i, t in enumerate(y[:6]))) for y in responses])
 
 
@@ -103,8 +103,8 @@ def without(records, *prefixes):
 
 
 def test_gamma_zero_through_the_trainer_is_dpo_bit_for_bit(synthetic, tmp_path):
-    """Whole training runs (gradient accumulation, evaluations) with DPO and with UPO-DPO at gamma = 0
-    end at identical parameters and log identical metrics; gamma > 0 ends elsewhere."""
+    """Whole training runs (gradient accumulation, evaluations) with DPO and with UPO-DPO at gamma =
+    0 end at identical parameters and log identical metrics; gamma > 0 ends elsewhere."""
     data, new_model, reference, extras = synthetic
     models, records = {}, {}
     for name, loss in (
@@ -126,7 +126,7 @@ def test_gamma_zero_through_the_trainer_is_dpo_bit_for_bit(synthetic, tmp_path):
         )
         records[name] = without(read_metrics(tmp_path / name / "metrics.jsonl"), "time/")
     for (key, p), q in zip(
-        models["dpo"].state_dict().items(), models["upo0"].state_dict().values()
+        models["dpo"].state_dict().items(), models["upo0"].state_dict().values(), strict=True
     ):
         assert torch.equal(p, q), key
     assert without(records["upo0"], "aux/") == records["dpo"]
@@ -140,8 +140,8 @@ def test_gamma_zero_through_the_trainer_is_dpo_bit_for_bit(synthetic, tmp_path):
 
 
 def test_the_extras_reach_the_loss_with_their_own_pairs(synthetic, tmp_path):
-    """Every pair's rewards, recomputed in the loss from the batch's own tokens, equal the extras the
-    loss was given; checked at every training and eval call."""
+    """Every pair's rewards, recomputed in the loss from the batch's own tokens, equal the extras
+    the loss was given; checked at every training and eval call."""
     data, new_model, reference, _ = synthetic
     rewards = {
         s: pair_rewards(code_reward, pairs)
@@ -157,21 +157,29 @@ def test_the_extras_reach_the_loss_with_their_own_pairs(synthetic, tmp_path):
     extras = {s: aux_extras(*rewards[s], values[s]) for s in rewards}
     checked = []
 
-    class Spy(UPODPOLoss):
-        def __call__(self, pc, pr, rc, rr, beta, batch=None):
-            B = pc.shape[0]
+    current = {}
+
+    class Spy(PreferencePhase):
+        """The phase, keeping each batch so that the objective can look at its tokens."""
+
+        def losses(self, model, batch, split):
+            current["batch"], current["split"] = batch, split
+            return super().losses(model, batch, split)
+
+    class Recording(UPODPOLoss):
+        def losses(self, pc, pr, rc, rr, beta, extras):
+            batch, B = current["batch"], pc.shape[0]
             responses = [
                 tuple(row[row != IGNORE_INDEX].tolist()) for row in batch["labels"]
             ]  # chosen, then rejected
             recomputed = code_reward(None, responses)
-            assert torch.equal(batch["chosen_rewards"], recomputed[:B])
-            assert torch.equal(batch["rejected_rewards"], recomputed[B:])
-            split = "train" if torch.is_grad_enabled() else "eval"
-            assert torch.equal(batch["values"], values[split][batch["index"]])
+            assert torch.equal(extras["chosen_rewards"], recomputed[:B])
+            assert torch.equal(extras["rejected_rewards"], recomputed[B:])
+            assert torch.equal(extras["values"], values[current["split"]][batch["index"]])
             checked.append(B)
-            return super().__call__(pc, pr, rc, rr, beta, batch=batch)
+            return super().losses(pc, pr, rc, rr, beta, extras)
 
-    phase = PreferencePhase(Spy(0.5), 0.1, reference, data.pad_id, extras=extras)
+    phase = Spy(Recording(0.5), 0.1, reference, data.pad_id, extras=extras)
     train(
         new_model(),
         phase,
@@ -187,7 +195,8 @@ def test_the_extras_reach_the_loss_with_their_own_pairs(synthetic, tmp_path):
 
 def test_the_loss_metrics_are_logged_and_agree_with_the_extras(synthetic, tmp_path):
     """The trainer logs UPODPOLoss.metrics: at step 0 (pi = pi_ref) the mean advantage, weight and
-    fraction at the cap over the eval pairs equal their direct computation, and the DPO term is log 2."""
+    fraction at the cap over the eval pairs equal their direct computation, and the DPO term is log
+    2."""
     data, new_model, reference, extras = synthetic
     loss = UPODPOLoss(1.0, alpha=0.25, cap=4.0)  # a low cap, so that some weights are clamped
     phase = PreferencePhase(loss, 0.1, reference, data.pad_id, extras=extras)
@@ -221,7 +230,7 @@ def test_loss_metrics_may_not_overwrite_the_phases_own(synthetic, tmp_path):
     data, new_model, reference, extras = synthetic
 
     class Clashing(UPODPOLoss):
-        def metrics(self, pc, pr, rc, rr, beta, batch=None):
+        def metrics(self, pc, pr, rc, rr, beta, extras):
             return {"rewards/margins": pc}
 
     phase = PreferencePhase(Clashing(0.0), 0.1, reference, data.pad_id, extras=extras)
@@ -245,7 +254,8 @@ def test_loss_metrics_may_not_overwrite_the_phases_own(synthetic, tmp_path):
 
 def test_prompt_features_ignore_padding_and_the_value_fit_recovers_a_linear_function():
     """h(x) is the hidden state at the last prompt token whatever the batch's padding; V fitted to
-    R = h(x) . u + noise (the two responses' noises cancel in the mean) predicts R on new prompts."""
+    R = h(x) . u + noise (the two responses' noises cancel in the mean) predicts R on new
+    prompts."""
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16), vocab_size=40, n_positions=16)
     g = torch.Generator().manual_seed(0)
     prompts = [
@@ -276,7 +286,8 @@ def test_prompt_features_ignore_padding_and_the_value_fit_recovers_a_linear_func
 
 def test_sampling_is_exact_under_left_padding_and_seeded():
     """Greedy responses from batches of left-padded prompts equal transformers' generate() on each
-    prompt alone; sampled responses end at their first EOS or at max_new_tokens, and the seed fixes them."""
+    prompt alone; sampled responses end at their first EOS or at max_new_tokens, and the seed fixes
+    them."""
     eos = 19
     model = build_model(
         ModelConfig(n_layer=2, n_head=2, n_embd=16, init_seed=3),
@@ -289,7 +300,7 @@ def test_sampling_is_exact_under_left_padding_and_seeded():
         tuple(torch.randint(0, eos, (int(n),), generator=g).tolist()) for n in (1, 5, 3, 8, 2, 6, 4)
     ]
     ours = sample_responses(model, prompts, 10, eos, eos, CPU, batch_size=3, greedy=True)
-    for p, y in zip(prompts, ours):
+    for p, y in zip(prompts, ours, strict=True):
         reference = model.generate(
             torch.tensor([p]),
             attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -309,32 +320,34 @@ def test_sampling_is_exact_under_left_padding_and_seeded():
 
 
 def test_evaluation_closed_forms(synthetic):
-    """pi_ref against itself: every implicit reward is 0, so both accuracies are exactly 1/2. A reference
-    shifted by -1 / +1 nat gives r_w = beta > -beta = r_l on every pair: preference accuracy 1 and an
-    auxiliary-ranking accuracy equal to the fraction of (differing-R) pairs whose chosen has the higher R."""
+    """pi_ref against itself: every implicit reward is 0, so both accuracies are exactly 1/2. A
+    reference shifted by -1 / +1 nat gives r_w = beta > -beta = r_l on every pair: preference
+    accuracy 1 and an auxiliary-ranking accuracy equal to the fraction of (differing-R) pairs whose
+    chosen has the higher R."""
     data, new_model, _, extras = synthetic
     model, pairs = new_model(), data.pref_eval[:64]
     ref = reference_logps(model, pairs, 256, data.pad_id, CPU)  # the batches evaluate_aux forms
     rewards = (extras["eval"]["chosen_rewards"][:64], extras["eval"]["rejected_rewards"][:64])
     prompts = generation_prompts(pairs, 64, 8)
-    common = dict(
+    held_out = HeldOutSet(
         pairs=pairs,
+        reference=ref,
         rewards=rewards,
         beta=0.1,
+        logps=LogpSettings(data.pad_id, average=False, response_only=True),
         prompts=prompts,
         reward_fn=count_reward,
         max_new_tokens=6,
         eos_id=data.pad_id,
-        pad_id=data.pad_id,
-        device=CPU,
         batch_size=256,
     )
-    same = evaluate_aux(model, "pi_ref", reference=ref, **common)
+    same = evaluate_aux(model, "pi_ref", held_out, CPU)
     assert torch.equal(same.preference_correct, torch.full((64,), 0.5, dtype=torch.float64))
     assert (
         same.summary()["preference_accuracy"] == 0.5 and same.summary()["auxiliary_accuracy"] == 0.5
     )
-    shifted = evaluate_aux(model, "shifted", reference=(ref[0] - 1, ref[1] + 1), **common)
+    shifted_ref = dataclasses.replace(held_out, reference=(ref[0] - 1, ref[1] + 1))
+    shifted = evaluate_aux(model, "shifted", shifted_ref, CPU)
     assert shifted.summary()["preference_accuracy"] == 1.0
     differ = rewards[0] != rewards[1]
     assert 0 < int(differ.sum()) < 64 and len(shifted.auxiliary_correct) == int(differ.sum())
@@ -350,7 +363,8 @@ def test_preference_agreement_and_text_reward_closed_forms():
     assert a["mean_difference"] == pytest.approx((1 + 0 - 1 + 0.5) / 4)
     assert a["ties"] == 1 and a["n"] == 4
     assert a["p_se"] == pytest.approx(torch.tensor([1, 0.5, 0, 1.0]).std().item() / 2)
-    # Pair 0: the chosen (R 1 > 0) is the shorter: 1. Pair 1: equal R, left out. Pair 2: the rejected has
+    # Pair 0: the chosen (R 1 > 0) is the shorter: 1. Pair 1: equal R, left out. Pair 2: the
+    # rejected has
     # the higher R and is longer: 0. Pair 3: equal lengths: 1/2.
     pairs = [
         TokenizedPair((1,), (2,), (3, 3)),
@@ -375,8 +389,8 @@ def test_preference_agreement_and_text_reward_closed_forms():
 
 
 def test_each_run_is_compared_with_the_dpo_run_of_its_seed():
-    """UPO and MODPO against the DPO run of their own seed, DPO of a later seed against the first DPO
-    (training noise); the table's differences are paired means with their standard errors."""
+    """UPO and MODPO against the DPO run of their own seed, DPO of a later seed against the first
+    DPO (training noise); the table's differences are paired means with their standard errors."""
 
     def run(loss, seed, pref):
         e = AuxEvaluation(
@@ -406,8 +420,8 @@ def test_each_run_is_compared_with_the_dpo_run_of_its_seed():
     )
     # UPO seed 1 minus DPO seed 1: preference differences (1, 0): mean 0.5, standard error 0.5.
     assert table[7] == (
-        "| UPO-DPO gamma=0.1 s1 | 0.500 +- 0.500 | 0.500 +- 0.000 | 0.500 +- 0.500 | 3.0 | "
-        "DPO (gamma=0) s1 | 0.500 +- 0.500 | 0.000 +- 0.000 | 0.000 +- 0.000 |"
+        "| UPO-DPO gamma=0.1 s1 | 0.500 +- 0.500 | 0.500 +- 0.000 | 0.500 +- 0.500 | 3.0 | DPO "
+        "(gamma=0) s1 | 0.500 +- 0.500 | 0.000 +- 0.000 | 0.000 +- 0.000 |"
     )
 
 
@@ -446,8 +460,8 @@ def synthetic_config(**overrides) -> AuxLMConfig:
 
 
 def test_upo_raises_the_auxiliary_reward_on_the_synthetic_task(tmp_path):
-    """R = number of LIKED tokens in the response. One pass over 512 pairs: UPO at gamma 0.01 raises R
-    of the policy's own samples over DPO's by more than 4 paired standard errors (measured: +0.28,
+    """R = number of LIKED tokens in the response. One pass over 512 pairs: UPO at gamma 0.01 raises
+    R of the policy's own samples over DPO's by more than 4 paired standard errors (measured: +0.28,
     standard error 0.044), ranks the higher-R response of held-out pairs first more often (0.69
     against 0.47), and pays for it in preference accuracy (0.77 against DPO's 0.96): the trade-off.
     (At gamma 0.03 the auxiliary term already takes over: preference accuracy 0.52.)"""
@@ -521,25 +535,19 @@ def test_bad_inputs_raise_clear_value_errors(make, message):
         make()
 
 
-def test_a_loss_without_its_extras_says_what_is_missing(synthetic, tmp_path):
-    data, new_model, reference, extras = synthetic
-    phase = PreferencePhase(
-        UPODPOLoss(0.5),
-        0.1,
-        reference,
-        data.pad_id,
-        extras={s: {"values": e["values"]} for s, e in extras.items()},
-    )
+def test_a_loss_without_its_extras_says_what_is_missing(synthetic):
+    """The phase checks the extras once, when it is made, for every split of the reference."""
+    data, _, reference, extras = synthetic
     with pytest.raises(
-        ValueError, match=r"the batch has no \['chosen_rewards', 'rejected_rewards'\]"
+        ValueError, match=r"the 'train' extras have no \['chosen_rewards', 'rejected_rewards'\]"
     ):
-        train(
-            new_model(),
-            phase,
-            data.pref_train,
-            data.pref_eval,
-            small_phase(n_examples=16),
-            tmp_path,
-            CPU,
-            progress=False,
+        PreferencePhase(
+            UPODPOLoss(0.5),
+            0.1,
+            reference,
+            data.pad_id,
+            extras={s: {"values": e["values"]} for s, e in extras.items()},
         )
+    short = {s: {k: v[:-1] for k, v in e.items()} for s, e in extras.items()}
+    with pytest.raises(ValueError, match=r"extras\['train'\]\['chosen_rewards'\] must be a "):
+        PreferencePhase(UPODPOLoss(0.5), 0.1, reference, data.pad_id, extras=short)

@@ -1,4 +1,5 @@
-"""Auxiliary-objective UPO (upo_ref.auxiliary.losses): closed forms, the issue's properties, bad inputs."""
+"""Auxiliary-objective UPO (upo_ref.auxiliary.losses): closed forms, the issue's properties, bad
+inputs."""
 
 from __future__ import annotations
 
@@ -12,22 +13,22 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from strategies import F64_RTOL, betas, dyadic_logp_batches, logp_batches
 
+from upo_ref.auxiliary.baselines import kto_loss, kto_reference_point, modpo_loss
 from upo_ref.auxiliary.losses import (
     WEIGHT_CAP,
-    ValueNetwork,
     advantage_weights,
     advantages,
     auxiliary_loss,
     combine_rewards,
-    expectile_loss,
-    fit_value_network,
-    kto_loss,
-    kto_reference_point,
-    last_token_pool,
-    modpo_loss,
     upo_dpo_loss,
     upo_kto_loss,
     upo_loss,
+)
+from upo_ref.auxiliary.value_network import (
+    ValueNetwork,
+    expectile_loss,
+    fit_value_network,
+    last_token_pool,
 )
 from upo_ref.losses import dpo_loss
 
@@ -62,7 +63,7 @@ def upo_batches(draw):
     return pc, pr, rc, rr, draw(vectors(n)), draw(vectors(n)), draw(vectors(n))
 
 
-# --- advantage weights -----------------------------------------------------------------------------
+# --- advantage weights ----------------------------------------------------------------------------
 def test_weights_closed_form():
     alpha = 0.5
     a = T(0.0, alpha * math.log(2.0), -alpha * math.log(4.0), 10.0)
@@ -92,7 +93,7 @@ def test_weights_increase_with_advantage_and_are_detached(a, alpha):
     assert bool((w[order].diff() >= 0).all())
 
 
-# --- the advantage-weighted MLE term ----------------------------------------------------------------
+# --- the advantage-weighted MLE term --------------------------------------------------------------
 @given(batch=logp_batches(), alpha=alphas)
 def test_auxiliary_gradient_is_minus_the_weight(batch, alpha):
     """d L_pi / d log pi(y|x) = -w(A): every log pi is raised, in proportion to its weight."""
@@ -107,7 +108,8 @@ def test_auxiliary_gradient_is_minus_the_weight(batch, alpha):
 
 
 def test_auxiliary_term_alone_is_minimised_by_the_weighted_data():
-    """Over a categorical policy, L_pi is minimised at pi(y) proportional to sum of w over samples of y."""
+    """Over a categorical policy, L_pi is minimised at pi(y) proportional to sum of w over samples
+    of y."""
     y = torch.tensor([0, 0, 1, 2, 2, 2, 3])
     a = T(0.3, -1.0, 2.0, 0.0, 0.5, -0.2, 1.1)
     alpha = 0.7
@@ -124,7 +126,7 @@ def test_advantages_detach_the_value():
     assert torch.equal(a, T(2.0, -1.0)) and not a.requires_grad
 
 
-# --- gamma = 0 is the base method, bit for bit ------------------------------------------------------
+# --- gamma = 0 is the base method, bit for bit ----------------------------------------------------
 @given(batch=upo_batches(), beta=betas, alpha=alphas)
 def test_upo_dpo_gamma_zero_is_dpo_exactly(batch, beta, alpha):
     logps = [t.clone().requires_grad_(True) for t in batch[:4]]
@@ -134,7 +136,7 @@ def test_upo_dpo_gamma_zero_is_dpo_exactly(batch, beta, alpha):
     assert torch.equal(upo, dpo)
     upo.sum().backward()
     dpo.sum().backward()
-    for a, b in zip(logps, base):
+    for a, b in zip(logps, base, strict=True):
         assert torch.equal(a.grad, b.grad)
 
 
@@ -183,7 +185,7 @@ def test_upo_loss_sums():
     assert torch.equal(upo_loss(T(1.0, 2.0), T(0.5, -4.0), 2.0), T(2.0, -6.0))
 
 
-# --- expectile regression ----------------------------------------------------------------------------
+# --- expectile regression -------------------------------------------------------------------------
 @given(v=vectors(8), r=vectors(8))
 def test_expectile_at_half_is_half_squared_error(v, r):
     torch.testing.assert_close(expectile_loss(v, r, 0.5), 0.5 * (r - v) ** 2, rtol=F64_RTOL, atol=0)
@@ -197,7 +199,8 @@ def test_expectile_closed_form_asymmetry():
 
 
 def _expectile(targets: torch.Tensor, tau: float) -> float:
-    """Reference tau-expectile: the root m of tau sum (t - m)_+ = (1 - tau) sum (m - t)_+, by bisection.
+    """Reference tau-expectile: the root m of tau sum (t - m)_+ = (1 - tau) sum (m - t)_+, by
+    bisection.
 
     The left side minus the right falls strictly in m, so the root is unique and in [min t, max t].
     """
@@ -214,7 +217,8 @@ def _expectile(targets: torch.Tensor, tau: float) -> float:
 
 @given(r=vectors(12, -10.0, 10.0), t1=taus, t2=taus)
 def test_expectile_minimiser_orders_with_tau(r, t1, t2):
-    """The loss's minimiser is the tau-expectile: no step from it lowers the mean loss, and it rises with tau."""
+    """The loss's minimiser is the tau-expectile: no step from it lowers the mean loss, and it rises
+    with tau."""
     t1, t2 = min(t1, t2), max(t1, t2)
     m1, m2 = _expectile(r, t1), _expectile(r, t2)
     assert r.min().item() <= m1 <= m2 <= r.max().item()
@@ -225,7 +229,7 @@ def test_expectile_minimiser_orders_with_tau(r, t1, t2):
         assert mean_loss[1] <= mean_loss[0] and mean_loss[1] <= mean_loss[2]
 
 
-# --- the value network -----------------------------------------------------------------------------
+# --- the value network ----------------------------------------------------------------------------
 def test_value_network_shapes_and_zero_start():
     net = ValueNetwork(3, hidden_sizes=(5, 4), dtype=torch.float64)
     assert torch.equal(
@@ -256,7 +260,7 @@ def test_last_token_pool():
     assert torch.equal(last_token_pool(h, mask), torch.stack([h[0, 1], h[1, 2]]))
 
 
-# --- KTO -------------------------------------------------------------------------------------------
+# --- KTO ------------------------------------------------------------------------------------------
 def test_kto_worked_case():
     # r = log pi - log pi_ref = (0.5, -1.0); z0 = 0.25; beta = 2; lambda_D = 1, lambda_U = 1.5.
     desirable_mask = torch.tensor([True, False])
@@ -291,7 +295,7 @@ def test_kto_bounds_and_gradient_signs(batch, beta, z0):
     assert bool((p.grad[desirable] <= 0).all()) and bool((p.grad[~desirable] >= 0).all())
 
 
-# --- MODPO -------------------------------------------------------------------------------------------
+# --- MODPO ----------------------------------------------------------------------------------------
 @given(batch=dyadic_logp_batches(), beta=betas, margin=st.floats(-1e3, 1e3))
 def test_modpo_without_margin_weight_is_dpo_exactly(batch, beta, margin):
     n = batch[0].shape[0]
@@ -322,7 +326,7 @@ def test_combine_rewards():
     )
 
 
-# --- bad inputs: each raises a ValueError that names the argument -----------------------------------
+# --- bad inputs: each raises a ValueError that names the argument ---------------------------------
 x2 = T(-1.0, -2.0)
 BAD = [
     ("gamma", lambda: upo_loss(x2, x2, -0.1)),

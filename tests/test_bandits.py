@@ -1,4 +1,5 @@
-"""The bandit experiment: datasets, empirical preferences, population targets, and the training loop."""
+"""The bandit experiment: datasets, empirical preferences, population targets, and the training
+loop."""
 
 from __future__ import annotations
 
@@ -9,22 +10,21 @@ import torch
 from strategies import ADMISSIBLE_NAMES, divergence_of
 
 from upo_ref.experiments.analysis import paper_reachability_threshold
-from upo_ref.experiments.bandits import (
-    BANDIT_FAST,
-    BANDIT_FULL,
-    D1,
-    D3,
-    BanditConfig,
-    PreferenceData,
-    bandit_config,
-    bandit_losses,
+from upo_ref.experiments.bandit_data import D1, D3, PreferenceData, preference_population
+from upo_ref.experiments.bandit_targets import (
     bandit_target,
     closed_form_target,
     empirical_preferences,
     empirical_rewards,
     population_loss,
     population_minimiser,
-    preference_population,
+)
+from upo_ref.experiments.bandits import (
+    BANDIT_FAST,
+    BANDIT_FULL,
+    BanditConfig,
+    bandit_config,
+    bandit_losses,
     train_bandit,
 )
 from upo_ref.losses import PreferenceLoss
@@ -119,7 +119,8 @@ def test_closed_form_target_refuses_d3_and_logit_on_d1():
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 1.0, 3.0])
 def test_ipo_population_minimiser_is_azars_closed_form(beta):
-    # pi* proportional to pi_ref exp(P_hat(y > mu) / beta), with P_hat(y > mu) = (5/6, 1/2, 1/6) on D1
+    # pi* proportional to pi_ref exp(P_hat(y > mu) / beta), with P_hat(y > mu) = (5/6, 1/2, 1/6) on
+    # D1
     azar = torch.softmax(t64(5 / 6, 1 / 2, 1 / 6) / beta, 0)
     torch.testing.assert_close(
         closed_form_target(D1, UNIFORM, beta, "reverse_kl"), azar, rtol=1e-13, atol=0
@@ -155,7 +156,8 @@ def test_prop_3_2_fdpo_population_minimiser_is_the_upo_optimum_with_logit(name):
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.7, 0.75, 1.0, 3.0])
 def test_paper_form_js_iupo_has_a_finite_target_iff_c_zero_is_reachable(beta):
-    # uniform pi_ref: every pair has reference log-ratio c = 0, reachable iff c*(beta) > 0 iff beta > 1/(2 log 2)
+    # uniform pi_ref: every pair has reference log-ratio c = 0, reachable iff c*(beta) > 0 iff beta
+    # > 1/(2 log 2)
     loss = PreferenceLoss("iupo", JS, form="paper")
     target = bandit_target(D1, loss, beta)
     assert (
@@ -184,7 +186,7 @@ def test_d3_target_is_the_uniform_stationary_point(loss):
     torch.testing.assert_close(target.pi, UNIFORM, rtol=1e-15, atol=0)
 
 
-# --- why D3's unobserved action moves or not -------------------------------------------------------
+# --- why D3's unobserved action moves or not ------------------------------------------------------
 @pytest.mark.parametrize("delta", [-0.5, 0.5, 2.0])
 def test_population_gradient_on_the_unobserved_action(delta):
     theta = t64(delta, -delta, 0.0).requires_grad_(True)
@@ -254,7 +256,8 @@ def test_train_bandit_is_reproducible_and_seeds_differ():
 
 
 def test_train_bandit_weighted_data_and_sgd_follow_the_population_gradient():
-    # One pair, batch 1, plain gradient descent: theta moves by exactly -lr * grad of the pair's loss.
+    # One pair, batch 1, plain gradient descent: theta moves by exactly -lr * grad of the pair's
+    # loss.
     pair = PreferenceData("one pair", ((0, 1),), n_actions=2, weights=(1.0,))
     config = BanditConfig(steps=1, seeds=2, batch_size=1, lr=0.1, optimizer="sgd", record_every=1)
     pi_ref = t64(0.25, 0.75)

@@ -43,7 +43,7 @@ def test_fast_and_naive_steps_compute_the_same_update():
     naive = step_fn(naive_model, ref, batch, None, loss_fn, 0.1, CPU, naive=True)
     for _ in range(2):  # two steps: the second starts from the first's (equal) parameters
         torch.testing.assert_close(fast(), naive(), rtol=1e-5, atol=1e-6)
-    for p_fast, p_naive in zip(fast_model.parameters(), naive_model.parameters()):
+    for p_fast, p_naive in zip(fast_model.parameters(), naive_model.parameters(), strict=True):
         torch.testing.assert_close(p_fast, p_naive, rtol=1e-4, atol=1e-6)
 
 
@@ -65,7 +65,8 @@ def test_step_flops_matches_torchs_flop_counter():
     with FlopCounterMode(display=False) as counter:
         fast()
     ours = step_flops(TINY["n_layer"], TINY["n_embd"], TINY["vocab_size"], B, T, T - P)
-    # The head scores positions prompt-1 .. T-2 (each predicts the next token): T - P positions per row,
+    # The head scores positions prompt-1 .. T-2 (each predicts the next token): T - P positions per
+    # row,
     # exactly what step_flops counts; torch counts every matmul of forward and backward.
     assert counter.get_total_flops() == ours
 

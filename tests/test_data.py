@@ -1,4 +1,5 @@
-"""Data: loaders, malformed rows, the prompt-hash split, truncation, tokenization, collation, synthetic task."""
+"""Data: loaders, malformed rows, the prompt-hash split, truncation, tokenization, collation,
+synthetic task."""
 
 from __future__ import annotations
 
@@ -11,36 +12,42 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from upo_ref.lm.config import ModelConfig
+from upo_ref.lm.config import HH_LOCAL_SUBSETS, ModelConfig
 from upo_ref.lm.data import (
     ASSISTANT_TAG,
-    HH_LOCAL_SUBSETS,
-    IGNORE_INDEX,
-    CompactVocab,
+    IDENTICAL,
+    MISMATCH,
     DataError,
+    LoadReport,
     PreferencePair,
-    TokenizedPair,
-    collate_pairs,
-    collate_sequences,
     download_hh,
     load_hh,
     load_hh_file,
     load_shp,
+    load_trl,
     read_jsonl,
-    sft_examples,
     shp_files,
-    split_by_prompt_hash,
     split_prompt,
+)
+from upo_ref.lm.logprobs import IGNORE_INDEX
+from upo_ref.lm.models import load_tokenizer
+from upo_ref.lm.split import sft_examples, split_by_prompt_hash
+from upo_ref.lm.synthetic import SyntheticTask
+from upo_ref.lm.tokenize import (
+    IDENTICAL_AFTER_TRUNCATION,
+    CompactVocab,
+    TokenizedPair,
+    collate_pairs,
+    collate_sequences,
+    fingerprint,
     tokenize_pairs,
     truncate,
 )
-from upo_ref.lm.models import load_tokenizer
-from upo_ref.lm.synthetic import SyntheticTask
 from upo_ref.utils.paths import hh_dir
 
 
 def write_jsonl(path, rows, gz=None):
-    """Write rows (dicts, or raw strings written as-is) one per line; gzip if the name ends in .gz."""
+    """Write rows (dicts, or raw strings written as-is) one per line; gzip if the name ends .gz."""
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     if gz or path.suffix == ".gz":
@@ -122,6 +129,96 @@ def test_rejected_not_sharing_the_prompt_raises_or_is_dropped_and_reported(tmp_p
     assert "dropped 1" in str(report) and f"{path}:2" in str(report)
 
 
+def gzipped_rows(n: int) -> bytes:
+    return gzip.compress(
+        "".join(
+            json.dumps(hh_row(f"q{i} " + "x" * 200, " a", " b")) + "\n" for i in range(n)
+        ).encode()
+    )
+
+
+def test_truncated_and_corrupt_gzip_name_file_and_line(tmp_path):
+    """A download cut short, or flipped bytes inside the stream, is a DataError naming the file and
+    the line being read (not zlib's or EOF's bare error), and the fix."""
+    data = gzipped_rows(200)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut[.]jsonl[.]gz:\d+: the gzip stream is truncated"):
+        load_hh_file(cut)
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(data[:40] + bytes(b ^ 0xFF for b in data[40:60]) + data[60:])
+    with pytest.raises(DataError, match=r"corrupt[.]jsonl[.]gz:\d+: .*download or copy the file"):
+        load_hh_file(corrupt)
+
+
+def test_plain_file_named_gz_invalid_utf8_and_empty_file_are_errors(tmp_path):
+    plain = write_jsonl(tmp_path / "plain.jsonl.gz", [hh_row("a", " b", " c")], gz=False)
+    plain.write_text(json.dumps(hh_row("a", " b", " c")) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"plain[.]jsonl[.]gz: not a gzip file.*drop the [.]gz"):
+        load_hh_file(plain)
+    latin = tmp_path / "latin.jsonl"
+    good = json.dumps(hh_row("a", " b", " c")).encode()
+    latin.write_bytes(good + b"\n" + good.replace(b" b", b" caf\xe9") + b"\n")
+    with pytest.raises(DataError, match=r"latin[.]jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        load_hh_file(latin)
+    for name in ("empty.jsonl", "empty.jsonl.gz"):
+        empty = write_jsonl(tmp_path / name, [])
+        with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: the file is empty"):
+            load_hh_file(empty)
+
+
+def test_identical_responses_are_dropped_and_listed_or_kept_on_request(tmp_path):
+    path = write_jsonl(
+        tmp_path / "t.jsonl", [hh_row("q1", " yes", " no"), hh_row("q2", " same", " same")]
+    )
+    pairs, report = load_hh_file(path)
+    assert [p.origin for p in pairs] == [f"{path}:1"]
+    assert report.dropped == {IDENTICAL: [f"{path}:2"]} and report.n_rows == 2
+    pairs, report = load_hh_file(path, keep_identical=True)
+    assert len(pairs) == 2 and report.dropped == {}
+
+
+def test_trl_format_rows_file_and_dataset(tmp_path):
+    rows = [
+        {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5", "extra": 1},
+        {"prompt": "Q: sky?", "chosen": " blue", "rejected": " blue"},
+    ]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    pairs, report = load_trl(path)
+    assert pairs == [PreferencePair("Q: 2+2?", " 4", " 5", f"{path}:1")]
+    assert report.dropped == {IDENTICAL: [f"{path}:2"]} and report.n_rows == 2
+    from_rows, _ = load_trl(iter(rows), keep_identical=True)
+    assert [(p.prompt, p.chosen, p.rejected, p.origin) for p in from_rows] == [
+        ("Q: 2+2?", " 4", " 5", "row 0"),
+        ("Q: sky?", " blue", " blue", "row 1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"chosen": " a", "rejected": " b"}, r"missing field\(s\) \['prompt'\]"),
+        ({"prompt": "x", "rejected": " b"}, r"missing field\(s\) \['chosen'\]"),
+        ({"prompt": "x", "chosen": " a"}, r"missing field\(s\) \['rejected'\]"),
+        (
+            {"prompt": "x", "chosen": [{"role": "assistant", "content": "a"}], "rejected": " b"},
+            r"field 'chosen' must be a string, got list; .*chat template",
+        ),
+    ],
+)
+def test_trl_format_malformed_rows_name_file_and_line(tmp_path, row, message):
+    good = {"prompt": "x", "chosen": " a", "rejected": " b"}
+    path = write_jsonl(tmp_path / "prefs.jsonl", [good, row])
+    with pytest.raises(DataError, match=r"prefs[.]jsonl:2: " + message):
+        load_trl(path)
+    with pytest.raises(DataError, match=r"row 1: " + message):
+        load_trl([good, row])
+    with pytest.raises(DataError, match=r"prefs[.]jsonl:3: not valid JSON"):
+        load_trl(write_jsonl(tmp_path / "prefs.jsonl", [good, good, '{"prompt": ']))
+    with pytest.raises(DataError, match=r"TRL-format rows: no rows"):
+        load_trl([])
+
+
 def test_split_prompt_cuts_after_the_last_assistant_tag():
     text = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this"
     prompt, response = split_prompt(text)
@@ -167,7 +264,8 @@ def test_download_hh_fetches_missing_files_only(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 # Pinned: the 7 rows of the local files whose rejected text does not start with the chosen's prompt,
-# and the sizes of the prompt-hash split at eval_fraction 0.1. A change to either is a change of data.
+# and the sizes of the prompt-hash split at eval_fraction 0.1. A change to either is a change of
+# data.
 LOCAL_MISMATCHED = [
     ("harmless-base", 1255),
     ("harmless-base", 1689),
@@ -177,7 +275,8 @@ LOCAL_MISMATCHED = [
     ("helpful-base", 1167),
     ("helpful-rejection-sampled", 1598),
 ]
-LOCAL_SPLIT_SIZES = (6686, 722)
+LOCAL_SPLIT_SIZES = (6656, 718)
+LOCAL_IDENTICAL = 34  # rows whose chosen and rejected responses are the same text
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +287,18 @@ def local_hh():
 def test_local_hh_counts_and_dropped_rows(local_hh):
     pairs, report = local_hh
     assert report.n_rows == 2312 + 2354 + 2749 == 7415
-    assert report.n_pairs == len(pairs) == 7408
-    (origins,) = report.dropped.values()
-    assert origins == [f"{hh_dir() / s / 'test.jsonl.gz'}:{line}" for s, line in LOCAL_MISMATCHED]
+    assert report.n_pairs == len(pairs) == 7415 - 7 - LOCAL_IDENTICAL
+    assert set(report.dropped) == {MISMATCH, IDENTICAL}
+    assert report.dropped[MISMATCH] == [
+        f"{hh_dir() / s / 'test.jsonl.gz'}:{line}" for s, line in LOCAL_MISMATCHED
+    ]
+    kept, kept_report = load_hh(
+        hh_dir(), "test", HH_LOCAL_SUBSETS, drop_mismatched=True, keep_identical=True
+    )
+    assert set(kept_report.dropped) == {MISMATCH} and len(kept) == len(pairs) + LOCAL_IDENTICAL
+    identical = {p.origin for p in kept if p.chosen == p.rejected}
+    assert sorted(identical) == sorted(report.dropped[IDENTICAL])
+    assert len(identical) == LOCAL_IDENTICAL
 
 
 def test_prompt_hash_split_sizes_disjoint_prompts_and_order_independent(local_hh):
@@ -312,7 +420,8 @@ def test_truncation_prompt_keep_end_and_keep_start():
 
 
 def test_truncation_is_decided_by_the_longer_response():
-    # The chosen response alone would fit (10 + 2 <= 12), the rejected does not: both see the cut prompt.
+    # The chosen response alone would fit (10 + 2 <= 12), the rejected does not: both see the cut
+    # prompt.
     prompt, (chosen, rejected) = truncate(P, [(1, 2), (3, 4, 5)], 12, 6, "keep_end")
     assert prompt == P[-6:] and chosen == (1, 2) and rejected == (3, 4, 5)
 
@@ -350,7 +459,7 @@ def test_truncation_invariants(prompt_len, response_lens, max_length, data, mode
     p, rs = truncate(prompt, responses, max_length, max_prompt_length, mode)
     assert all(len(p) + len(r) <= max_length for r in rs)
     assert p == (prompt[len(prompt) - len(p) :] if mode == "keep_end" else prompt[: len(p)])
-    assert all(r == orig[: len(r)] and len(r) >= 1 for r, orig in zip(rs, responses))
+    assert all(r == orig[: len(r)] and len(r) >= 1 for r, orig in zip(rs, responses, strict=True))
     if prompt_len + max(response_lens) <= max_length:
         assert (p, rs) == (prompt, responses)
 
@@ -392,6 +501,32 @@ def test_tokenize_rejects_eos_inside_text_and_empty_prompt(gpt2_tokenizer):
         tokenize_pairs([PreferencePair("", " a", " b", "g:1")], gpt2_tokenizer, 64, 32, "keep_end")
 
 
+def test_pairs_identical_after_truncation_are_dropped_and_listed_or_kept(gpt2_tokenizer):
+    """Responses that differ only after the first max_length - max_prompt_length tokens become the
+    same tokens: dropped and listed in the report; an error without one; kept on request."""
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    differ_late = PreferencePair(
+        prompt, " one two three four five six", " one two three four X", "f:1"
+    )
+    differ_early = PreferencePair(prompt, " yes", " no", "f:2")
+    report = LoadReport("t")
+    kept = tokenize_pairs([differ_late, differ_early], gpt2_tokenizer, 12, 8, "keep_end", report)
+    assert len(kept) == 1 and kept[0].chosen != kept[0].rejected
+    assert report.dropped == {IDENTICAL_AFTER_TRUNCATION: ["f:1"]}
+    assert (report.n_rows, report.n_pairs) == (2, 1)
+    with pytest.raises(DataError, match=r"f:1: chosen and rejected responses identical after"):
+        tokenize_pairs([differ_late], gpt2_tokenizer, 12, 8, "keep_end")
+    (both,) = tokenize_pairs([differ_late], gpt2_tokenizer, 12, 8, "keep_end", keep_identical=True)
+    assert both.chosen == both.rejected and len(both.chosen) == 12 - 8
+
+
+def test_fingerprint_changes_with_any_token_and_with_order():
+    a, b = TokenizedPair((1, 2), (3,), (4,)), TokenizedPair((1,), (2, 3), (4,))
+    assert fingerprint([a, b]) == fingerprint([a, b])
+    assert len({fingerprint([a, b]), fingerprint([b, a]), fingerprint([a]), fingerprint([])}) == 4
+    assert fingerprint([a]) != fingerprint([TokenizedPair((1, 2), (3,), (5,))])
+
+
 # ------------------------------------------------------------------------------------------------
 # The compact vocabulary of a small model trained from scratch
 # ------------------------------------------------------------------------------------------------
@@ -399,7 +534,8 @@ def test_tokenize_rejects_eos_inside_text_and_empty_prompt(gpt2_tokenizer):
 
 def test_compact_vocab_keeps_the_most_frequent_tokens_then_eos_then_unk():
     eos = 99
-    # counts: 7 -> 3, 5 -> 2, 3 -> 2, 8 -> 1, eos -> 2 (kept whatever its count, so it does not compete)
+    # counts: 7 -> 3, 5 -> 2, 3 -> 2, 8 -> 1, eos -> 2 (kept whatever its count, so it does not
+    # compete)
     vocab = CompactVocab.build([(7, 5, 7, eos), (3, 7, 5, 3, 8, eos)], size=5, eos_id=eos)
     assert (vocab.size, vocab.eos_id, vocab.unk_id) == (5, 3, 4)
     assert vocab.ids == {
@@ -432,7 +568,7 @@ def test_collate_sequences_pads_right_and_masks_prompt():
     batch = collate_sequences([((1, 2), (3, 4, 5)), ((6,), (7,))], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    I = IGNORE_INDEX
+    I = IGNORE_INDEX  # noqa: E741 (reads like the mask it is)
     assert batch["labels"].tolist() == [[I, I, 3, 4, 5], [I, 7, I, I, I]]
     with pytest.raises(ValueError, match="empty batch"):
         collate_sequences([], 0)
@@ -468,8 +604,8 @@ def test_synthetic_pairs_are_ranked_by_the_ground_truth_reward():
 
 
 def test_synthetic_reward_ignoring_the_prompt_is_at_chance():
-    """The best prompt-blind ranking (score = sum of per-token weights averaged over topics) is 0 for
-    every response, so the task cannot be solved without reading the prompt."""
+    """The best prompt-blind ranking (score = sum of per-token weights averaged over topics) is 0
+    for every response, so the task cannot be solved without reading the prompt."""
     task = SyntheticTask(seed=0)
     w = task.weights
     assert torch.equal(w.mean(0), torch.zeros(task.n_content))

@@ -302,3 +302,14 @@ def test_jensen_shannon_custom_gradient_composes_with_torch_func():
     torch.testing.assert_close(
         d2, -torch.sigmoid(x) * torch.sigmoid(-x), rtol=F64_RTOL, atol=ROUNDING_ATOL
     )
+
+
+def test_alpha_accepts_what_beta_accepts():
+    """alpha, like beta, may be a NumPy scalar or a one-element tensor; a bool or a vector may not."""
+    import numpy as np
+
+    for alpha in (0.5, np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert get_divergence("alpha", alpha=alpha).alpha == 0.5
+    for bad in (True, torch.tensor([0.5, 0.5]), np.float32(1.0), float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="alpha must be a number strictly between 0 and 1"):
+            get_divergence("alpha", alpha=bad)

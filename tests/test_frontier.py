@@ -1,4 +1,5 @@
-"""The toy frontier experiment (upo_ref.auxiliary.frontier): exact metrics, data, and the paper's sanity checks."""
+"""The toy frontier experiment (upo_ref.auxiliary.frontier): exact metrics, data, and the paper's
+sanity checks."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_win_rate_and_auxiliary_closed_form():
 
 
 def test_oracle_is_the_kl_regularised_optimum():
-    """beta log(pi*/pi_ref) - (r + lam R) is the same for every response of a prompt (-beta log Z)."""
+    """beta log(pi*/pi_ref) - (r + lam R) is the same for every response of a prompt (-beta log
+    Z)."""
     b = make_bandit(seed=3)
     beta, lam = 0.7, 1.3
     gap = beta * (oracle_logps(b, beta, lam) - b.reference_logps) - (
@@ -96,7 +98,7 @@ def test_increasing_gamma_trades_preference_for_auxiliary_reward(toy):
     for gamma in (0.0, 0.1, 1.0):
         logps = train_policy(bandit, pairs, ToyConfig("upo-dpo", gamma=gamma, steps=100), values)
         results.append((win_rate(bandit, logps).item(), auxiliary_value(bandit, logps).item()))
-    wins, aux = zip(*results)
+    wins, aux = zip(*results, strict=True)
     assert wins[0] > wins[1] > wins[2] and aux[0] < aux[1] < aux[2]
 
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from upo_ref.lm.data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
 from upo_ref.lm.logprobs import (
+    IGNORE_INDEX,
     concatenated_logps,
     head_is_linear_readout,
     logps_from_logits,
     sequence_logps,
 )
+from upo_ref.lm.tokenize import TokenizedPair, collate_pairs, collate_sequences
 
 # Summed log-probs of ~10 tokens under a random model are about -40; float32 rounding of a sum of
 # that size, computed along two different paths (different matmul shapes), stays well below this.
@@ -87,7 +88,8 @@ def test_prompt_and_padding_tokens_contribute_nothing(model):
             torch.testing.assert_close(
                 sequence_logps(model, ids, mask, labels)[0], ref, atol=LOGP_ATOL, rtol=0
             )
-    # Only the response's own labels count: labels (B, T) with the prompt unmasked give a different sum.
+    # Only the response's own labels count: labels (B, T) with the prompt unmasked give a different
+    # sum.
     leaky = base["labels"].clone()
     leaky[0, 1:4] = base["input_ids"][0, 1:4]
     with torch.no_grad():
@@ -126,7 +128,8 @@ def test_average_is_sum_over_response_token_count(model):
 
 
 def test_gradients_reach_only_through_response_positions(model):
-    """d log pi(y|x) / d logits is zero at every position whose next token is not a response token."""
+    """d log pi(y|x) / d logits is zero at every position whose next token is not a response
+    token."""
     b = collate_sequences([((1, 2, 3), (4, 5)), ((6,), (7, 8, 9, 10))], pad_id=0)
     logits = torch.randn(2, b["input_ids"].shape[1], V, requires_grad=True)
     logps_from_logits(logits, b["labels"]).sum().backward()

@@ -248,7 +248,10 @@ def test_reverse_kl_scores_are_rewards_plus_beta_and_accuracy_is_margin_sign(log
     torch.testing.assert_close(
         m["scores/chosen"], m["rewards/chosen"] + beta, rtol=1e-12, atol=1e-12 * beta
     )
-    assert torch.equal(m["rewards/accuracies"], (m["rewards/margins"] > 0).double())
+    margins = m["rewards/margins"]
+    assert torch.equal(
+        m["rewards/accuracies"], (margins > 0).double() + 0.5 * (margins == 0).double()
+    )
     assert not m["rewards/chosen"].requires_grad
 
 
@@ -374,3 +377,16 @@ def test_paper_form_overflow_is_an_error_not_a_nan(name):
     ):
         iupo_loss(pc, pr, rc, rr, 0.1, divergence_of(name))
     assert torch.isfinite(iupo_loss(pc, pr, rc, rr, 0.1, divergence_of(name), form="kkt")).all()
+
+
+def test_preference_metrics_count_a_tie_as_half():
+    # Pair 0: chosen ahead; pair 1: a tie (equal implicit rewards, unequal log-probs); pair 2: behind.
+    pc, pr = t64(-1.0, -3.0, -4.0), t64(-2.0, -5.0, -1.0)
+    rc, rr = t64(-1.5, -2.0, -3.0), t64(-1.5, -4.0, -3.0)
+    m = preference_metrics(pc, pr, rc, rr, 0.5)
+    assert m["rewards/margins"].tolist() == [0.5, 0.0, -1.5]
+    assert m["rewards/accuracies"].tolist() == [1.0, 0.5, 0.0]
+    assert m["rewards/ties"].tolist() == [0.0, 1.0, 0.0]
+    # pi = pi_ref: every pair is a tie, and the accuracy is chance exactly.
+    at_reference = preference_metrics(rc, rr, rc, rr, 0.1)
+    assert at_reference["rewards/accuracies"].mean().item() == 0.5

@@ -1,9 +1,11 @@
-"""Every notebook runs top to bottom in a clean kernel, in fast mode (UPO_REF_FAST=1).
+"""The notebooks: each runs top to bottom in a clean kernel in fast mode (UPO_REF_FAST=1), and the
+committed ones carry the outputs of a full run of the current code, figures embedded.
 
 Fast mode shrinks seeds and steps; figures go to a temporary folder so the committed figures,
 which come from the full run, are never overwritten by a test.
 """
 
+import ast
 import os
 from pathlib import Path
 
@@ -11,17 +13,100 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from upo_ref.utils.notebooks import METADATA_KEY, source_hash
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+IDS = [p.name for p in NOTEBOOKS]
+FIGURE_MAKERS = {("plt", "subplots"), ("plt", "figure")}  # calls that create a matplotlib figure
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def _read(path):
+    return nbformat.read(path, as_version=4)
+
+
+def _code(cell) -> ast.Module:
+    lines = cell.source.splitlines()
+    return ast.parse("\n".join(line for line in lines if not line.lstrip().startswith("%")))
+
+
+def _calls(tree, skip_defs: bool):
+    """What ``tree`` calls: ("plt", "subplots") for plt.subplots(...), ("", "f") for f(...)."""
+    todo, out = list(ast.iter_child_nodes(tree)), set()
+    while todo:
+        node = todo.pop()
+        if skip_defs and isinstance(node, ast.FunctionDef):
+            continue
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                out.add((f.value.id, f.attr))
+            elif isinstance(f, ast.Name):
+                out.add(("", f.id))
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def figure_cells(nb) -> list[int]:
+    """Indices of the code cells that draw a figure: they call plt.subplots / plt.figure outside a
+    function definition, or call a function defined in the notebook that does."""
+    drawing, cells = set(), []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        tree = _code(cell)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and _calls(node, False) & FIGURE_MAKERS:
+                drawing.add(("", node.name))
+        if _calls(tree, True) & (FIGURE_MAKERS | drawing):
+            cells.append(i)
+    return cells
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_committed_notebook_embeds_every_figure_it_draws(path):
+    nb = _read(path)
+    cells = figure_cells(nb)
+    assert cells, f"{path.name} draws no figure (or the detection in this test is broken)"
+    missing = [
+        i
+        for i in cells
+        if not any("image/png" in o.get("data", {}) for o in nb.cells[i].get("outputs", []))
+    ]
+    assert not missing, (
+        f"{path.name}: code cells {missing} draw a figure but embed no image/png in their outputs; "
+        f"start the notebook with `%matplotlib inline` and re-execute it in full "
+        f"(python -m upo_ref.utils.notebooks {path.relative_to(ROOT)})"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_committed_outputs_are_those_of_the_current_code(path):
+    """Guarantees: the committed outputs come from one top-to-bottom run (execution counts
+    1, 2, ..., no error), made by ``upo_ref.utils.notebooks.execute`` (a full run: it refuses
+    fast mode) on exactly the current code cells and the current upo_ref modules the notebook
+    imports. Does not guarantee: the same third-party versions or shared data, nor that a rerun
+    prints the same numbers (timings differ; the notebooks seed their randomness)."""
+    nb = _read(path)
+    counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1)), f"{path.name}: not one run top to bottom"
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, f"{path.name}: committed outputs contain an error"
+    recorded = nb.metadata.get(METADATA_KEY, {}).get("source_hash")
+    assert recorded == source_hash(nb), (
+        f"{path.name}: its code cells or the upo_ref modules it imports changed since its outputs "
+        f"were made; re-execute it in full: python -m upo_ref.utils.notebooks "
+        f"{path.relative_to(ROOT)}"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_runs_clean_in_fast_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("UPO_REF_FAST", "1")
     monkeypatch.setenv("UPO_REF_FIGURES", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = nbformat.read(path, as_version=4)
+    nb = _read(path)
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     ).execute()
@@ -40,3 +125,64 @@ def test_notebook_runs_clean_in_fast_mode(path, tmp_path, monkeypatch):
     assert not missing, (
         f"{path.name} makes figures that are not committed under figures/: {missing}"
     )
+    # Embedded in fast mode too, under MPLBACKEND=Agg (what CI sets).
+    assert all(
+        any("image/png" in o.get("data", {}) for o in nb.cells[i].get("outputs", []))
+        for i in figure_cells(nb)
+    ), f"{path.name}: a figure is not embedded when run under MPLBACKEND=Agg"
+
+
+# Numbers the prose of a committed notebook quotes, each of which one of its cells prints.
+PROSE_NUMBERS = {
+    "01_f_divergences.ipynb": [
+        "88.72",
+        "103.97",
+        "88.75",
+        "88.05",
+        "104.00",
+        "103.95",
+        "88.03",
+        "3.23",
+        "7.46",
+        "1.11",
+    ],
+    "02_kkt_reparameterisation.ipynb": ["1.1e-16", "0.4"],
+    "03_loss_zoo.ipynb": [
+        "7.4e-13",
+        "2.7e-15",
+        "4.99",
+        "147.4",
+        "0.7213",
+        "0.4180",
+        "0.0109",
+        "0.4448",
+        "0.4614",
+        "0.0107",
+        "0.2324",
+        "0.0093",
+        "2.516",
+        "83.592",
+        "0.145",
+    ],
+    "04_bandits.ipynb": ["0.0556", "0.0151", "0.7213", "800"],
+    "06_auxiliary_upo_frontier.ipynb": ["-0.875"],
+}
+
+
+def _printed(nb) -> str:
+    texts = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            texts.append(o.get("text", "") + o.get("data", {}).get("text/plain", ""))
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("name", sorted(PROSE_NUMBERS))
+def test_numbers_quoted_in_the_prose_are_printed_by_the_cells(name):
+    nb = _read(ROOT / "notebooks" / name)
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    printed = _printed(nb)
+    not_in_prose = [x for x in PROSE_NUMBERS[name] if x not in prose]
+    not_printed = [x for x in PROSE_NUMBERS[name] if x not in printed]
+    assert not not_in_prose, f"{name}: the prose no longer quotes {not_in_prose}"
+    assert not not_printed, f"{name}: the prose quotes {not_printed}, which no cell prints"

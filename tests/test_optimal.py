@@ -1,4 +1,5 @@
-"""Theorem 3.1 (KKT), Prop. 3.2 (f-DPO from UPO), eq. (7) and Bradley-Terry, on finite action sets."""
+"""Theorem 3.1 (KKT), Prop. 3.2 (f-DPO from UPO), eq. (7) and Bradley-Terry, on finite action
+sets."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def random_policies(k, n, seed):
     return torch.distributions.Dirichlet(torch.ones(k, dtype=torch.float64)).sample((n,)), g
 
 
-# --- Theorem 3.1 ------------------------------------------------------------------------------------
+# --- Theorem 3.1 ----------------------------------------------------------------------------------
 @given(problem=problems(), div=admissible_divergences())
 def test_theorem_3_1_closed_form_satisfies_kkt_with_eta_zero(problem, div):
     rewards, pi_ref, beta = problem
@@ -125,7 +126,7 @@ def test_theorem_3_1_from_a_preference_matrix(problem):
         assert kkt_residual(pi, rewards, pi_ref, beta, div, lam=lam).max() <= KKT_TOL * (1 + beta)
 
 
-# --- the case Theorem 3.1 excludes: chi-squared ------------------------------------------------------
+# --- the case Theorem 3.1 excludes: chi-squared ---------------------------------------------------
 CHI = get_divergence("chi_squared")
 CHI_REWARDS = torch.tensor([2.0, 1.0, -1.0], dtype=torch.float64)
 CHI_REF = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
@@ -179,7 +180,7 @@ def test_total_variation_has_no_closed_form():
         optimal_policy(CHI_REWARDS, CHI_REF, CHI_BETA, "total_variation")
 
 
-# --- Prop. 3.2 and eq. (7) ---------------------------------------------------------------------------
+# --- Prop. 3.2 and eq. (7) ------------------------------------------------------------------------
 @given(problem=problems(k_min=3), div=admissible_divergences())
 def test_prop_3_2_optimal_policy_reproduces_bradley_terry_preferences(problem, div):
     r, pi_ref, beta = problem
@@ -192,7 +193,8 @@ def test_prop_3_2_optimal_policy_reproduces_bradley_terry_preferences(problem, d
 
 
 def population_fdpo_loss(logits, r, pi_ref, beta, div):
-    """E over ordered pairs (i, j) ~ uniform, labelled i > j with probability p*(i > j), of eq. (21)."""
+    """E over ordered pairs (i, j) ~ uniform, labelled i > j with probability p*(i > j), of eq.
+    (21)."""
     k = len(r)
     i, j = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
     i, j = i[i != j], j[i != j]
@@ -224,7 +226,8 @@ def test_eq_7_logit_of_bradley_terry_is_reward_plus_constant(r, seed):
     r = torch.from_numpy(r)
     g = torch.Generator().manual_seed(seed)
     mu = torch.softmax(torch.randn(len(r), generator=g, dtype=torch.float64), 0)
-    # logit(sigma(d)) recovers d only to ~eps e^{|d|}: 1 - sigma(d) ~ e^{-d} is stored relative to 1.
+    # logit(sigma(d)) recovers d only to ~eps e^{|d|}: 1 - sigma(d) ~ e^{-d} is stored relative to
+    # 1.
     roundtrip = 4 * torch.finfo(torch.float64).eps * (1 + math.exp(r.max().item() - r.min().item()))
     torch.testing.assert_close(
         expected_psi(preference_matrix(r), mu, psi_logit),
@@ -242,7 +245,7 @@ def test_bradley_terry_eq_1_equals_eq_2(rw, rl):
     ).item() == pytest.approx(eq1, rel=1e-13, abs=1e-300)
 
 
-# --- bad input ---------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------
 def test_bad_problems_raise():
     r = torch.tensor([1.0, 0.0], dtype=torch.float64)
     with pytest.raises(ValueError, match="pi_ref must be a strictly positive distribution"):

@@ -1,4 +1,5 @@
-"""The SFT-overlap check (upo_ref.overlap) on a smoke run of the main job, and the unused pairs it reads."""
+"""The SFT-overlap check (upo_ref.overlap) on a smoke run of the main job, and the unused pairs it
+reads."""
 
 import dataclasses
 from collections import Counter
@@ -101,9 +102,10 @@ def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke
 def test_sft_disjoint_keeps_the_preference_training_prompts_out_of_sft():
     r = dataclasses.replace
     base = smoke(get_preset("quick"))
-    base = r(
-        base, data=r(base.data, n_sft_examples=None, compact_vocab=None)
-    )  # every SFT prompt, GPT-2's ids
+    # Every SFT prompt, GPT-2's ids, and prompts long enough that truncation does not make two
+    # different prompts the same tokens (at 16 prompt tokens, two HH prompts can end alike).
+    data = r(base.data, n_sft_examples=None, compact_vocab=None, max_length=512)
+    base = r(base, data=r(data, max_prompt_length=256))
     tok = load_tokenizer(base.model)
     paper_recipe = prepare_data(base, tok)
     control = prepare_data(r(base, data=r(base.data, sft_disjoint=True)), tok)

@@ -1,4 +1,5 @@
-"""Plot helpers: the band drawn is the seed interval of upo_ref.utils.stats, and figures land in figures_dir at 110 dpi."""
+"""Plot helpers: the band drawn is the seed interval of upo_ref.utils.stats, figures land in
+figures_dir at 110 dpi, and Figure 1's accuracy band is one binomial standard error."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from upo_ref.experiments.figure1 import accuracy_band  # noqa: E402
 from upo_ref.utils.plots import FIGURE_DPI, plot_mean_band, save_figure  # noqa: E402
 from upo_ref.utils.stats import mean_interval  # noqa: E402
 
@@ -39,3 +42,11 @@ def test_save_figure_writes_under_figures_dir_at_110_dpi(tmp_path, monkeypatch):
     assert path == tmp_path / "figs" / "00_test.png"
     dpi = Image.open(path).info["dpi"]
     assert [round(d) for d in dpi] == [FIGURE_DPI, FIGURE_DPI] == [110, 110]
+
+
+def test_figure1_accuracy_band_is_one_binomial_standard_error():
+    low, high = accuracy_band([0.5, 0.9, 1.0], 100)
+    assert low == pytest.approx([0.45, 0.87, 1.0], abs=1e-15)
+    assert high == pytest.approx([0.55, 0.93, 1.0], abs=1e-15)
+    with pytest.raises(ValueError, match="n_eval must be the number of eval pairs"):
+        accuracy_band([0.5], 0)

@@ -1,4 +1,4 @@
-"""The main job end to end in smoke mode (quick and paper presets), its outputs, and model loading."""
+"""The main job end to end in smoke mode (quick and paper presets), its outputs, model loading."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from upo_ref.experiments.figure1 import trailing_mean
-from upo_ref.lm.config import TINY_GPT2, ModelConfig, get_preset, smoke
-from upo_ref.lm.data import ASSISTANT_TAG, HH_SUBSETS
+from upo_ref.lm.config import HH_SUBSETS, TINY_GPT2, ModelConfig, get_preset, smoke
+from upo_ref.lm.data import ASSISTANT_TAG, DataError
 from upo_ref.lm.experiment import RunResult, prepare_data
 from upo_ref.lm.models import build_model, load_tokenizer
+from upo_ref.lm.runfiles import RunLockedError, run_lock
 from upo_ref.lm.train import read_metrics
 from upo_ref.reproduce import _parser, config_from_args, format_table, main
 from upo_ref.utils.paths import REPO_ROOT, gpt2_tokenizer_dir
@@ -54,7 +55,8 @@ def check_outputs(out, name: str, eval_points: list[int]):
         records = read_metrics(out / "results" / "metrics" / f"{label.lower()}_beta{beta:g}.jsonl")
         evals = [r for r in records if r["split"] == "eval"]
         assert [r["examples_seen"] for r in evals] == eval_points
-        # Step 0: pi = pi_ref exactly, so h = Uh = 0 and both losses equal (0 - 1/(2 beta))^2 = 1/(4 beta^2).
+        # Step 0: pi = pi_ref exactly, so h = Uh = 0 and both losses equal (0 - 1/(2 beta))^2 = 1/(4
+        # beta^2).
         assert evals[0]["rewards/margins"] == 0.0
         assert evals[0]["loss"] == pytest.approx(1 / (4 * beta**2), rel=1e-12)
         assert (
@@ -68,7 +70,11 @@ def check_outputs(out, name: str, eval_points: list[int]):
     return summary
 
 
-def test_quick_preset_smoke_end_to_end_and_resume(tmp_path):
+def without_time(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def test_quick_preset_smoke_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     results = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert [(r.label, r.beta) for r in results] == GRID
@@ -82,6 +88,27 @@ def test_quick_preset_smoke_end_to_end_and_resume(tmp_path):
     again = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert [r.final for r in again] == [r.final for r in results]
     assert {p.name: p.read_text() for p in (out / "results" / "metrics").iterdir()} == before
+    # --fresh-run NAME retrains that run only, to the same numbers (the CPU is deterministic).
+    written = {d.name: (d / "metrics.jsonl").stat().st_mtime_ns for d in out.glob("*_beta*")}
+    main(["--smoke", "--out", str(out), "--no-progress", "--fresh-run", "ipo_beta0.2"])
+    assert "starting over: ipo_beta0.2\n" in capsys.readouterr().out
+    rewritten = {
+        d: t for d, t in written.items() if (out / d / "metrics.jsonl").stat().st_mtime_ns != t
+    }
+    assert list(rewritten) == ["ipo_beta0.2"]
+    strip = lambda name: without_time(read_metrics(out / "results" / "metrics" / name))  # noqa: E731
+    assert strip("ipo_beta0.2.jsonl") == without_time(
+        [json.loads(line) for line in before["ipo_beta0.2.jsonl"].splitlines()]
+    )
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--out", str(out), "--no-progress", "--fresh-run", "dpo_beta9"])
+    assert (
+        "--fresh-run dpo_beta9: no such run; the runs are sft, ipo_beta0.1"
+        in capsys.readouterr().err
+    )
+    with run_lock(out):  # another command holds the folder
+        with pytest.raises(RunLockedError, match=rf"{out} is in use by another run"):
+            main(["--smoke", "--out", str(out), "--no-progress"])
 
 
 def write_official_hh(root, n_train: int, n_test: int):
@@ -106,7 +133,8 @@ def write_official_hh(root, n_train: int, n_test: int):
 
 
 def write_shp(root, split: str, n: int):
-    """n kept pairs (score ratio 3) and one filtered pair (ratio 1.5) in <root>/askscience/<split>.json."""
+    """n kept pairs (score ratio 3) and one filtered pair (ratio 1.5) in
+    <root>/askscience/<split>.json."""
     rows = [
         {
             "history": f"{split} question {i}?",
@@ -134,8 +162,8 @@ def write_shp(root, split: str, n: int):
 
 
 def test_paper_preset_smoke_on_official_files_plus_shp(tmp_path, capsys):
-    """The paper preset's code path (official HH train/test files plus SHP, RMSprop, microbatches) on a
-    tiny model."""
+    """The paper preset's code path (official HH train/test files plus SHP, RMSprop, microbatches)
+    on a tiny model."""
     hh, shp = tmp_path / "hh", tmp_path / "shp"
     write_official_hh(hh, n_train=5, n_test=3)
     write_shp(shp, "train", 16)
@@ -224,11 +252,56 @@ def test_command_line_overrides():
         config_from_args(parse(["--preset", "huge"]))
 
 
+def test_command_line_edges_are_clear_errors(monkeypatch, capsys):
+    parse = _parser().parse_args
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            parse(["--threads", bad])
+        assert f"--threads: must be a whole number >= 1, got '{bad}'" in capsys.readouterr().err
+    assert config_from_args(parse(["--smoke", "--threads", "3"])).threads == 3
+    assert config_from_args(parse(["--smoke"])).threads is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--device", "cuda"])
+    assert "device 'cuda': CUDA is not available to this torch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--device", "tpu"])
+    assert "device 'tpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--eval-data", "e.jsonl"])
+    assert "--eval-data is the eval set of --data" in capsys.readouterr().err
+
+
+def write_trl(path, n: int, bad_row: str | None = None):
+    rows = [
+        json.dumps({"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": " No."})
+        for i in range(n)
+    ]
+    path.write_text("\n".join(rows + ([bad_row] if bad_row else [])) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_trl_format_data_on_the_command_line(tmp_path):
+    parse = _parser().parse_args
+    train_file, eval_file = write_trl(tmp_path / "t.jsonl", 20), write_trl(tmp_path / "e.jsonl", 9)
+    cfg = config_from_args(parse(["--smoke", "--data", train_file, "--eval-data", eval_file]))
+    assert cfg.data.datasets == ("trl",) and cfg.data.trl_eval == eval_file
+    data = prepare_data(cfg, load_tokenizer(cfg.model))
+    assert (len(data.pref_train), len(data.pref_eval)) == (16, 8)
+    assert any("TRL-format" in line and "20 rows read" in line for line in data.reports)
+    # The same truncation recipe as HH: at most max_length tokens, EOS ending every short response.
+    assert all(len(p.prompt) + len(p.chosen) <= cfg.data.max_length for p in data.pref_train)
+    bad = write_trl(tmp_path / "bad.jsonl", 20, json.dumps({"prompt": "x", "chosen": " y"}))
+    cfg = config_from_args(parse(["--smoke", "--data", bad]))
+    with pytest.raises(DataError, match=r"bad[.]jsonl:21: missing field\(s\) \['rejected'\]"):
+        prepare_data(cfg, load_tokenizer(cfg.model))
+
+
 def test_asking_for_more_pairs_than_the_split_has_is_an_error():
     cfg = get_preset("quick")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval_pairs=10_000))
     with pytest.raises(
-        ValueError, match="asked for 10000 hh eval pairs but the split has only 722"
+        ValueError, match="asked for 10000 hh eval pairs but the split has only 718"
     ):
         prepare_data(cfg, load_tokenizer(cfg.model))
 
@@ -250,10 +323,11 @@ def test_compact_vocabulary_is_built_from_the_training_split_and_maps_every_spli
     }
     assert len(train_tokens) < k - 1  # 16 smoke pairs: every training token is kept
     for split in ("sft_train", "sft_eval", "pref_train", "pref_eval"):
-        for before, after in zip(getattr(full, split), getattr(data, split)):
+        for before, after in zip(getattr(full, split), getattr(data, split), strict=True):
             for a, b in zip(
                 (before.prompt, before.chosen, before.rejected),
                 (after.prompt, after.chosen, after.rejected),
+                strict=True,
             ):
                 assert len(a) == len(b) and max(b) < k
                 # a token is UNK exactly when the training data does not have it; EOS maps to pad_id
@@ -303,7 +377,8 @@ def test_format_table():
         "",
         "SFT model (pi_ref): eval NLL 5.4321 nats/token, 145.00 nats/response.",
     ]
-    # With the number of eval pairs: the binomial standard error sqrt(a (1 - a) / n); 0.5 over 64 pairs is 1/16.
+    # With the number of eval pairs: the binomial standard error sqrt(a (1 - a) / n); 0.5 over 64
+    # pairs is 1/16.
     assert format_table(runs, {}, n_eval=64).splitlines() == [
         "| run | beta | eval accuracy | eval reward margin | eval loss |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -366,13 +441,16 @@ def test_gguf_file_is_passed_to_transformers_as_gguf_file(tmp_path, monkeypatch)
 
 
 def test_importing_upo_ref_has_no_side_effects():
-    """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until used."""
+    """No global torch settings, no RNG draws, no printing, and no transformers/matplotlib until
+    used."""
     code = (
         "import sys, torch; n = torch.get_num_threads(); s = torch.get_rng_state()\n"
-        "import upo_ref.lm.config, upo_ref.lm.data, upo_ref.experiments.figure1, upo_ref.lm.logprobs, upo_ref.lm.models, upo_ref.reproduce, "
-        "upo_ref.lm.synthetic, upo_ref.lm.train\n"
+        "import upo_ref.lm.config, upo_ref.lm.data, upo_ref.lm.split, upo_ref.lm.tokenize\n"
+        "import upo_ref.experiments.figure1, upo_ref.lm.logprobs, upo_ref.lm.models\n"
+        "import upo_ref.reproduce, upo_ref.lm.synthetic, upo_ref.lm.train\n"
         "assert torch.get_num_threads() == n and torch.equal(torch.get_rng_state(), s)\n"
-        "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'\n"
+        "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules, "
+        "'heavy import'\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120

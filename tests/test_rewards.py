@@ -1,5 +1,5 @@
-"""Offline auxiliary rewards (upo_ref.auxiliary.rewards): Flesch scores worked by hand, the syllable rules,
-hashed features, and the safety scorer measured on held-out HH harmless-base pairs."""
+"""Offline auxiliary rewards (upo_ref.auxiliary.rewards): Flesch scores worked by hand, the syllable
+rules, hashed features, and the safety scorer measured on held-out HH harmless-base pairs."""
 
 from __future__ import annotations
 
@@ -12,20 +12,21 @@ from strategies import F64_RTOL
 
 from upo_ref.auxiliary.rewards import (
     SAFETY_FEATURE_DIM,
-    HHPair,
+    SAFETY_HELD_OUT,
     TextStats,
     count_syllables,
     flesch_kincaid_grade,
     flesch_reading_ease,
+    harmless_pairs,
     hashed_ngram_features,
-    load_hh_pairs,
     pairwise_accuracy,
     readability_rewards,
-    split_by_prompt,
     text_stats,
     train_bradley_terry_scorer,
     train_safety_scorer,
 )
+from upo_ref.lm.data import PreferencePair
+from upo_ref.lm.split import prompt_hash_fraction
 
 # Dictionary syllable counts (Merriam-Webster) of words each rule of count_syllables decides.
 SYLLABLES = {
@@ -93,7 +94,8 @@ def test_flesch_worked_by_hand():
     assert text_stats(s) == TextStats(1, 6, 6)
     assert flesch_reading_ease(s) == pytest.approx(206.835 - 1.015 * 6 - 84.6 * 1, rel=F64_RTOL)
     assert flesch_kincaid_grade(s) == pytest.approx(0.39 * 6 + 11.8 * 1 - 15.59, rel=F64_RTOL)
-    # Readability(5) matters(2). Simple(2) words(1) help(1) readers(2).: 2 sentences, 6 words, 13 syllables.
+    # Readability(5) matters(2). Simple(2) words(1) help(1) readers(2).: 2 sentences, 6 words, 13
+    # syllables.
     t = "Readability matters. Simple words help readers."
     assert text_stats(t) == TextStats(2, 6, 13)
     assert flesch_reading_ease(t) == pytest.approx(
@@ -151,35 +153,31 @@ def test_bradley_terry_scorer_learns_the_separating_words():
     ] * 3
     rejected = ["here is how to harm them", "harm and hurt them badly", "i will hurt you"] * 3
     scorer = train_bradley_terry_scorer(chosen, rejected, dim=256, l2=1e-4)
-    pairs = [HHPair("", c, r) for c, r in zip(chosen, rejected)]
+    pairs = [PreferencePair("", c, r) for c, r in zip(chosen, rejected, strict=True)]
     assert pairwise_accuracy(scorer, pairs) == 1.0
     s = scorer(["kindly help", "hurt and harm"])
     assert s[0] > 0 > s[1]
 
 
-def test_split_by_prompt_is_deterministic_and_keeps_prompts_together():
-    pairs = [HHPair(f"prompt {i % 300}", "c", "r") for i in range(900)]
-    train, held = split_by_prompt(pairs)
-    assert (train, held) == split_by_prompt(pairs)
+def test_harmless_pairs_come_from_the_pipelines_loader_and_prompt_hash_split():
+    """The one HH loader: every row of the local harmless-base file is kept or dropped and listed,
+    prompts end at the last assistant turn, and the split is the pipeline's (no prompt on both
+    sides, the held-out side exactly the pairs whose prompt hash is below SAFETY_HELD_OUT)."""
+    train, held, report = harmless_pairs()
+    assert report.n_rows == 2312  # the official test split, shared/README.md
+    assert len(train) + len(held) == report.n_pairs == 2312 - sum(map(len, report.dropped.values()))
+    assert all(p.prompt.endswith("\n\nAssistant:") for p in train + held)
     assert not {p.prompt for p in train} & {p.prompt for p in held}
-    assert abs(len(held) / len(pairs) - 0.2) < 0.06  # 300 prompts: CRC-32 mod 1000 is near uniform
-
-
-def test_load_hh_pairs_splits_off_the_last_assistant_turn():
-    pairs = load_hh_pairs("harmless-base")
-    assert len(pairs) == 2312  # the official test split, shared/README.md
-    assert all(
-        p.prompt.endswith("\n\nAssistant:") and p.prompt.startswith("\n\nHuman:") for p in pairs
-    )
-    assert not any("\n\nAssistant:" in p.chosen for p in pairs)
-    with pytest.raises(ValueError, match="no HH-RLHF file"):
-        load_hh_pairs("no-such-subset")
+    assert all(prompt_hash_fraction(p.prompt) < SAFETY_HELD_OUT for p in held)
+    assert all(prompt_hash_fraction(p.prompt) >= SAFETY_HELD_OUT for p in train)
+    with pytest.raises(FileNotFoundError, match="harmless-base/test.jsonl.gz not found"):
+        harmless_pairs("/no/such/folder")
 
 
 def test_safety_scorer_ranks_held_out_harmless_pairs_above_chance():
     """Trained on 80 % of harmless-base prompts, it must rank the other 20 % better than a coin by
     three standard errors of a fair coin's accuracy, sqrt(0.25 / n)."""
-    train, held = split_by_prompt(load_hh_pairs("harmless-base"))
+    train, held, _ = harmless_pairs()
     scorer = train_safety_scorer(train)
     accuracy = pairwise_accuracy(scorer, held)
     assert accuracy > 0.5 + 3 * math.sqrt(0.25 / len(held))

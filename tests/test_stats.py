@@ -1,4 +1,5 @@
-"""Seed aggregation: Student-t quantiles against closed forms and tables, and the interval's coverage."""
+"""Seed aggregation: Student-t quantiles against closed forms and tables, and the interval's
+coverage."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from upo_ref.utils.stats import binomial_se, mean_interval, mean_se, student_t_q
 
 QUANTILE_RTOL = 1e-10  # Simpson's rule + bisection against exact values
 
-# Closed forms: t(1) is the Cauchy distribution, t_p = tan(pi (p - 1/2)); t(2) has t_p = (2p - 1) / sqrt(2 p (1 - p)).
+# Closed forms: t(1) is the Cauchy distribution, t_p = tan(pi (p - 1/2)); t(2) has t_p = (2p - 1) /
+# sqrt(2 p (1 - p)).
 CLOSED_FORM = [(p, 1, math.tan(math.pi * (p - 0.5))) for p in (0.6, 0.9, 0.975, 0.995)] + [
     (p, 2, (2 * p - 1) / math.sqrt(2 * p * (1 - p))) for p in (0.6, 0.9, 0.975, 0.995)
 ]

@@ -16,6 +16,7 @@ from upo_ref.lm.train import (
     CHECKPOINT,
     NonFiniteLossError,
     PreferencePhase,
+    RunFolderError,
     SFTPhase,
     example_indices,
     read_metrics,
@@ -33,7 +34,7 @@ replace = dataclasses.replace
 
 @pytest.fixture(scope="module")
 def synthetic():
-    """The synthetic preset's data, a builder of its initial model, and pi_ref's log-probs (once)."""
+    """The synthetic preset's data, a builder of its initial model, pi_ref's log-probs (once)."""
     cfg = get_preset("synthetic")
     data = prepare_data(cfg)
 
@@ -85,9 +86,9 @@ def test_synthetic_task_is_learnt(synthetic, tmp_path, name, divergence):
     )
     evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
     # Step 0: pi = pi_ref, evaluated in the same batches as pi_ref's log-probs, so every margin is
-    # exactly 0 and no pair is (strictly) preferred yet.
+    # exactly 0: every pair is a tie, and a tie counts half (losses.preference_metrics).
     assert evals[0]["examples_seen"] == 0
-    assert evals[0]["rewards/margins"] == 0.0 and evals[0]["rewards/accuracies"] == 0.0
+    assert evals[0]["rewards/margins"] == 0.0 and evals[0]["rewards/accuracies"] == 0.5
     assert final["rewards/accuracies"] >= MIN_HELD_OUT_ACCURACY
     assert final["rewards/margins"] > 0
     assert [r["examples_seen"] for r in evals] == [0, 384, 768, 1152, 1536]
@@ -95,7 +96,8 @@ def test_synthetic_task_is_learnt(synthetic, tmp_path, name, divergence):
 
 def test_sft_learns_the_chosen_responses(synthetic, tmp_path):
     """SFT on the chosen responses: per-token NLL from about log(13) (uniform over the vocabulary)
-    to below log(8) * 6/7 (uniform over the 8 content tokens, EOS free), i.e. it learns the liked tokens."""
+    to below log(8) * 6/7 (uniform over the 8 content tokens, EOS free), i.e. it learns the liked
+    tokens."""
     cfg, data, new_model, _ = synthetic
     phase_cfg = small_phase(n_examples=1024, eval_every=1024, lr=3e-3)
     final = train(
@@ -123,8 +125,9 @@ class Interrupted(Exception):
 
 
 class FailOnCall:
-    """A loss that behaves like ``loss_fn`` until its ``n``-th training call, then fails with ``failure``:
-    an exception class to raise, or a function of the log-probs whose value it returns."""
+    """A loss that behaves like ``loss_fn`` until its ``n``-th training call, then fails with
+    ``failure``: an exception class to raise, or a function of the log-probs whose value it returns.
+    """
 
     def __init__(self, loss_fn, n, failure):
         self.loss_fn, self.n, self.failure, self.calls = loss_fn, n, failure, 0
@@ -167,7 +170,9 @@ def test_resume_is_exact(synthetic, tmp_path):
     )
     assert without_time(a) == without_time(b)
     assert [r["examples_seen"] for r in a if r["split"] == "eval"] == [0, 32, 64, 96]
-    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, p), q in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         assert torch.equal(p, q), name
     # A finished run resumes to its end at once and returns the same final metrics.
     again = train(
@@ -196,7 +201,12 @@ def test_resume_refuses_a_checkpoint_of_another_config(synthetic, tmp_path):
         CPU,
         progress=False,
     )
-    with pytest.raises(ValueError, match="was written by a different run configuration"):
+    with pytest.raises(
+        RunFolderError,
+        match=r"was written by a different run configuration; what differs \(checkpoint -> this "
+        r"run\): cfg.lr: 0.001 -> 0.002[.] Use another output folder, or to start this run over: "
+        r"`--fresh-run test_resume_refuses_a_checkpoi0`",
+    ):
         train(
             new_model(),
             phase,
@@ -259,7 +269,10 @@ def test_non_finite_policy_logps_are_reported(synthetic, tmp_path):
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
     phase = PreferencePhase(PreferenceLoss("ipo"), 0.1, reference, data.pad_id)
-    with pytest.raises(NonFiniteLossError, match="non-finite policy log-probs"):
+    with pytest.raises(
+        ValueError,
+        match=r"policy_chosen_logps has \d+ non-finite value\(s\), the first nan",
+    ):
         train(
             model,
             phase,
@@ -278,8 +291,8 @@ def test_non_finite_policy_logps_are_reported(synthetic, tmp_path):
 
 
 def test_one_forward_pass_per_step_and_none_for_the_reference(synthetic, tmp_path):
-    """Chosen and rejected share one forward pass, and pi_ref is never run during training: the model
-    body runs once per microbatch and once per eval batch, nothing more."""
+    """Chosen and rejected share one forward pass, and pi_ref is never run during training: the
+    model body runs once per microbatch and once per eval batch, nothing more."""
     cfg, data, new_model, reference = synthetic
     model = new_model()
     calls = []
@@ -300,29 +313,31 @@ def test_one_forward_pass_per_step_and_none_for_the_reference(synthetic, tmp_pat
     assert len(calls) == steps * micro + evals * eval_batches
 
 
-def test_a_loss_that_takes_the_batch_gets_it_with_its_per_pair_extras(synthetic, tmp_path):
-    """The hook for combined losses (e.g. auxiliary-objective UPO): ``takes_batch = True``, and per-pair
-    tensors given to the phase as ``extras`` arrive in the batch, looked up by index for each split."""
+def test_an_objective_gets_the_per_pair_extras_it_names(synthetic, tmp_path):
+    """The interface of combined losses (e.g. auxiliary-objective UPO): an objective names its
+    per-pair inputs in ``extra_keys``, and the phase's ``extras`` of those names arrive in each
+    call, looked up by index for each split (here each pair's extra is its index, negated for
+    eval)."""
     cfg, data, new_model, reference = synthetic
     seen = {"train": [], "eval": []}
 
-    class WithBatch:
-        takes_batch = True
+    class WithExtras:
+        label, extra_keys, divergence = "IPO with an extra", ("aux_reward",), None
 
-        def __call__(self, pc, pr, rc, rr, beta, batch):
+        def losses(self, pc, pr, rc, rr, beta, extras):
             split = "train" if torch.is_grad_enabled() else "eval"
-            assert torch.equal(
-                batch["aux_reward"], batch["index"] * (1.0 if split == "train" else -1.0)
-            )
-            seen[split].extend(batch["index"].tolist())
+            seen[split].extend((extras["aux_reward"] * (1 if split == "train" else -1)).tolist())
             return ipo_loss(pc, pr, rc, rr, beta)
+
+        def metrics(self, pc, pr, rc, rr, beta, extras):
+            return {}
 
     extras = {
         "train": {"aux_reward": torch.arange(len(data.pref_train), dtype=torch.float32)},
         "eval": {"aux_reward": -torch.arange(len(data.pref_eval), dtype=torch.float32)},
     }
     phase_cfg = small_phase(n_examples=48, eval_every=48)
-    phase = PreferencePhase(WithBatch(), 0.1, reference, data.pad_id, extras=extras)
+    phase = PreferencePhase(WithExtras(), 0.1, reference, data.pad_id, extras=extras)
     train(
         new_model(),
         phase,
@@ -451,6 +466,9 @@ def test_phase_config_checks(kwargs, message):
         (dict(datasets=()), "datasets must be a non-empty subset"),
         (dict(hh_split="random"), "hh_split must be"),
         (dict(max_length=64, max_prompt_length=64), "max_prompt_length < max_length"),
+        (dict(datasets=("trl",)), "dataset 'trl' and trl_train go together"),
+        (dict(trl_train="t.jsonl"), "dataset 'trl' and trl_train go together"),
+        (dict(datasets=("hh",), trl_eval="e.jsonl"), "trl_eval is the eval set of trl_train"),
     ],
 )
 def test_data_config_checks(kwargs, message):

@@ -91,7 +91,8 @@ def _losses_main(args) -> None:
 
 
 # --- one preference-training step ---------------------------------------------------------------
-# Dense bf16 tensor-core peaks (TFLOP/s) by device name, from the vendors' data sheets; override with
+# Dense bf16 tensor-core peaks (TFLOP/s) by device name, from the vendors' data sheets; override
+# with
 # --peak-tflops. MFU is only as meaningful as this number.
 BF16_PEAK_TFLOPS = {
     "H100 80GB HBM3": 989.4,
@@ -188,7 +189,8 @@ def step_fn(
 
 @torch.no_grad()
 def reference_logps_of(ref_model, batch: dict) -> tuple:
-    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of a pair batch, each (B,), from one no-grad forward."""
+    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of a pair batch, each (B,), from one no-grad
+    forward."""
     from .lm.logprobs import concatenated_logps
 
     return concatenated_logps(ref_model, batch)
@@ -197,7 +199,7 @@ def reference_logps_of(ref_model, batch: dict) -> tuple:
 def random_pair_batch(batch: int, length: int, prompt: int, vocab: int, seed: int = 0) -> dict:
     """2 * batch rows of random token ids, each a prompt of ``prompt`` tokens and a response filling
     the rest (the worst case: no padding), in ``collate_pairs``'s layout."""
-    from .lm.data import IGNORE_INDEX
+    from .lm.logprobs import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2 * batch, length), generator=g)
@@ -290,8 +292,9 @@ def _step_main(args) -> None:
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"preference step: GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab}, batch {args.batch} "
-        f"pairs x {args.length} tokens (prompt {args.prompt}), JS-IUPO, {name}, mean of {args.steps} steps"
+        f"preference step: GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab}, "
+        f"batch {args.batch} pairs x {args.length} tokens (prompt {args.prompt}), JS-IUPO, {name}, "
+        f"mean of {args.steps} steps"
     )
     print(f"{'how':<8}{'s/step':>10}{'pairs/s':>10}{'tokens/s':>12}{'MFU':>8}")
     for r in rows:

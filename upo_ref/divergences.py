@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -278,7 +279,9 @@ class AlphaDivergence(Divergence):
     f_prime_at_zero = -math.inf
 
     def __init__(self, alpha: float):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+        if isinstance(alpha, Tensor) and alpha.numel() == 1:  # a 0-d tensor, like beta
+            alpha = alpha.item()
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
             raise ValueError(
                 f"alpha must be a number strictly between 0 and 1 for the alpha-divergence, got "
                 f"{alpha!r}; alpha -> 0 approaches reverse KL (use 'reverse_kl'), alpha -> 1 forward "

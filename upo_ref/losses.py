@@ -266,8 +266,11 @@ def preference_metrics(
 
     ``rewards/*`` are DPO's implicit rewards beta log(pi(y)/pi_ref(y)), the same for every loss, so
     curves of different losses are comparable (the paper's "evaluation margin reward"):
-    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (chosen - rejected) and
-    ``rewards/accuracies`` (1.0 where chosen > rejected, strictly).
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (chosen - rejected),
+    ``rewards/accuracies`` (1.0 where chosen > rejected, 0.5 on a tie, 0.0 otherwise) and
+    ``rewards/ties`` (1.0 where chosen == rejected). A tie counts half, so an indifferent policy
+    (pi = pi_ref: every margin is 0) scores exactly 0.5, chance, and the mean is an unbiased
+    estimate of P(margin > 0) + P(margin = 0) / 2.
 
     ``scores/*`` are the loss's own reward model, beta f'(pi(y)/pi_ref(y)) (eq. 18-19), for the given
     divergence (reverse KL when None, where scores = rewards + beta): ``scores/chosen``,
@@ -283,11 +286,13 @@ def preference_metrics(
     log_u_l = policy_rejected_logps - reference_rejected_logps
     chosen, rejected = beta * log_u_w, beta * log_u_l
     score_w, score_l = beta * div.f_prime_of_log(log_u_w), beta * div.f_prime_of_log(log_u_l)
+    tie = (chosen == rejected).to(chosen.dtype)
     return {
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": chosen - rejected,
-        "rewards/accuracies": (chosen > rejected).to(chosen.dtype),
+        "rewards/accuracies": (chosen > rejected).to(chosen.dtype) + 0.5 * tie,
+        "rewards/ties": tie,
         "scores/chosen": score_w,
         "scores/rejected": score_l,
         "scores/margins": score_w - score_l,

@@ -3,11 +3,17 @@ r"""The UPO optimum on a finite action set: closed form, a numerical check, and 
 For one context x, write r(y) = E_{y' ~ mu} Psi(p*(y > y')) (the first term of eq. 11; it does
 not depend on pi). The UPO objective (11) is then
 
-.. math:: \max_{\pi \in \Delta} \; J(\pi) = \sum_y \pi(y) r(y) - \beta \sum_y \pi_{ref}(y) f\!\left(\frac{\pi(y)}{\pi_{ref}(y)}\right).
+.. math::
+
+    \max_{\pi \in \Delta} \; J(\pi) = \sum_y \pi(y) r(y)
+        - \beta \sum_y \pi_{ref}(y) f\!\left(\frac{\pi(y)}{\pi_{ref}(y)}\right).
 
 Its Lagrangian (13) gives, at a KKT point (eq. 14-15),
 
-.. math:: r(y) = \beta f'\!\left(\frac{\pi^*(y)}{\pi_{ref}(y)}\right) + \lambda - \eta(y), \qquad \eta \ge 0,\; \pi^* \eta = 0.
+.. math::
+
+    r(y) = \beta f'\!\left(\frac{\pi^*(y)}{\pi_{ref}(y)}\right) + \lambda - \eta(y),
+    \qquad \eta \ge 0,\; \pi^* \eta = 0.
 
 Theorem 3.1: when 0 is not in dom f' (f'(u) -> -inf as u -> 0+) every pi*(y) > 0, so eta = 0
 and r(y) = beta f'(pi*/pi_ref) + lambda (eq. 12/16) with one constant lambda. Solving for pi*:
@@ -67,7 +73,8 @@ def psi_identity(p: Tensor) -> Tensor:
 
 
 def psi_logit(p: Tensor) -> Tensor:
-    """Psi(p) = log(p / (1 - p)): with Bradley-Terry p*, E Psi = r + const (eq. 7); gives DPO / f-DPO."""
+    """Psi(p) = log(p / (1 - p)): with Bradley-Terry p*, E Psi = r + const (eq. 7); gives DPO /
+    f-DPO."""
     return torch.logit(p)
 
 
@@ -77,7 +84,8 @@ def preference_matrix(rewards: Tensor) -> Tensor:
 
 
 def expected_psi(P: Tensor, mu: Tensor, psi=psi_identity) -> Tensor:
-    r"""r(y) = E_{y' ~ mu} Psi(p*(y > y')), the first term of eq. (6)/(11). P: (K, K), mu: (K,) -> (K,)."""
+    r"""r(y) = E_{y' ~ mu} Psi(p*(y > y')), the first term of eq. (6)/(11). P: (K, K), mu: (K,) ->
+    (K,)."""
     return psi(P) @ mu
 
 
@@ -88,12 +96,14 @@ def _check_problem(
     for x, name in ((rewards, "rewards"), (pi_ref, "pi_ref")):
         if not isinstance(x, Tensor) or x.dim() != 1 or not x.is_floating_point():
             raise ValueError(
-                f"{name} must be a 1-D floating tensor of shape (K,), got {getattr(x, 'shape', type(x))}"
+                f"{name} must be a 1-D floating tensor of shape (K,), got "
+                f"{getattr(x, 'shape', type(x))}"
             )
         check_finite(x, name)
     if rewards.shape != pi_ref.shape:
         raise ValueError(
-            f"rewards has shape {tuple(rewards.shape)} but pi_ref has {tuple(pi_ref.shape)}; both must be (K,)"
+            f"rewards has shape {tuple(rewards.shape)} but pi_ref has {tuple(pi_ref.shape)}; both "
+            "must be (K,)"
         )
     if bool((pi_ref <= 0).any()) or abs(pi_ref.sum().item() - 1) > 1e-9:
         raise ValueError(
@@ -122,9 +132,10 @@ def optimal_policy(
         return_lam: also return the multiplier lambda (a Python float).
 
     Returns:
-        pi* of shape (K,) (and lambda). Under reverse KL, lambda = beta (logsumexp(log pi_ref + r / beta) - 1)
-        exactly; otherwise lambda is found by bisection on the strictly decreasing function
-        lambda -> sum_y pi_ref(y) u*((r(y) - lambda) / beta), to two float64 ulps of its scale.
+        pi* of shape (K,) (and lambda). Under reverse KL, lambda = beta (logsumexp(log pi_ref + r /
+            beta) - 1) exactly; otherwise lambda is found by bisection on the strictly decreasing
+            function lambda -> sum_y pi_ref(y) u*((r(y) - lambda) / beta), to two float64 ulps of
+            its scale.
     """
     beta, div = _check_problem(rewards, pi_ref, beta, divergence)
     if isinstance(div, ReverseKL):
@@ -233,11 +244,14 @@ class KKTResidual:
     eta is read off stationarity (eq. 15): eta(y) = lambda - (r(y) - beta f'(pi(y)/pi_ref(y))).
 
     Attributes:
-        stationarity: max over the support of |r - beta f'(pi/pi_ref) - lambda| (eq. 16: eta = 0 where pi > 0).
+        stationarity: max over the support of |r - beta f'(pi/pi_ref) - lambda| (eq. 16: eta = 0
+            where pi > 0).
         primal_feasibility: |sum pi - 1| + max(0, -min pi).
-        dual_feasibility: max(0, -min eta): eta >= 0 fails where an action with pi = 0 would want more mass.
+        dual_feasibility: max(0, -min eta): eta >= 0 fails where an action with pi = 0 would want
+            more mass.
         complementary_slackness: max |pi eta|.
-        lam: the lambda used (given, or fitted as the pi-weighted mean of r - beta f'(u) on the support).
+        lam: the lambda used (given, or fitted as the pi-weighted mean of r - beta f'(u) on the
+            support).
         eta: (K,) the multipliers.
     """
 
@@ -260,7 +274,8 @@ class KKTResidual:
 def kkt_residual(
     pi: Tensor, rewards: Tensor, pi_ref: Tensor, beta: float, divergence, lam: float | None = None
 ) -> KKTResidual:
-    """The KKT residuals of a candidate pi (and lambda) for the problem of :func:`optimal_policy`."""
+    """The KKT residuals of a candidate pi (and lambda) for the problem of
+    :func:`optimal_policy`."""
     implied = implied_lambda(pi, rewards, pi_ref, beta, divergence)
     support = pi > 0
     if lam is None:

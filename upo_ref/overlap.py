@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .lm.config import PRESETS, ExperimentConfig, get_preset, smoke
-from .lm.experiment import RunResult, load_experiment_data
+from .lm.experiment import load_experiment_data, run_name
 from .lm.logprobs import head_is_linear_readout
 from .lm.models import build_model
 from .lm.train import CHECKPOINT, reference_logps
@@ -45,8 +45,8 @@ GROUPS = ("trained", "unused", "eval")
 
 @dataclass
 class GroupStats:
-    """One model on one group of pairs: its accuracy (strict, as the trainer logs it), its mean
-    implicit-reward margin beta * h, and the number of pairs."""
+    """One model on one group of pairs: its accuracy (a tie counts half, as the trainer logs it),
+    its mean implicit-reward margin beta * h, and the number of pairs."""
 
     model: str
     group: str
@@ -67,11 +67,26 @@ def _load_weights(model, path: Path, cfg: ExperimentConfig) -> None:
     made_with = {k: state["identity"].get(k) for k in ("model", "data")}
     if made_with != {k: e[k] for k in ("model", "data")}:
         raise ValueError(
-            f"{path} was made with another model or data config than preset {cfg.name!r}:\n"
-            f"  checkpoint: {made_with}\n  preset:     { ({k: e[k] for k in ('model', 'data')}) }\n"
-            f"pass the --preset (and --smoke) that wrote this --out"
+            f"{path} was made with another model or data config than preset {cfg.name!r}:\n  "
+            f"checkpoint: {made_with}\n  preset:     "
+            f"{ ({k: e[k] for k in ('model', 'data')}) }\npass the --preset (and --smoke) that "
+            "wrote this --out"
         )
     model.load_state_dict(state["model"])
+
+
+def _check_overlap_inputs(cfg: ExperimentConfig, n_unused: int | None) -> None:
+    if not cfg.sft.n_examples:
+        raise ValueError(f"preset {cfg.name!r} has no SFT phase: there is no overlap to check")
+    if cfg.data.n_train_pairs is None:
+        raise ValueError(
+            f"preset {cfg.name!r} uses every training pair for preference training "
+            "(n_train_pairs=None): no 'unused' group"
+        )
+    if n_unused is not None and n_unused < 1:
+        raise ValueError(
+            f"n_unused must be a positive number of pairs or None (all), got {n_unused}"
+        )
 
 
 def overlap_check(
@@ -80,25 +95,16 @@ def overlap_check(
     """The check on the finished run of ``cfg`` under ``out_dir`` (CPU); see the module docstring.
     ``n_unused``: how many of the unused training pairs to score (None: all).
 
-    Rows: pi_ref first (``margin`` is then its mean log pi_ref(y_w) - log pi_ref(y_l) and ``accuracy``
-    its ranking), then every (loss, beta) run, each on ``GROUPS``.
+    Rows: pi_ref first (``margin`` is then its mean log pi_ref(y_w) - log pi_ref(y_l) and
+    ``accuracy`` its ranking), then every (loss, beta) run, each on ``GROUPS``.
     """
     out_dir = Path(out_dir)
-    if not cfg.sft.n_examples:
-        raise ValueError(f"preset {cfg.name!r} has no SFT phase: there is no overlap to check")
-    if cfg.data.n_train_pairs is None:
-        raise ValueError(
-            f"preset {cfg.name!r} uses every training pair for preference training (n_train_pairs=None): "
-            f"no 'unused' group"
-        )
-    if n_unused is not None and n_unused < 1:
-        raise ValueError(
-            f"n_unused must be a positive number of pairs or None (all), got {n_unused}"
-        )
+    _check_overlap_inputs(cfg, n_unused)
     _, data = load_experiment_data(cfg, keep_unused=n_unused)
     if not data.pref_unused:
         raise ValueError(
-            f"preset {cfg.name!r} uses every training pair for preference training: no 'unused' group"
+            f"preset {cfg.name!r} uses every training pair for preference training: no 'unused' "
+            "group"
         )
     groups = {"trained": data.pref_train, "unused": data.pref_unused, "eval": data.pref_eval}
     device, batch = torch.device("cpu"), cfg.pref.eval_batch_size
@@ -121,16 +127,14 @@ def overlap_check(
                 "pi_ref",
                 g,
                 len(diff),
-                float((diff > 0).double().mean()),
+                float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean()),  # ties half
                 float(diff.double().mean()),
             )
         )
     for loss_name, divergence in cfg.losses:
         label = PreferenceLoss(loss_name, divergence).label
         for beta in cfg.betas:
-            _load_weights(
-                model, out_dir / RunResult(label, beta, {}, Path()).name / CHECKPOINT, cfg
-            )
+            _load_weights(model, out_dir / run_name(label, beta) / CHECKPOINT, cfg)
             for g, pairs in groups.items():
                 m = preference_metrics(*logps(pairs), *ref[g], beta)
                 rows.append(
@@ -146,7 +150,8 @@ def overlap_check(
 
 
 def format_overlap(rows: list[GroupStats]) -> str:
-    """Markdown table: one row per model, accuracy (+- one binomial standard error) and margin per group."""
+    """Markdown table: one row per model, accuracy (+- one binomial standard error) and margin per
+    group."""
     n = {r.group: r.n for r in rows}
     head = " | ".join(f"{g} acc. ({n[g]} pairs) | {g} margin" for g in GROUPS)
     lines = [f"| model | {head} |", "| --- |" + " ---: |" * (2 * len(GROUPS))]
@@ -159,8 +164,8 @@ def format_overlap(rows: list[GroupStats]) -> str:
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "pi_ref's row: accuracy is P(log pi_ref(y_w|x) > log pi_ref(y_l|x)), margin its mean log-ratio "
-        "(nats); the runs' rows: the trainer's implicit-reward accuracy and beta * h.",
+        "pi_ref's row: accuracy is P(log pi_ref(y_w|x) > log pi_ref(y_l|x)), margin its mean "
+        "log-ratio (nats); the runs' rows: the trainer's implicit-reward accuracy and beta * h.",
     ]
     return "\n".join(lines)
 

@@ -14,7 +14,10 @@ Steps (section 5 of the paper, at the scale of the preset):
 Outputs: checkpoints and full metrics under ``--out`` (default ``runs/<preset>``, git-ignored);
 the figure to ``figures/figure1_<preset>.png`` and the table and metrics to ``results/<preset>/``
 (with ``--smoke``, everything goes under ``--out``). Re-running the same command resumes from
-the checkpoints there; ``--fresh`` starts over.
+the checkpoints there; ``--fresh-run NAME`` starts one run over (``sft``, or a run such as
+``ipo_beta0.1``; ``sft`` restarts every run, since they all start from the SFT model), ``--fresh``
+all of them. While it runs, the command holds the lock of ``--out`` (``lm.runfiles``): a second
+command on the same folder stops at once, naming the first.
 """
 
 from __future__ import annotations
@@ -25,21 +28,22 @@ import json
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from .experiments.figure1 import figure1
-from .lm.config import PRESETS, ExperimentConfig, get_preset, smoke
-from .lm.data import HH_LOCAL_SUBSETS
+from .lm.config import HH_LOCAL_SUBSETS, PRESETS, ExperimentConfig, get_preset, smoke
 from .lm.distributed import data_parallel
 from .lm.experiment import RunResult, run_experiment
-from .lm.models import default_device
-from .lm.train import read_metrics
+from .lm.models import resolve_device
+from .lm.runfiles import CHECKPOINT, METRICS, read_metrics, run_lock
+from .losses import PreferenceLoss
 from .utils.paths import REPO_ROOT, figures_dir
 from .utils.stats import binomial_se
 
-__all__ = ["format_table", "config_from_args", "main"]
+__all__ = ["format_table", "config_from_args", "run_names", "fresh_runs", "start_runs_over", "main"]
 
 
 def format_table(
@@ -59,7 +63,8 @@ def format_table(
         acc = f["rewards/accuracies"]
         se = "" if n_eval is None else f" +- {binomial_se(acc, n_eval):.4f}"
         lines.append(
-            f"| {r.label} | {r.beta:g} | {acc:.4f}{se} | {f['rewards/margins']:.4f} | {f['loss']:.4f} |"
+            f"| {r.label} | {r.beta:g} | {acc:.4f}{se} | {f['rewards/margins']:.4f} | "
+            f"{f['loss']:.4f} |"
         )
     if n_eval is not None:
         lines += ["", f"Accuracy +- one binomial standard error over the {n_eval} eval pairs."]
@@ -83,15 +88,17 @@ def _write_outputs(
     wall_s: float,
 ) -> str:
     n_evals = {r.n_eval for r in results}
-    table = format_table(results, sft_final, n_evals.pop() if len(n_evals) == 1 else None)
+    n_eval = n_evals.pop() if len(n_evals) == 1 else None
+    table = format_table(results, sft_final, n_eval)
     runs = {(r.label, r.beta): read_metrics(r.metrics_path) for r in results}
     labels = " vs ".join(dict.fromkeys(r.label for r in results))
     d, p = cfg.data, cfg.pref
     title = (
         f"{labels}, preset {cfg.name}: {cfg.model.name_or_path} on {'+'.join(d.datasets)}, "
-        f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, {d.n_eval_pairs or 'all'} eval pairs"
+        f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, "
+        f"{d.n_eval_pairs or 'all'} eval pairs"
     )
-    figure1(runs, figure_path, title=title)
+    figure1(runs, figure_path, title=title, n_eval=n_eval)
     (results_dir / "metrics").mkdir(parents=True, exist_ok=True)
     if cfg.sft.n_examples:
         shutil.copyfile(out_dir / "sft" / "metrics.jsonl", results_dir / "metrics" / "sft.jsonl")
@@ -111,9 +118,9 @@ def _write_outputs(
         json.dumps(summary, indent=1) + "\n", encoding="utf-8"
     )
     (results_dir / "summary.md").write_text(
-        f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: {wall_s / 60:.1f} min  \n"
-        f"Figure: `{_relative(figure_path)}`\n\nFinal evaluation (after {cfg.pref.n_examples} preference "
-        f"examples per run):\n\n{table}\n",
+        f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: "
+        f"{wall_s / 60:.1f} min  \nFigure: `{_relative(figure_path)}`\n\nFinal evaluation (after "
+        f"{cfg.pref.n_examples} preference examples per run):\n\n{table}\n",
         encoding="utf-8",
     )
     return table
@@ -164,17 +171,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shp-dir", help="folder of SHP <subreddit>/{train,test}.json files; adds SHP to the data"
     )
-    p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the preset's)")
     p.add_argument(
-        "--fresh", action="store_true", help="ignore checkpoints in --out and start over"
+        "--data",
+        help="JSON-lines file in TRL's preference format (prompt, chosen, rejected); replaces the "
+        "preset's data (eval: --eval-data, else a prompt-hash split of this file)",
+    )
+    p.add_argument("--eval-data", help="eval pairs for --data, in the same format")
+    p.add_argument(
+        "--keep-identical",
+        action="store_true",
+        help="keep pairs whose chosen and rejected responses are identical (dropped and listed "
+        "by default)",
+    )
+    p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    p.add_argument(
+        "--threads", type=_positive_int, help="torch CPU threads, >= 1 (default: the preset's)"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="ignore every checkpoint in --out and start over"
+    )
+    p.add_argument(
+        "--fresh-run",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="start this run over (repeatable): sft, or a run folder name such as ipo_beta0.1; "
+        "sft restarts every run",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The preset named by ``args`` with the command-line overrides applied (then shrunk by --smoke)."""
+    """The preset named by ``args`` with the command-line overrides applied (then shrunk by
+    --smoke)."""
     cfg = get_preset(args.preset)
     r = dataclasses.replace
     if args.model:  # a given model brings its own vocabulary
@@ -189,19 +229,58 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if args.hh_split:
         subsets = data.hh_subsets if args.hh_split == "official" else HH_LOCAL_SUBSETS
         data = r(data, hh_split=args.hh_split, hh_subsets=subsets)
+    if args.eval_data and not args.data:
+        raise ValueError("--eval-data is the eval set of --data: give --data PATH too")
+    if args.data:
+        data = r(data, datasets=("trl",), trl_train=args.data, trl_eval=args.eval_data)
     if args.shp_dir:
         data = r(
             data, shp_dir=args.shp_dir, datasets=tuple(dict.fromkeys(data.datasets + ("shp",)))
         )
-    cfg = r(cfg, data=data)
-    if args.threads:
-        cfg = r(cfg, threads=args.threads)
-    return smoke(cfg) if args.smoke else cfg
+    if args.keep_identical:
+        data = r(data, keep_identical=True)
+    cfg = smoke(r(cfg, data=data)) if args.smoke else r(cfg, data=data)
+    return cfg if args.threads is None else r(cfg, threads=args.threads)
+
+
+def run_names(cfg: ExperimentConfig) -> list[str]:
+    """The run folders of ``cfg`` under ``--out``: ``sft`` (when SFT runs), then one per (loss,
+    beta)."""
+    names = ["sft"] if cfg.sft.n_examples else []
+    for name, divergence in cfg.losses:
+        label = PreferenceLoss(name, divergence).label
+        names += [RunResult(label, beta, {}, Path()).name for beta in cfg.betas]
+    return names
+
+
+def fresh_runs(cfg: ExperimentConfig, names: list[str]) -> list[str]:
+    """The runs that ``--fresh-run`` names restart: those named, or every run when ``sft`` is one
+    of them (all start from the SFT model). ValueError listing the runs for an unknown name."""
+    known = run_names(cfg)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"--fresh-run {unknown[0]}: no such run; the runs are {', '.join(known)}")
+    return known if "sft" in names else [n for n in known if n in names]
+
+
+def start_runs_over(out_dir: Path, runs: list[str]) -> None:
+    """Remove the checkpoint and metrics of each run folder (under its lock): they start over."""
+    for name in runs:
+        with run_lock(out_dir / name):
+            for file in (CHECKPOINT, METRICS):
+                (out_dir / name / file).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> list[RunResult]:
-    args = _parser().parse_args(argv)
-    cfg = config_from_args(args)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        data_parallel()  # accelerate launch: each process's device is set before any model
+        device = resolve_device(args.device)
+        restart = fresh_runs(cfg, args.fresh_run)
+    except ValueError as err:
+        parser.error(str(err))
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(
@@ -211,12 +290,12 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         f" {a}" for a in (sys.argv[1:] if argv is None else argv)
     )
     try:
-        return _main(args, cfg, command)
+        return _main(args, cfg, device, restart, command)
     finally:
         torch.set_num_threads(threads)
 
 
-def _main(args: argparse.Namespace, cfg: ExperimentConfig, command: str) -> list[RunResult]:
+def _main(args, cfg, device: torch.device, restart: list[str], command: str) -> list[RunResult]:
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
     inside = out_dir if args.smoke else None
     results_dir = (
@@ -227,13 +306,17 @@ def _main(args: argparse.Namespace, cfg: ExperimentConfig, command: str) -> list
     figure_path = (
         Path(args.figure) if args.figure else (inside or figures_dir()) / f"figure1_{cfg.name}.png"
     )
-    dp = data_parallel()  # accelerate launch: each process's device is set before any model
-    device = torch.device(args.device) if args.device else (dp.device if dp else default_device())
-
-    t0 = time.perf_counter()
-    sft_final, results = run_experiment(
-        cfg, out_dir, device, resume=not args.fresh, progress=not args.no_progress
-    )
+    dp = data_parallel()  # under accelerate launch only the main process writes the folder
+    with run_lock(out_dir) if dp is None or dp.is_main else nullcontext():
+        if restart and (dp is None or dp.is_main):
+            start_runs_over(out_dir, restart)
+            print(f"starting over: {', '.join(restart)}")
+        if dp is not None:
+            dp.barrier()
+        t0 = time.perf_counter()
+        sft_final, results = run_experiment(
+            cfg, out_dir, device, resume=not args.fresh, progress=not args.no_progress
+        )
     wall_s = time.perf_counter() - t0
     if dp is not None and not dp.is_main:
         return results  # the main process writes the figure and the tables
@@ -241,7 +324,8 @@ def _main(args: argparse.Namespace, cfg: ExperimentConfig, command: str) -> list
         cfg, results, sft_final, out_dir, results_dir, figure_path, command, wall_s
     )
     print(
-        f"\n{table}\n\nwall time {wall_s / 60:.1f} min; figure {figure_path}; table {results_dir / 'summary.md'}"
+        f"\n{table}\n\nwall time {wall_s / 60:.1f} min; figure {figure_path}; table "
+        f"{results_dir / 'summary.md'}"
     )
     return results
 

@@ -12,14 +12,15 @@ reference pi_ref. Two rewards live on the responses:
 Every method trains on the same offline pairs by full-batch Adam for a fixed number of steps, and
 is scored by two numbers of the trained policy, both exact sums over the finite response set:
 
-* preference win-rate against pi_ref, E_x E_{y ~ pi, y' ~ pi_ref} sigma(r(x, y) - r(x, y')) (0.5 at pi_ref);
+* preference win-rate against pi_ref, E_x E_{y ~ pi, y' ~ pi_ref} sigma(r(x, y) - r(x, y')) (0.5 at
+  pi_ref);
 * auxiliary reward E_x E_{y ~ pi} R(x, y).
 
 Methods (``METHODS``): ``dpo``; ``kto`` (chosen = desirable, rejected = undesirable); ``modpo``
-(R as MODPO's margin reward, w = (1 - w_aux, w_aux)); ``upo-dpo`` and ``upo-kto`` (UPO with that base
-and weight gamma, advantages from an expectile value network on the prompt features). As a yardstick,
-:func:`oracle_logps` is the KL-regularised optimum pi_ref exp((r + lam R) / beta) / Z, which knows r
-exactly: sweeping lam traces the best trade-off any beta-regularised policy can reach.
+(R as MODPO's margin reward, w = (1 - w_aux, w_aux)); ``upo-dpo`` and ``upo-kto`` (UPO with that
+base and weight gamma, advantages from an expectile value network on the prompt features). As a
+yardstick, :func:`oracle_logps` is the KL-regularised optimum pi_ref exp((r + lam R) / beta) / Z,
+which knows r exactly: sweeping lam traces the best trade-off any beta-regularised policy can reach.
 """
 
 from __future__ import annotations
@@ -32,17 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import dpo_loss
+from ..losses import PreferenceLoss
+from ..objective import Objective, as_objective
 from ..utils.stats import mean_se
-from .losses import (
-    ValueNetwork,
-    fit_value_network,
-    kto_loss,
-    kto_reference_point,
-    modpo_loss,
-    upo_dpo_loss,
-    upo_kto_loss,
-)
+from .objectives import KL_KEYS, KTOLoss, MODPOLoss, UPODPOLoss, UPOKTOLoss
+from .value_network import ValueNetwork, fit_value_network
 
 __all__ = [
     "METHODS",
@@ -55,6 +50,7 @@ __all__ = [
     "oracle_logps",
     "ToyConfig",
     "fit_values",
+    "method_objective",
     "method_loss",
     "train_policy",
     "FrontierPoint",
@@ -62,13 +58,22 @@ __all__ = [
     "summarise",
 ]
 
-METHODS = ("dpo", "kto", "modpo", "upo-dpo", "upo-kto")
+# Each method's loss, made from its config (``method_objective``).
+_OBJECTIVES = {
+    "dpo": lambda c: as_objective(PreferenceLoss("dpo")),
+    "kto": lambda c: KTOLoss(),
+    "modpo": lambda c: MODPOLoss(c.w_aux),
+    "upo-dpo": lambda c: UPODPOLoss(c.gamma, c.alpha),
+    "upo-kto": lambda c: UPOKTOLoss(c.gamma, c.alpha),
+}
+METHODS = tuple(_OBJECTIVES)
 
 
 @contextlib.contextmanager
 def _one_thread():
-    """Run the tiny-tensor loops on one thread (restored afterwards): with several threads each op of a
-    (K, n) problem pays a synchronisation cost larger than its work, ten times slower on a busy machine."""
+    """Run the tiny-tensor loops on one thread (restored afterwards): with several threads each op
+    of a (K, n) problem pays a synchronisation cost larger than its work, ten times slower on a busy
+    machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -106,10 +111,11 @@ def make_bandit(
     reward_scale: float = 2.0,
     seed: int = 0,
 ) -> Bandit:
-    """A random bandit whose auxiliary reward has correlation about ``-conflict`` with the preference reward.
+    """A random bandit whose auxiliary reward has correlation about ``-conflict`` with the
+    preference reward.
 
-    r ~ reward_scale N(0, 1); R = -conflict z + sqrt(1 - conflict^2) N(0, 1) with z = r / reward_scale,
-    so R has unit scale; pi_ref = softmax(N(0, 0.5^2)) logits; features ~ N(0, 1).
+    r ~ reward_scale N(0, 1); R = -conflict z + sqrt(1 - conflict^2) N(0, 1) with z = r /
+    reward_scale, so R has unit scale; pi_ref = softmax(N(0, 0.5^2)) logits; features ~ N(0, 1).
     """
     if not -1.0 <= conflict <= 1.0:
         raise ValueError(
@@ -125,7 +131,8 @@ def make_bandit(
 
 @dataclass(frozen=True)
 class Pairs:
-    """Offline preference data: prompt ``x``, preferred ``y_w`` and dispreferred ``y_l``, each (N,) int64."""
+    """Offline preference data: prompt ``x``, preferred ``y_w`` and dispreferred ``y_l``, each (N,)
+    int64."""
 
     x: Tensor
     y_w: Tensor
@@ -133,7 +140,8 @@ class Pairs:
 
 
 def sample_pairs(bandit: Bandit, n_pairs: int, seed: int) -> Pairs:
-    """N pairs: x uniform, two *different* responses from pi_ref(.|x), labelled by Bradley-Terry on r."""
+    """N pairs: x uniform, two *different* responses from pi_ref(.|x), labelled by Bradley-Terry on
+    r."""
     g = torch.Generator().manual_seed(seed)
     K, n = bandit.reference_logps.shape
     x = torch.randint(K, (n_pairs,), generator=g)
@@ -148,7 +156,8 @@ def sample_pairs(bandit: Bandit, n_pairs: int, seed: int) -> Pairs:
 
 
 def win_rate(bandit: Bandit, logps: Tensor) -> Tensor:
-    """E_x sum_{y, y'} pi(y|x) pi_ref(y'|x) sigma(r(x, y) - r(x, y')): the preference win-rate against pi_ref. ()"""
+    """E_x sum_{y, y'} pi(y|x) pi_ref(y'|x) sigma(r(x, y) - r(x, y')): the preference win-rate
+    against pi_ref. ()"""
     r = bandit.preference_reward
     p_beats = torch.sigmoid(r[:, :, None] - r[:, None, :])  # (K, n, n): y beats y'
     pi, ref = logps.exp(), bandit.reference_logps.exp()
@@ -161,7 +170,8 @@ def auxiliary_value(bandit: Bandit, logps: Tensor) -> Tensor:
 
 
 def oracle_logps(bandit: Bandit, beta: float, lam: float) -> Tensor:
-    """log of the KL-regularised optimum pi_ref exp((r + lam R) / beta) / Z, which knows r exactly. (K, n)"""
+    """log of the KL-regularised optimum pi_ref exp((r + lam R) / beta) / Z, which knows r exactly.
+    (K, n)"""
     reward = bandit.preference_reward + lam * bandit.auxiliary_reward
     return F.log_softmax(bandit.reference_logps + reward / beta, dim=-1)
 
@@ -188,15 +198,16 @@ class ToyConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not 0.0 <= self.w_aux < 1.0:
             raise ValueError(
-                f"w_aux must be in [0, 1) so that MODPO's preference weight 1 - w_aux is > 0, got {self.w_aux!r}"
+                "w_aux must be in [0, 1) so that MODPO's preference weight 1 - w_aux is > 0, got "
+                f"{self.w_aux!r}"
             )
 
 
 def fit_values(
     bandit: Bandit, pairs: Pairs, tau: float = 0.5, steps: int = 300, seed: int = 0
 ) -> Tensor:
-    """V(x) for every prompt, (K,): a small MLP on the prompt features fitted by expectile regression
-    to R(x, y) over all 2N responses of the data (both sides of every pair)."""
+    """V(x) for every prompt, (K,): a small MLP on the prompt features fitted by expectile
+    regression to R(x, y) over all 2N responses of the data (both sides of every pair)."""
     x = torch.cat([pairs.x, pairs.x])
     y = torch.cat([pairs.y_w, pairs.y_l])
     rewards = bandit.auxiliary_reward[x, y]  # (2N,)
@@ -211,55 +222,58 @@ def fit_values(
         return net(bandit.features)
 
 
+def method_objective(config: ToyConfig) -> Objective:
+    """The loss of ``config.method`` with its hyperparameters, as an
+    ``upo_ref.objective.Objective``."""
+    return _OBJECTIVES[config.method](config)
+
+
 def method_loss(
     bandit: Bandit, pairs: Pairs, logps: Tensor, config: ToyConfig, values: Tensor | None = None
 ) -> Tensor:
-    """The method's mean loss at the policy ``logps`` (K, n), a scalar; what :func:`train_policy` minimises.
+    """The method's mean loss at the policy ``logps`` (K, n), a scalar; what :func:`train_policy`
+    minimises. ``values`` (K,) is needed by the UPO methods."""
+    return _mean_loss(method_objective(config), bandit, pairs, logps, config.beta, values)
 
-    ``values`` (K,) is needed by the UPO methods.
-    """
+
+def _mean_loss(
+    objective: Objective, bandit: Bandit, pairs: Pairs, logps: Tensor, beta: float, values
+) -> Tensor:
     x, y_w, y_l = pairs.x, pairs.y_w, pairs.y_l
     ref = bandit.reference_logps
     pc, pr, rc, rr = logps[x, y_w], logps[x, y_l], ref[x, y_w], ref[x, y_l]  # (N,) each
-    R_w, R_l = bandit.auxiliary_reward[x, y_w], bandit.auxiliary_reward[x, y_l]
-    m, beta = config.method, config.beta
-    if m == "dpo":
-        return dpo_loss(pc, pr, rc, rr, beta).mean()
-    if m == "modpo":
-        return modpo_loss(pc, pr, rc, rr, R_w, R_l, beta, (1.0 - config.w_aux, config.w_aux)).mean()
-    if m == "upo-dpo":
-        return upo_dpo_loss(
-            pc, pr, rc, rr, R_w, R_l, values[x], beta, config.gamma, config.alpha
-        ).mean()
-    # KTO-based: every response is one example; chosen are desirable, rejected undesirable.
-    policy, reference = torch.cat([pc, pr]), torch.cat([rc, rr])  # (2N,)
-    desirable = torch.cat(
-        [torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool)]
-    )
-    # z0 from mismatched pairs: prompt i with the response of example i + 1 (HALOs' KL batch).
-    xs, ys = torch.cat([x, x]), torch.cat([y_w, y_l])
-    ys_mismatched = ys.roll(1)
-    z0 = kto_reference_point(logps[xs, ys_mismatched], ref[xs, ys_mismatched])
-    if m == "kto":
-        return kto_loss(policy, reference, desirable, z0, beta).mean()
-    rewards = bandit.auxiliary_reward[xs, ys]
-    return upo_kto_loss(
-        policy, reference, desirable, z0, rewards, values[xs], beta, config.gamma, config.alpha
-    ).mean()
+    extras = {
+        "chosen_rewards": bandit.auxiliary_reward[x, y_w],  # R(x, y_w), (N,)
+        "rejected_rewards": bandit.auxiliary_reward[x, y_l],
+    }
+    if values is not None:
+        extras["values"] = values[x]  # V(x), (N,)
+    if set(KL_KEYS) & set(objective.extra_keys):
+        # KTO's mismatched pairs (HALOs' KL batch): prompt i with the response of example i - 1 of
+        # the 2N responses (chosen, then rejected), under the current policy.
+        N = len(x)
+        y_mismatched = torch.cat([y_w, y_l]).roll(1)  # (2N,)
+        kl_policy = logps[torch.cat([x, x]), y_mismatched]  # (2N,)
+        kl_reference = ref[torch.cat([x, x]), y_mismatched]
+        extras |= dict(zip(KL_KEYS, (*kl_policy.split(N), *kl_reference.split(N)), strict=True))
+    return objective.losses(pc, pr, rc, rr, beta, extras).mean()
 
 
 def train_policy(
     bandit: Bandit, pairs: Pairs, config: ToyConfig, values: Tensor | None = None
 ) -> Tensor:
-    """Train theta (K, n) from pi_ref by full-batch Adam on :func:`method_loss`; returns log pi (K, n), detached."""
-    if config.method.startswith("upo") and values is None:
+    """Train theta (K, n) from pi_ref by full-batch Adam on :func:`method_loss`; returns log pi (K,
+    n), detached."""
+    objective = method_objective(config)
+    if "values" in objective.extra_keys and values is None:
         raise ValueError(f"{config.method} needs values V(x), shape (K,): see fit_values")
     theta = bandit.reference_logps.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([theta], lr=config.lr)
     with _one_thread():
         for _ in range(config.steps):
             optimiser.zero_grad()
-            method_loss(bandit, pairs, F.log_softmax(theta, dim=-1), config, values).backward()
+            logps = F.log_softmax(theta, dim=-1)  # (K, n)
+            _mean_loss(objective, bandit, pairs, logps, config.beta, values).backward()
             optimiser.step()
     return F.log_softmax(theta.detach(), dim=-1)
 
@@ -288,7 +302,7 @@ def run_frontier(
         values_by_tau: dict[float, Tensor] = {}
         for config in configs:
             values = None
-            if config.method.startswith("upo"):
+            if "values" in method_objective(config).extra_keys:
                 if config.tau not in values_by_tau:
                     values_by_tau[config.tau] = fit_values(
                         bandit, pairs, config.tau, value_steps, seed

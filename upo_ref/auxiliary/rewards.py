@@ -19,32 +19,32 @@ point or two from tools that use a pronouncing dictionary.
 Safety
 ------
 The paper scores safety with a toxicity classifier (toxic-bert, per its summary card), which cannot
-be downloaded here. This module trains its own: a linear Bradley-Terry scorer on hashed word uni- and
-bi-grams, fitted to which of two assistant replies crowdworkers judged *more harmless* in the local
-Anthropic HH-RLHF ``harmless-base`` pairs (:func:`train_safety_scorer`). It is a harmlessness
-reward model, not a toxicity classifier: its score is a logit-scale reward, higher is safer, and only
-differences between responses are meaningful. Why this one:
+be downloaded here. This module trains its own: a linear Bradley-Terry scorer on hashed word uni-
+and bi-grams, fitted to which of two assistant replies crowdworkers judged *more harmless* in the
+local Anthropic HH-RLHF ``harmless-base`` pairs (:func:`train_safety_scorer`). It is a harmlessness
+reward model, not a toxicity classifier: its score is a logit-scale reward, higher is safer, and
+only differences between responses are meaningful. Why this one:
 
-* it installs nothing (torch only) and trains in seconds, deterministically, on data already on disk;
+* it installs nothing (torch only) and trains in seconds, deterministically, on data already on
+  disk;
 * it measures the harm HH is about (help with dangerous requests), which a profanity classifier
-  misses: ``alt-profanity-check`` 1.9.1 (a linear SVM on offensive-language data that ships its
-  weights in its wheel, but needs scikit-learn and scipy) ranks the chosen reply of a
-  harmless-base pair as less offensive than the rejected one in only 53.5 % of the 2,312 pairs,
-  while this scorer ranks held-out pairs correctly about 60 % of the time
-  (``tests/test_rewards.py`` checks it is above chance with 3 standard errors to spare).
+  such as ``alt-profanity-check`` (a linear SVM on offensive-language data that ships its weights
+  in its wheel, but needs scikit-learn and scipy) does not; this scorer ranks held-out pairs
+  correctly in 0.628 of them (notebook 06 prints it; ``tests/test_rewards.py`` checks it is above
+  chance with 3 standard errors to spare).
 
-Only the harmless-base *test* split exists offline, so the scorer trains on a deterministic 80 %
-of its prompts (:func:`split_by_prompt`) and is measured on the other 20 %; anything that evaluates
-"safety" with it must use the held-out part or other data.
+Only the harmless-base *test* split exists offline, so the scorer trains on the pairs of 80 % of
+its prompts and is measured on the other 20 %, split by the pipeline's prompt-hash rule
+(:func:`harmless_pairs`); anything that evaluates "safety" with it must use the held-out part or
+other data.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..lm.data import LoadReport, PreferencePair, load_hh
+from ..lm.split import split_by_prompt_hash
 from ..utils.paths import hh_dir
 
 __all__ = [
@@ -66,9 +68,8 @@ __all__ = [
     "hashed_ngram_features",
     "LinearTextScorer",
     "train_bradley_terry_scorer",
-    "HHPair",
-    "load_hh_pairs",
-    "split_by_prompt",
+    "SAFETY_HELD_OUT",
+    "harmless_pairs",
     "train_safety_scorer",
     "pairwise_accuracy",
 ]
@@ -77,7 +78,8 @@ __all__ = [
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")  # words are runs of letters, with inner apostrophes
 _SENTENCE_END = re.compile(r"[.!?]+")
 _VOWELS = frozenset("aeiouy")
-# "-es" is its own syllable after these (boxes, wishes, churches; places, judges); silent otherwise (makes).
+# "-es" is its own syllable after these (boxes, wishes, churches; places, judges); silent otherwise
+# (makes).
 _SYLLABIC_ES_AFTER = ("s", "x", "z", "ch", "sh")  # ... + "es"
 _SYLLABIC_S_AFTER = ("ce", "ge")  # ... + "s"
 
@@ -138,8 +140,8 @@ def _rates(text: str) -> tuple[float, float]:
     s = text_stats(text)
     if s.words == 0:
         raise ValueError(
-            f"text has no words, so its Flesch score is undefined: {text[:40]!r}; score empty responses "
-            f"with readability_rewards(..., empty=...)"
+            f"text has no words, so its Flesch score is undefined: {text[:40]!r}; score empty "
+            "responses with readability_rewards(..., empty=...)"
         )
     return s.words / s.sentences, s.syllables / s.words
 
@@ -159,7 +161,8 @@ def flesch_kincaid_grade(text: str) -> float:
 def readability_rewards(
     texts: list[str], scale: float = 0.01, empty: float = 0.0, dtype=torch.float32
 ) -> Tensor:
-    """Readability reward per response, (B,): ``scale`` x Flesch reading ease (``empty`` for no words).
+    """Readability reward per response, (B,): ``scale`` x Flesch reading ease (``empty`` for no
+    words).
 
     The default scale 1/100 puts the reward in "hundreds of FRE points" (the chosen replies of HH
     helpful-base have 5 %, 50 % and 95 % quantiles 0.41, 0.77 and 1.04), a unit in which advantage
@@ -185,8 +188,9 @@ def word_tokens(text: str) -> list[str]:
 def hashed_ngram_features(
     texts: list[str], dim: int = SAFETY_FEATURE_DIM, ngrams: tuple[int, ...] = (1, 2)
 ) -> Tensor:
-    """Count the word n-grams of each text into ``dim`` buckets by CRC-32 (stable across runs, unlike
-    Python's salted ``hash``), then scale each row to unit L2 norm; a sparse (B, dim) float64 tensor.
+    """Count the word n-grams of each text into ``dim`` buckets by CRC-32 (stable across runs,
+    unlike Python's salted ``hash``), then scale each row to unit L2 norm; a sparse (B, dim) float64
+    tensor.
 
     A text with no tokens is an all-zero row.
     """
@@ -211,7 +215,8 @@ def hashed_ngram_features(
 
 @dataclass(frozen=True)
 class LinearTextScorer:
-    """score(text) = w . phi(text), phi = :func:`hashed_ngram_features`. Higher is better (safer)."""
+    """score(text) = w . phi(text), phi = :func:`hashed_ngram_features`. Higher is better
+    (safer)."""
 
     weight: Tensor  # (dim,) float64
     ngrams: tuple[int, ...] = (1, 2)
@@ -230,13 +235,16 @@ def train_bradley_terry_scorer(
     ngrams: tuple[int, ...] = (1, 2),
     max_iter: int = 100,
 ) -> LinearTextScorer:
-    r"""Fit w by L-BFGS on the Bradley-Terry log-loss mean_i softplus(-(w.phi(c_i) - w.phi(r_i))) + l2 |w|^2.
+    r"""Fit w by L-BFGS on the Bradley-Terry log-loss mean_i softplus(-(w.phi(c_i) - w.phi(r_i))) +
+    l2 |w|^2.
 
-    Convex, started at w = 0, so the result is deterministic. ``chosen[i]`` is preferred to ``rejected[i]``.
+    Convex, started at w = 0, so the result is deterministic. ``chosen[i]`` is preferred to
+    ``rejected[i]``.
     """
     if len(chosen) != len(rejected) or not chosen:
         raise ValueError(
-            f"chosen and rejected must be non-empty lists of equal length, got {len(chosen)} and {len(rejected)}"
+            f"chosen and rejected must be non-empty lists of equal length, got {len(chosen)} and "
+            f"{len(rejected)}"
         )
     diff = (
         hashed_ngram_features(chosen, dim, ngrams) - hashed_ngram_features(rejected, dim, ngrams)
@@ -255,62 +263,38 @@ def train_bradley_terry_scorer(
     return LinearTextScorer(w.detach().squeeze(-1), ngrams)
 
 
-@dataclass(frozen=True)
-class HHPair:
-    """One HH-RLHF pair: the dialogue up to the last assistant turn, and the two final replies."""
-
-    prompt: str
-    chosen: str
-    rejected: str
+# The share of harmless-base prompts held out to measure the safety scorer.
+SAFETY_HELD_OUT = 0.2
 
 
-_ASSISTANT = "\n\nAssistant:"
+def harmless_pairs(
+    root: str | Path | None = None,
+) -> tuple[list[PreferencePair], list[PreferencePair], LoadReport]:
+    """(train, held-out, report): the local HH-RLHF harmless-base test file, read by the pipeline's
+    loader (``lm.data.load_hh``; rows whose rejected text does not start with the chosen text's
+    prompt, and rows whose two responses are identical, are dropped and listed in the report) and
+    split by the pipeline's prompt-hash rule
+    (``lm.split.split_by_prompt_hash``) with :data:`SAFETY_HELD_OUT` of the prompts held out.
+    ``root`` is the HH folder (default ``<shared>/data/hh-rlhf``)."""
+    root = Path(root) if root is not None else hh_dir()
+    pairs, report = load_hh(root, "test", ("harmless-base",), drop_mismatched=True)
+    train, held_out = split_by_prompt_hash(pairs, SAFETY_HELD_OUT)
+    return train, held_out, report
 
 
-def _split_last_turn(dialogue: str) -> tuple[str, str]:
-    i = dialogue.rfind(_ASSISTANT)
-    return dialogue[: i + len(_ASSISTANT)], dialogue[i + len(_ASSISTANT) :].strip()
-
-
-def load_hh_pairs(subset: str = "harmless-base", path: Path | None = None) -> list[HHPair]:
-    """The local HH-RLHF test split of ``subset`` (``<shared>/data/hh-rlhf/<subset>/test.jsonl.gz``)."""
-    path = Path(path) if path is not None else hh_dir() / subset / "test.jsonl.gz"
-    if not path.exists():
-        raise ValueError(
-            f"no HH-RLHF file at {path}; set UPO_REF_SHARED to the folder holding data/hh-rlhf"
-        )
-    pairs = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            prompt, chosen = _split_last_turn(row["chosen"])
-            _, rejected = _split_last_turn(row["rejected"])
-            pairs.append(HHPair(prompt, chosen, rejected))
-    return pairs
-
-
-def split_by_prompt(
-    pairs: list[HHPair], held_out: float = 0.2
-) -> tuple[list[HHPair], list[HHPair]]:
-    """(train, held-out): a pair is held out when CRC-32 of its prompt, mod 1000, is below 1000 x held_out.
-
-    Deterministic, and pairs that share a prompt land on the same side.
-    """
-    cut = round(1000 * held_out)
-    held = [zlib.crc32(p.prompt.encode()) % 1000 < cut for p in pairs]
-    return [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h]
-
-
-def train_safety_scorer(pairs: list[HHPair] | None = None, l2: float = 1e-3) -> LinearTextScorer:
-    """The project's safety reward: :func:`train_bradley_terry_scorer` on the replies of the training
-    part of HH harmless-base (:func:`split_by_prompt`), or of the ``pairs`` given."""
+def train_safety_scorer(
+    pairs: Sequence[PreferencePair] | None = None, l2: float = 1e-3
+) -> LinearTextScorer:
+    """The project's safety reward: :func:`train_bradley_terry_scorer` on the replies of the
+    training part of HH harmless-base (:func:`harmless_pairs`), or of the ``pairs`` given."""
     if pairs is None:
-        pairs, _ = split_by_prompt(load_hh_pairs("harmless-base"))
+        pairs, _, _ = harmless_pairs()
     return train_bradley_terry_scorer([p.chosen for p in pairs], [p.rejected for p in pairs], l2=l2)
 
 
-def pairwise_accuracy(scorer, pairs: list[HHPair]) -> float:
-    """Fraction of pairs whose chosen reply the scorer rates strictly higher than the rejected one."""
+def pairwise_accuracy(scorer, pairs: Sequence[PreferencePair]) -> float:
+    """Fraction of pairs whose chosen reply the scorer rates strictly higher than the rejected
+    one."""
     chosen = scorer([p.chosen for p in pairs])
     rejected = scorer([p.rejected for p in pairs])
     return (chosen > rejected).double().mean().item()

@@ -1,4 +1,4 @@
-r"""Small analyses the notebooks show: loss gradients, accuracy of f' forms, and JS-IUPO reachability.
+r"""Small analyses the notebooks show: loss gradients, accuracy of f' forms, JS-IUPO reachability.
 
 The reachability analysis is the one the paper does not give. In the paper's form (eq. 23),
 
@@ -14,8 +14,14 @@ does, so the target is reachable only on pairs with sup f' - f'(e^c) > T, i.e.
 
 On the other pairs the loss is decreasing in a for every a and its infimum is not attained: the
 policy's margin a grows without bound, with a gradient dL/da = 2 (Uh - T) d f'(e^a)/da that for
-JS is 2 (Uh - T) sigmoid(-a), so |dL/da| ~ 2 (T - softplus(-c)) e^{-a} = 2 (T - softplus(-c)) pi(y_l)/pi(y_w).
+JS is 2 (Uh - T) sigmoid(-a), so |dL/da| ~ 2 (T - softplus(-c)) e^{-a}
+= 2 (T - softplus(-c)) pi(y_l)/pi(y_w): it never changes sign, like DPO's push, but decays at rate 1
+in a, where DPO's beta sigmoid(-beta h) ~ beta e^{-beta h} decays at rate beta in h.
 The kkt form (eq. 17) has no such bound: f'(pi(y_l)/pi_ref(y_l)) -> -inf as pi(y_l) -> 0.
+
+Whether that matters on real data depends on how the reference's log-ratios c are distributed:
+:func:`reachable_fraction` takes them (from any reference model, summed or token-averaged
+log-probs) and :func:`reference_logratios` computes them for an experiment config's reference.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor
 from ..checks import check_beta
 from ..divergences import Divergence, as_divergence
 from ..losses import PreferenceLoss
+from ..utils.stats import binomial_se
 
 __all__ = [
     "loss_and_gradients",
@@ -35,6 +42,8 @@ __all__ = [
     "paper_uh_supremum",
     "paper_reachability_threshold",
     "paper_optimal_logratio",
+    "reachable_fraction",
+    "reference_logratios",
 ]
 
 
@@ -63,7 +72,8 @@ def loss_and_gradients(
 
 def relative_error(approx: Tensor, reference: Tensor) -> Tensor:
     """|approx - reference| / |reference| elementwise, in float64; +inf where approx is NaN or
-    infinite (unless it equals an infinite reference); where reference == 0, 0 if approx == 0 else +inf."""
+    infinite (unless it equals an infinite reference); where reference == 0, 0 if approx == 0 else
+    +inf."""
     a, r = approx.to(torch.float64), reference.to(torch.float64)
     err = (a - r).abs() / r.abs()
     err = torch.where(a == r, torch.zeros_like(err), err)  # also covers inf == inf and 0 == 0
@@ -76,11 +86,12 @@ def _target(beta: float) -> float:
 
 
 def paper_uh_supremum(ref_logratio: Tensor, divergence: Divergence | str) -> Tensor:
-    r"""sup over policies of the paper-form Uh (eq. 23) on a pair: sup f' - f'(e^c). Same shape as c.
+    r"""sup over policies of the paper-form Uh (eq. 23) on a pair: sup f' - f'(e^c). Shape of c.
 
     ``ref_logratio`` is c = log pi_ref(y_w) - log pi_ref(y_l). For Jensen-Shannon this equals
     softplus(-c) = log(1 + e^{-c}); it is computed as the difference, so it carries an absolute
-    error of a few ulps of the larger of sup f' and |f'(e^c)|. +inf where f' is unbounded above (reverse KL).
+    error of a few ulps of the larger of sup f' and |f'(e^c)|. +inf where f' is unbounded above
+    (reverse KL).
     """
     div = as_divergence(divergence)
     return div.f_prime_range[1] - div.f_prime_of_log(ref_logratio)
@@ -95,7 +106,8 @@ def paper_reachability_threshold(beta: float, divergence: Divergence | str) -> f
     below inf f' (no pair can). Closed forms (pinned by tests): Jensen-Shannon -log(e^T - 1),
     forward KL -log T, alpha -log(alpha T) / alpha, with T = 1/(2 beta).
 
-    Computed in float64 as log((f')^{-1}(sup f' - T)); for Jensen-Shannon this is exact to a few ulps
+    Computed in float64 as log((f')^{-1}(sup f' - T)); for Jensen-Shannon this is exact to a few
+    ulps
     while e^{-T} is representable, i.e. for beta > 1/1490.
     """
     div = as_divergence(divergence)
@@ -111,7 +123,7 @@ def paper_reachability_threshold(beta: float, divergence: Divergence | str) -> f
 def paper_optimal_logratio(
     ref_logratio: Tensor, beta: float, divergence: Divergence | str
 ) -> Tensor:
-    r"""a*(c): the policy log-ratio log(pi(y_w)/pi(y_l)) at which the paper-form Uh equals 1/(2 beta).
+    r"""a*(c): the policy log-ratio log(pi(y_w)/pi(y_l)) where the paper-form Uh equals 1/(2 beta).
 
     a* = log (f')^{-1}(T + f'(e^c)), the unique zero of the paper-form IUPO loss on one pair; +inf
     where the target is unreachable (c >= c*, see :func:`paper_reachability_threshold`). IPO's is
@@ -119,3 +131,55 @@ def paper_optimal_logratio(
     """
     div = as_divergence(divergence)
     return torch.log(div.optimal_ratio(_target(beta) + div.f_prime_of_log(ref_logratio)))
+
+
+def reachable_fraction(
+    ref_logratios: Tensor, beta: float, divergence: Divergence | str
+) -> tuple[float, float]:
+    r"""(fraction, its binomial standard error) of pairs where the paper-form target is reachable.
+
+    ``ref_logratios`` (N,) are the reference's c = log pi_ref(y_w) - log pi_ref(y_l), from summed or
+    token-averaged log-probs of any reference model; a pair counts iff c < c*(beta)
+    (:func:`paper_reachability_threshold`). Non-finite log-ratios are an error, not skipped.
+    """
+    if ref_logratios.ndim != 1 or len(ref_logratios) == 0:
+        raise ValueError(
+            f"ref_logratios must be a non-empty (N,) tensor of per-pair log-ratios, "
+            f"got shape {tuple(ref_logratios.shape)}"
+        )
+    if not torch.isfinite(ref_logratios).all():
+        bad = int((~torch.isfinite(ref_logratios)).sum())
+        raise ValueError(f"ref_logratios has {bad} non-finite value(s): fix the log-probs first")
+    c_star = paper_reachability_threshold(beta, divergence)
+    p = (ref_logratios.double() < c_star).double().mean().item()
+    return p, binomial_se(p, len(ref_logratios))
+
+
+def reference_logratios(cfg, out_dir, device: torch.device | None = None) -> dict[str, Tensor]:
+    """c = log pi_ref(y_w) - log pi_ref(y_l) of every preference-training pair of the experiment
+    config ``cfg`` (``upo_ref.lm.config``), under its reference model: the SFT model the main job
+    trains (checkpoints under ``out_dir/sft``, resumed when present), or the model as built when the
+    config has no SFT phase. Returns {"summed": (N,), "averaged": (N,)} float32, from summed and
+    from per-token-averaged response log-probs of the same model."""
+    from ..lm.experiment import load_experiment_data, prepare_reference  # the LM stack, lazily
+    from ..lm.train import reference_logps
+
+    device = device or torch.device("cpu")
+    _, data = load_experiment_data(cfg)
+    ref = prepare_reference(cfg, data, out_dir, device, progress=False)
+    out = {}
+    for name, average in (("summed", False), ("averaged", True)):
+        if average == cfg.average_logps:  # the kind the experiment itself uses: already computed
+            rc, rr = ref.reference["train"]
+        else:
+            rc, rr = reference_logps(
+                ref.model,
+                data.pref_train,
+                cfg.pref.eval_batch_size,
+                data.pad_id,
+                device,
+                average,
+                ref.common["response_only"],
+            )
+        out[name] = rc - rr  # (N,)
+    return out

@@ -1,32 +1,40 @@
-"""The paper's Figure 1 grid: train loss, eval loss, eval accuracy, eval reward margin vs examples seen.
+"""The paper's Figure 1 grid: train and eval loss, eval accuracy and reward margin vs examples seen.
 
-One column per beta, one row per quantity, one line per loss (IPO vs JS-IUPO in the paper). The
-accuracy and margin are DPO's implicit-reward ones (``losses.preference_metrics``: ``rewards/*``),
-the same for every loss, so the lines are comparable. The train loss is a trailing mean over
-``smooth`` steps (it is per-batch and noisy); the eval curves are exact means over the eval set.
+One column per beta, one line per loss (IPO vs JS-IUPO in the paper). Rows:
 
-At step 0 the policy *is* pi_ref, every implicit-reward margin is exactly 0 and the (strict)
-accuracy is 0 by convention, not by measurement: the accuracy row therefore starts at the first
-evaluation after step 0, with chance (0.5) drawn as a dashed line.
+* one row per loss with that loss's own train curve (a trailing mean over ``smooth`` steps: it is
+  per-batch and noisy) and eval curve (exact means over the eval set). Different losses are
+  different functions of the log-ratios (IPO's starts at 1/(4 beta^2), DPO's at log 2), so each
+  gets its own y-axis: their values are not comparable with each other;
+* eval accuracy, with its band of +- one binomial standard error sqrt(a (1 - a) / n_eval) when the
+  number of eval pairs is given: differences smaller than the band are noise;
+* eval reward margin.
+
+The accuracy and margin are DPO's implicit-reward ones (``losses.preference_metrics``:
+``rewards/*``), the same for every loss, so those lines are comparable. At step 0 the policy *is*
+pi_ref, every implicit-reward margin is exactly 0 and every pair is a tie, so the accuracy is 0.5 by
+the tie convention, not by measurement: the accuracy row starts at the first evaluation after step
+0, with chance (0.5) drawn as a dashed line.
+
+``python -m upo_ref.experiments.figure1 results/quick figures/figure1_quick.png`` redraws a figure
+from the committed results of a run of ``python -m upo_ref.reproduce`` (``summary.json`` and
+``metrics/``), without training anything.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ROWS", "FIGURE_DPI", "trailing_mean", "figure1"]
+__all__ = ["FIGURE_DPI", "trailing_mean", "accuracy_band", "figure1", "redraw"]
 
 FIGURE_DPI = 110  # the notebooks' figures use the same
-
-# (metric key, split, y-axis label)
-ROWS = (
-    ("loss", "train", "train loss"),
-    ("loss", "eval", "eval loss"),
-    ("rewards/accuracies", "eval", "eval accuracy"),
-    ("rewards/margins", "eval", "eval reward margin"),
-)
+# (metric key, y-axis label) of the rows below the loss rows, all eval
+EVAL_ROWS = (("rewards/accuracies", "eval accuracy"), ("rewards/margins", "eval reward margin"))
 
 
 def trailing_mean(values: Sequence[float], window: int) -> list[float]:
@@ -40,63 +48,81 @@ def trailing_mean(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def accuracy_band(accuracies: Sequence[float], n_eval: int) -> tuple[list[float], list[float]]:
+    """(a - se, a + se) per point, se = sqrt(a (1 - a) / n_eval): one binomial standard error."""
+    if n_eval < 1:
+        raise ValueError(f"n_eval must be the number of eval pairs (>= 1), got {n_eval}")
+    se = [math.sqrt(a * (1 - a) / n_eval) for a in accuracies]
+    return [a - s for a, s in zip(accuracies, se, strict=True)], [
+        a + s for a, s in zip(accuracies, se, strict=True)
+    ]
+
+
+def _curve(records, split, key):
+    records = [r for r in records if r["split"] == split and key in r]
+    if key == "rewards/accuracies":  # step 0: all ties, 0.5 by convention (module docstring)
+        records = [r for r in records if r["examples_seen"] > 0]
+    return [r["examples_seen"] for r in records], [r[key] for r in records]
+
+
 def figure1(
     runs: Mapping[tuple[str, float], Sequence[dict]],
     path: str | Path,
     title: str = "",
     smooth: int | None = None,
+    n_eval: int | None = None,
 ) -> Path:
     """Draw the grid and save it to ``path`` (PNG at ``FIGURE_DPI``). Returns the path.
 
     ``runs[(label, beta)]`` is a run's metric records (``train.read_metrics``): dicts with
-    ``split``, ``examples_seen`` and the metrics of ``ROWS``. ``smooth``: the train-loss window in
-    steps (default: a tenth of the run's steps).
+    ``split``, ``examples_seen``, ``loss`` and the keys of ``EVAL_ROWS``. ``smooth``: the
+    train-loss window in steps (default: a tenth of the run's steps). ``n_eval``: the number of
+    eval pairs; with it the accuracy is drawn with its standard-error band.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 
     labels = list(dict.fromkeys(label for label, _ in runs))
     betas = sorted({beta for _, beta in runs})
     colors = {label: f"C{i}" for i, label in enumerate(labels)}
+    n_rows = len(labels) + len(EVAL_ROWS)
     width = max(4.2 * len(betas), 6.0)  # inches; one beta still leaves room for the title
-    fig = Figure(figsize=(width, 2.6 * len(ROWS)))
-    axes = fig.subplots(len(ROWS), len(betas), squeeze=False)
+    fig = Figure(figsize=(width, 2.4 * n_rows))
+    axes = fig.subplots(n_rows, len(betas), squeeze=False, sharex="col")
     for col, beta in enumerate(betas):
-        for row, (key, split, ylabel) in enumerate(ROWS):
-            ax = axes[row][col]
+        for row, label in enumerate(labels):  # one loss per row: its own y-axis
+            ax, records = axes[row][col], runs.get((label, beta), ())
+            x, y = _curve(records, "train", "loss")
+            if x:
+                y = trailing_mean(y, smooth or max(1, len(y) // 10))
+                ax.plot(x, y, color=colors[label], alpha=0.6, label=f"{label}, train (smoothed)")
+            x, y = _curve(records, "eval", "loss")
+            ax.plot(x, y, color=colors[label], marker="o", ms=3, ls="--", label=f"{label}, eval")
+            if col == 0:
+                ax.set_ylabel(f"{label} loss")
+                ax.legend(fontsize=8)
+        for k, (key, ylabel) in enumerate(EVAL_ROWS):
+            ax = axes[len(labels) + k][col]
             for label in labels:
-                records = [
-                    r for r in runs.get((label, beta), ()) if r["split"] == split and key in r
-                ]
-                if key == "rewards/accuracies":
-                    records = [r for r in records if r["examples_seen"] > 0]
-                if not records:
-                    continue
-                x = [r["examples_seen"] for r in records]
-                y = [r[key] for r in records]
-                if split == "train":
-                    y = trailing_mean(y, smooth or max(1, len(y) // 10))
-                ax.plot(
-                    x,
-                    y,
-                    color=colors[label],
-                    label=label,
-                    marker="o" if split == "eval" else None,
-                    ms=3,
-                )
-            if (
-                key == "rewards/accuracies"
-            ):  # chance, and a y-range of at least 0.4..0.6 so noise looks like noise
+                x, y = _curve(runs.get((label, beta), ()), "eval", key)
+                ax.plot(x, y, color=colors[label], label=label, marker="o", ms=3)
+                if key == "rewards/accuracies" and n_eval and x:
+                    low, high = accuracy_band(y, n_eval)
+                    ax.fill_between(x, low, high, color=colors[label], alpha=0.2, lw=0)
+            if key == "rewards/accuracies":  # chance, and a y-range of at least 0.4..0.6
                 ax.axhline(0.5, color="grey", ls="--", lw=1)
                 low, high = ax.get_ylim()
                 ax.set_ylim(min(low, 0.4), max(high, 0.6))
-            if row == 0:
-                ax.set_title(f"β = {beta:g}")
-            if row == len(ROWS) - 1:
-                ax.set_xlabel("examples seen")
+                if col == 0:
+                    band = " (band: +- 1 s.e.)" if n_eval else ""
+                    ax.legend(
+                        fontsize=8, title=f"{n_eval or '?'} eval pairs{band}", title_fontsize=8
+                    )
             if col == 0:
                 ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        axes[0][col].set_title(f"β = {beta:g}")
+        axes[-1][col].set_xlabel("examples seen")
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(textwrap.fill(title, int(10 * width)))  # about 10 characters per inch
     fig.tight_layout()
@@ -104,3 +130,33 @@ def figure1(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=FIGURE_DPI)
     return path
+
+
+def redraw(results_dir: str | Path, path: str | Path) -> Path:
+    """Redraw the figure of a finished ``python -m upo_ref.reproduce`` run from its results folder
+    (``summary.json``, ``metrics/<run>.jsonl``), with the title the command gives it."""
+    results_dir = Path(results_dir)
+    summary = json.loads((results_dir / "summary.json").read_text(encoding="utf-8"))
+    runs = {}
+    for r in summary["runs"]:
+        name = f"{r['label'].lower()}_beta{r['beta']:g}.jsonl"
+        lines = (results_dir / "metrics" / name).read_text(encoding="utf-8").splitlines()
+        runs[r["label"], r["beta"]] = [json.loads(line) for line in lines if line.strip()]
+    n_evals = {r["n_eval_pairs"] for r in summary["runs"]}
+    cfg = summary["config"]
+    d, p = cfg["data"], cfg["pref"]
+    title = (
+        f"{' vs '.join(dict.fromkeys(r['label'] for r in summary['runs']))}, preset {cfg['name']}: "
+        f"{cfg['model']['name_or_path']} on {'+'.join(d['datasets'])}, "
+        f"{d['n_train_pairs'] or 'all'} train pairs, {p['n_examples']} examples per run, "
+        f"{d['n_eval_pairs'] or 'all'} eval pairs"
+    )
+    return figure1(runs, path, title, n_eval=n_evals.pop() if len(n_evals) == 1 else None)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m upo_ref.experiments.figure1")
+    parser.add_argument("results", help="a results folder of upo_ref.reproduce (results/<preset>)")
+    parser.add_argument("figure", help="the PNG to write (figures/figure1_<preset>.png)")
+    args = parser.parse_args()
+    print(redraw(args.results, args.figure))

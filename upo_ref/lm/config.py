@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .data import HH_LOCAL_SUBSETS, HH_SUBSETS
-
 __all__ = [
+    "HH_SUBSETS",
+    "HH_LOCAL_SUBSETS",
     "TINY_GPT2",
     "ModelConfig",
     "DataConfig",
@@ -34,6 +34,11 @@ __all__ = [
     "smoke",
 ]
 
+# The four preference subsets of Anthropic/hh-rlhf (what
+# ``datasets.load_dataset("Anthropic/hh-rlhf")`` concatenates); red-team-attempts has no pairs. Only
+# the first three are on these machines.
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+HH_LOCAL_SUBSETS = ("harmless-base", "helpful-base", "helpful-rejection-sampled")
 TINY_GPT2 = "tiny-gpt2"  # a random-init GPT2LMHeadModel of ModelConfig's sizes, not a hub id
 OPTIMIZERS = ("rmsprop", "adamw")
 
@@ -63,11 +68,16 @@ class ModelConfig:
 class DataConfig:
     """Which preference data, how it is split and truncated.
 
-    ``datasets``: any of ``"hh"``, ``"shp"``, or ``("synthetic",)`` alone.
+    ``datasets``: any of ``"hh"``, ``"shp"``, ``"trl"``, or ``("synthetic",)`` alone.
     ``hh_split``: ``"hash"`` splits the local HH *test* files (the only ones on these machines) into
     train/eval by a hash of the prompt (``data.split_by_prompt_hash``, ``eval_fraction`` to eval);
     ``"official"`` uses the official train/test files, downloaded into ``hh_dir`` if missing.
     ``hh_dir`` None means ``paths.hh_dir()``; ``shp_dir`` holds ``<subreddit>/{train,test}.json``.
+    ``trl_train``: a JSON-lines file in TRL's standard preference format (``prompt``, ``chosen``,
+    ``rejected``; ``data.load_trl``), truncated like HH; its eval pairs are ``trl_eval``, or, when
+    that is None, the prompt-hash split of ``trl_train`` at ``eval_fraction``.
+    ``keep_identical``: keep pairs whose chosen and rejected responses are the same (as text, or as
+    tokens after truncation); by default they are dropped and listed in the loaders' reports.
     ``n_train_pairs``/``n_eval_pairs``: use the first n pairs of each split after a seeded shuffle
     (None: all); the SFT eval set has ``n_eval_pairs`` examples too. ``n_sft_examples`` likewise for
     the SFT training targets (one per distinct prompt of the train split).
@@ -93,9 +103,12 @@ class DataConfig:
     shuffle_seed: int = 0
     compact_vocab: int | None = None
     sft_disjoint: bool = False
+    trl_train: str | None = None
+    trl_eval: str | None = None
+    keep_identical: bool = False
 
     def __post_init__(self):
-        known = {"hh", "shp", "synthetic"}
+        known = {"hh", "shp", "trl", "synthetic"}
         if not self.datasets or set(self.datasets) - known:
             raise ValueError(
                 f"datasets must be a non-empty subset of {sorted(known)}, got {self.datasets}"
@@ -104,18 +117,26 @@ class DataConfig:
             raise ValueError(
                 "the synthetic task has its own vocabulary and cannot be mixed with text data"
             )
+        if ("trl" in self.datasets) != (self.trl_train is not None):
+            raise ValueError(
+                f"dataset 'trl' and trl_train go together (--data PATH sets both); got datasets "
+                f"{self.datasets} and trl_train {self.trl_train!r}"
+            )
+        if self.trl_eval is not None and self.trl_train is None:
+            raise ValueError("trl_eval is the eval set of trl_train: set trl_train too")
         if self.hh_split not in ("hash", "official"):
             raise ValueError(f"hh_split must be 'hash' or 'official', got {self.hh_split!r}")
         if not 0 < self.max_prompt_length < self.max_length:
             raise ValueError(
-                f"need 0 < max_prompt_length < max_length, got {self.max_prompt_length}, {self.max_length}"
+                f"need 0 < max_prompt_length < max_length, got {self.max_prompt_length}, "
+                f"{self.max_length}"
             )
         if self.compact_vocab is not None and (
             self.compact_vocab < 3 or "synthetic" in self.datasets
         ):
             raise ValueError(
-                f"compact_vocab must be None or >= 3 (tokens, EOS, UNK), and is for text data only; got "
-                f"{self.compact_vocab} with datasets {self.datasets}"
+                "compact_vocab must be None or >= 3 (tokens, EOS, UNK), and is for text data "
+                f"only; got {self.compact_vocab} with datasets {self.datasets}"
             )
 
 
@@ -124,10 +145,11 @@ class PhaseConfig:
     """One training phase (SFT or preference). Counts are in examples (pairs for preference).
 
     Training takes ``n_examples / batch_size`` optimiser steps; each batch is split into
-    microbatches of ``microbatch_size`` (None: no accumulation) whose gradients add up to the
-    batch mean. Evaluation runs at 0, after each step that crosses a multiple of ``eval_every``
-    examples, and at the end; a checkpoint is written after each evaluation. The learning rate rises linearly over ``warmup_steps`` steps
-    (lr * min(1, (step+1)/(warmup_steps+1)), the reference code's schedule), then stays constant.
+    microbatches of ``microbatch_size`` (None: no accumulation) whose gradients add up to the batch
+    mean. Evaluation runs at 0, after each step that crosses a multiple of ``eval_every`` examples,
+    and at the end; a checkpoint is written after each evaluation. The learning rate rises linearly
+    over ``warmup_steps`` steps (lr * min(1, (step+1)/(warmup_steps+1)), the reference code's
+    schedule), then stays constant.
     """
 
     n_examples: int
@@ -146,8 +168,9 @@ class PhaseConfig:
             raise ValueError("n_examples must be >= 0 and batch sizes >= 1")
         if self.n_examples % self.batch_size:
             raise ValueError(
-                f"n_examples ({self.n_examples}) must be a multiple of batch_size ({self.batch_size}): training "
-                f"takes whole steps, and the run should end where it says"
+                f"n_examples ({self.n_examples}) must be a multiple of batch_size "
+                f"({self.batch_size}): training takes whole steps, and the run should end where "
+                "it says"
             )
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 example, got {self.eval_every}")
@@ -184,8 +207,8 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.data.compact_vocab is not None and self.model.name_or_path != TINY_GPT2:
             raise ValueError(
-                f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} has its "
-                f"own vocabulary (set data.compact_vocab=None)"
+                f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} "
+                "has its own vocabulary (set data.compact_vocab=None)"
             )
 
     def to_dict(self) -> dict:
@@ -193,11 +216,12 @@ class ExperimentConfig:
 
 
 def _quick() -> ExperimentConfig:
-    # Sized for the 20-minute budget on 2 CPU cores. A model this small, trained from scratch, spends
-    # most of its time in the output softmax: with GPT-2's 50,257 ids it is ~5x the 4-layer body. The
-    # compact vocabulary (``data.CompactVocab``: the 4,094 most frequent training tokens, EOS, UNK)
-    # removes that cost, and the time saved goes into data: SFT on 16,384 targets and one pass over
-    # 2,048 preference pairs, evaluated on all 722 held-out pairs of the prompt-hash split.
+    # Sized for the 20-minute budget on 2 CPU cores. A model this small, trained from scratch,
+    # spends most of its time in the output softmax: with GPT-2's 50,257 ids it is ~5x the 4-layer
+    # body. The compact vocabulary (``data.CompactVocab``: the 4,094 most frequent training tokens,
+    # EOS, UNK) removes that cost, and the time saved goes into data: SFT on 16,384 targets and one
+    # pass over 2,048 preference pairs, evaluated on all 718 held-out pairs of the prompt-hash
+    # split.
     return ExperimentConfig(
         name="quick",
         model=ModelConfig(TINY_GPT2, n_layer=4, n_head=4, n_embd=128),
@@ -218,7 +242,8 @@ def _quick() -> ExperimentConfig:
             warmup_steps=10,
             eval_batch_size=64,
         ),
-        # RMSprop as in the reference code; at lr 1e-4 the losses of beta 0.2 and 0.5 rise instead of falling.
+        # RMSprop as in the reference code; at lr 1e-4 the losses of beta 0.2 and 0.5 rise instead
+        # of falling.
         pref=PhaseConfig(
             n_examples=2048,
             batch_size=16,
@@ -257,7 +282,8 @@ def _paper() -> ExperimentConfig:
 
 def _synthetic() -> ExperimentConfig:
     # One pass over 1,536 fresh pairs. AdamW, as usual for a model trained from scratch; at lr 1e-3
-    # DPO (beta 0.1) overshoots late in training on some seeds, at 5e-4 all 12 seeds tried are stable.
+    # DPO (beta 0.1) overshoots late in training on some seeds, at 5e-4 all 12 seeds tried are
+    # stable.
     return ExperimentConfig(
         name="synthetic",
         model=ModelConfig(TINY_GPT2, n_layer=2, n_head=2, n_embd=32),
@@ -280,8 +306,8 @@ def _synthetic() -> ExperimentConfig:
 
 
 def _quick_sft_disjoint() -> ExperimentConfig:
-    # The quick preset with SFT on the training prompts that preference training does not use (4,636
-    # of 6,684): the control experiment for the SFT overlap (README, "Why the train loss falls").
+    # The quick preset with SFT on the training prompts that preference training does not use (4,606
+    # of 6,654): the control experiment for the SFT overlap (README, "Why the train loss falls").
     q = _quick()
     return dataclasses.replace(
         q, name="quick-sft-disjoint", data=dataclasses.replace(q.data, sft_disjoint=True)
@@ -306,7 +332,8 @@ def get_preset(name: str) -> ExperimentConfig:
 def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
     """The same experiment shrunk to seconds: a 2-layer 32-wide random-init GPT-2 (any hub or local
     model is replaced), sequences of at most 32 tokens, a few dozen examples per phase, every loss
-    at every beta, torch's default thread count. Same code path end to end; for tests and for trying a
+    at every beta, torch's default thread count. Same code path end to end; for tests and for trying
+    a
     preset out."""
     r = dataclasses.replace
     model = r(cfg.model, name_or_path=TINY_GPT2, n_layer=2, n_head=2, n_embd=32, tokenizer=None)

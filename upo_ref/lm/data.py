@@ -1,49 +1,39 @@
-r"""Preference data: HH-RLHF and SHP loaders, the prompt-hash train/eval split, tokenization, collation.
+r"""Preference data as text: the HH-RLHF, SHP and TRL-format loaders, every row checked.
 
-The recipe is the one of the DPO reference code (eric-mitchell/direct-preference-optimization,
-``preference_datasets.py``), which the paper's GPT-2 experiments build on:
+The text recipe is the one of the DPO reference code (eric-mitchell/direct-preference-optimization,
+``preference_datasets.py``): the **prompt** x of an HH dialogue is the text up to and including the
+last ``"\n\nAssistant:"`` of the chosen text, and the responses y_w (chosen) and y_l (rejected) are
+what follows it. Tokenization and truncation are ``tokenize``'s.
 
-* **prompt** x = the dialogue up to and including the last ``"\n\nAssistant:"`` of the chosen text;
-  the responses y_w (chosen) and y_l (rejected) are what follows it;
-* **EOS** is appended to each response, so a model learns where an answer ends;
-* **labels** are the input ids with the prompt masked out (``IGNORE_INDEX``): only response tokens
-  enter log pi(y | x);
-* **truncation**: if prompt + longer response exceeds ``max_length`` tokens, the prompt is cut to
-  ``max_prompt_length`` tokens (HH keeps its *end*, the turn being answered; SHP keeps its start);
-  if that is still too long, both responses are cut to ``max_length - max_prompt_length`` tokens
-  (and then lose their EOS, as in the reference code).
-
-Where this module differs from the reference code, it is louder, never looser: a malformed line
-raises :class:`DataError` naming the file and line; a row dropped by a documented filter (SHP's
-score ratio, an HH row whose rejected text does not start with the chosen's prompt) is counted in
-a :class:`LoadReport` with its file and line, never dropped silently.
-
-Shapes: a collated batch of B pairs holds ``input_ids``, ``attention_mask`` and ``labels`` of shape
-(2B, T): rows 0..B-1 are the chosen sequences (x, y_w), rows B..2B-1 the rejected (x, y_l), padded
-on the right to the longest of the 2B sequences, so one forward pass serves both.
+Where this module differs from the reference code, it is louder, never looser: every failure of
+reading a file (a malformed JSON line, a truncated or corrupt gzip, a plain file named ``.gz``,
+invalid UTF-8, an empty file, a missing field) raises :class:`DataError` naming the file and line;
+a row dropped by a documented filter (SHP's score ratio, an HH row whose rejected text does not
+start with the chosen's prompt, a pair whose two responses are the same text) is counted in a
+:class:`LoadReport` with its file and line, never dropped silently.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import shutil
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import Tensor
+from .config import HH_LOCAL_SUBSETS, HH_SUBSETS
 
 __all__ = [
-    "IGNORE_INDEX",
     "ASSISTANT_TAG",
     "HH_SUBSETS",
     "HH_LOCAL_SUBSETS",
     "HH_URL",
+    "IDENTICAL",
+    "MISMATCH",
     "DataError",
     "PreferencePair",
     "LoadReport",
@@ -54,33 +44,21 @@ __all__ = [
     "download_hh",
     "load_shp",
     "shp_files",
-    "prompt_hash_fraction",
-    "split_by_prompt_hash",
-    "sft_examples",
-    "TokenizedPair",
-    "truncate",
-    "tokenize_pairs",
-    "tokenize_sft",
-    "CompactVocab",
-    "collate_sequences",
-    "collate_pairs",
+    "TRL_FIELDS",
+    "load_trl",
 ]
 
-IGNORE_INDEX = (
-    -100
-)  # label of a position that enters no log-prob (prompt, padding); torch's ignore_index
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
-
-# The four preference subsets of Anthropic/hh-rlhf (what ``datasets.load_dataset("Anthropic/hh-rlhf")``
-# concatenates); red-team-attempts has no pairs. Only the first three are on these machines.
-HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
-HH_LOCAL_SUBSETS = ("harmless-base", "helpful-base", "helpful-rejection-sampled")
 HH_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
+# Such a pair can never count as correct and adds a constant to IPO's and IUPO's losses.
+IDENTICAL = "chosen and rejected responses are identical"
+MISMATCH = "rejected text does not start with the chosen text's prompt"
 
 
 class DataError(ValueError):
-    """A row of a data file that cannot be read as a preference pair; the message names file and line."""
+    """A row of a data file that cannot be read as a preference pair; the message names file and
+    line."""
 
 
 @dataclass(frozen=True)
@@ -135,26 +113,53 @@ class LoadReport:
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each line of a JSON-lines file, plain or ``.gz``.
 
-    Raises DataError naming the file and line for a line that is not a JSON object; a blank line
-    is an error too (the official files have none, so one means a damaged file).
+    Every failure is a DataError naming the file and the line being read: a line that is not a JSON
+    object (a blank line too: the official files have none, so one means a damaged file), invalid
+    UTF-8, a truncated or corrupt gzip stream, a plain file named ``.gz``, and a file with no rows.
+    Lines are split as bytes and decoded one by one, so a UTF-8 error names its own line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}"
-                )
-            yield line_no, row
+    line_no = 0
+    try:
+        with opener(path, "rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                yield line_no, _parse_line(raw, f"{path}:{line_no}")
+    except gzip.BadGzipFile as err:
+        if line_no == 0 and "Not a gzipped file" in str(err):
+            raise DataError(
+                f"{path}: not a gzip file, though its name ends in .gz; compress it (gzip) or drop "
+                f"the .gz from its name"
+            ) from None
+        raise DataError(
+            f"{path}:{line_no + 1}: corrupt gzip data ({err}); download or copy the file again"
+        ) from None
+    except (EOFError, zlib.error) as err:
+        raise DataError(
+            f"{path}:{line_no + 1}: the gzip stream is truncated or corrupt ({err}); download or "
+            f"copy the file again"
+        ) from None
+    if line_no == 0:
+        raise DataError(f"{path}: the file is empty (no rows); a data file needs at least one row")
+
+
+def _parse_line(raw: bytes, origin: str) -> dict:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{origin}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+            f"re-encode the file as UTF-8"
+        ) from None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{origin}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{origin}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _require_str(row: dict, keys: Sequence[str], origin: str) -> None:
@@ -172,21 +177,28 @@ def split_prompt(text: str, origin: str = "") -> tuple[str, str]:
     cut = text.rfind(ASSISTANT_TAG)
     if cut == -1:
         raise DataError(
-            f"{origin}: the text has no {ASSISTANT_TAG!r}, so there is no prompt to split off: {text[:80]!r}"
+            f"{origin}: the text has no {ASSISTANT_TAG!r}, so there is no prompt to split off: "
+            f"{text[:80]!r}"
         )
     cut += len(ASSISTANT_TAG)
     return text[:cut], text[cut:]
+
+
+def _keep(pair: PreferencePair, report: LoadReport, keep_identical: bool) -> bool:
+    """False (and the pair listed in the report) for a pair whose responses are the same text."""
+    if pair.chosen == pair.rejected and not keep_identical:
+        report.drop(IDENTICAL, pair.origin)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
 # HH-RLHF
 # ------------------------------------------------------------------------------------------------
 
-MISMATCH = "rejected text does not start with the chosen text's prompt"
-
 
 def load_hh_file(
-    path: str | Path, drop_mismatched: bool = False
+    path: str | Path, drop_mismatched: bool = False, keep_identical: bool = False
 ) -> tuple[list[PreferencePair], LoadReport]:
     """Pairs of one official HH file (``{"chosen": ..., "rejected": ...}`` per line).
 
@@ -194,6 +206,8 @@ def load_hh_file(
     In the local files 7 of 7,415 rows break this (e.g. the chosen response itself contains
     ``"\\n\\nAssistant:"``); the reference code silently slices them at the wrong place. Here such a
     row raises DataError, or with ``drop_mismatched=True`` is dropped and listed in the report.
+    A pair whose two responses are the same text (34 of the local rows) is dropped and listed, or
+    kept with ``keep_identical=True``.
     """
     path = Path(path)
     pairs, report = [], LoadReport(str(path))
@@ -207,10 +221,12 @@ def load_hh_file(
                 report.drop(MISMATCH, origin)
                 continue
             raise DataError(
-                f"{origin}: {MISMATCH} (prompt ends {prompt[-60:]!r}); pass drop_mismatched=True to drop "
-                f"and report such rows"
+                f"{origin}: {MISMATCH} (prompt ends {prompt[-60:]!r}); pass drop_mismatched=True "
+                "to drop and report such rows"
             )
-        pairs.append(PreferencePair(prompt, chosen, row["rejected"][len(prompt) :], origin))
+        pair = PreferencePair(prompt, chosen, row["rejected"][len(prompt) :], origin)
+        if _keep(pair, report, keep_identical):
+            pairs.append(pair)
     report.n_pairs = len(pairs)
     return pairs, report
 
@@ -220,8 +236,10 @@ def load_hh(
     split: str = "test",
     subsets: Sequence[str] = HH_LOCAL_SUBSETS,
     drop_mismatched: bool = False,
+    keep_identical: bool = False,
 ) -> tuple[list[PreferencePair], LoadReport]:
-    """Pairs of ``<hh_dir>/<subset>/<split>.jsonl.gz`` for each subset, in order, with one report."""
+    """Pairs of ``<hh_dir>/<subset>/<split>.jsonl.gz`` for each subset, in order, with one report
+    (``load_hh_file`` of each)."""
     if not subsets:
         raise ValueError("subsets is empty: name at least one HH subset, e.g. 'helpful-base'")
     pairs, report = [], LoadReport(f"HH-RLHF {split} ({', '.join(subsets)})")
@@ -229,11 +247,11 @@ def load_hh(
         path = Path(hh_dir) / subset / f"{split}.jsonl.gz"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found; on these machines only the test files are local (../shared/data/hh-rlhf); "
-                f"with internet, download_hh() or `python -m upo_ref.reproduce --hh-split official` fetches "
-                f"the official files"
+                f"{path} not found; on these machines only the test files are local "
+                "(../shared/data/hh-rlhf); with internet, download_hh() or `python -m "
+                "upo_ref.reproduce --hh-split official` fetches the official files"
             )
-        p, r = load_hh_file(path, drop_mismatched)
+        p, r = load_hh_file(path, drop_mismatched, keep_identical)
         pairs += p
         report.merge(r)
     return pairs, report
@@ -286,14 +304,18 @@ def shp_files(shp_dir: str | Path, split: str) -> list[Path]:
 
 
 def load_shp(
-    files: Iterable[str | Path], min_score_ratio: float = SHP_MIN_SCORE_RATIO
+    files: Iterable[str | Path],
+    min_score_ratio: float = SHP_MIN_SCORE_RATIO,
+    keep_identical: bool = False,
 ) -> tuple[list[PreferencePair], LoadReport]:
-    r"""Pairs of SHP files in the official format (fields ``SHP_FIELDS``; ``labels`` 1 = A preferred).
+    r"""Pairs of SHP files in the official format (fields ``SHP_FIELDS``; ``labels`` 1 = A
+    preferred).
 
-    Prompt ``"\n\nHuman: " + history + "\n\nAssistant:"``, responses ``" " + human_ref_*``, as in the
-    reference code, which also keeps only pairs whose score ratio max(sA/sB, sB/sA) is at least 2:
-    the others are dropped *and counted* in the report. Scores must be positive (a ratio of a
-    non-positive score means nothing; the reference code would divide by zero).
+    Prompt ``"\n\nHuman: " + history + "\n\nAssistant:"``, responses ``" " + human_ref_*``, as in
+    the reference code, which also keeps only pairs whose score ratio max(sA/sB, sB/sA) is at least
+    2: the others are dropped *and counted* in the report. Scores must be positive (a ratio of a
+    non-positive score means nothing; the reference code would divide by zero). A pair of identical
+    responses is dropped and listed, or kept with ``keep_identical=True``.
     """
     pairs, report = [], LoadReport("SHP")
     for path in files:
@@ -322,253 +344,63 @@ def load_shp(
             prompt = HUMAN_TAG + " " + row["history"] + ASSISTANT_TAG
             a, b = " " + row["human_ref_A"], " " + row["human_ref_B"]
             if row["labels"] == 1:
-                pairs.append(PreferencePair(prompt, a, b, origin, (float(s_a), float(s_b))))
+                pair = PreferencePair(prompt, a, b, origin, (float(s_a), float(s_b)))
             else:
-                pairs.append(PreferencePair(prompt, b, a, origin, (float(s_b), float(s_a))))
+                pair = PreferencePair(prompt, b, a, origin, (float(s_b), float(s_a)))
+            if _keep(pair, report, keep_identical):
+                pairs.append(pair)
     report.n_pairs = len(pairs)
     return pairs, report
 
 
 # ------------------------------------------------------------------------------------------------
-# The train/eval split of the local HH files, and SFT targets
+# TRL's standard preference format
 # ------------------------------------------------------------------------------------------------
 
-
-def prompt_hash_fraction(prompt: str) -> float:
-    """A number in [0, 1) fixed by the prompt text: the first 8 hex digits of its SHA-256 / 16^8."""
-    return int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+TRL_FIELDS = ("prompt", "chosen", "rejected")
 
 
-def split_by_prompt_hash(
-    pairs: Sequence[PreferencePair], eval_fraction: float
-) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, eval): a pair goes to eval iff ``prompt_hash_fraction(prompt) < eval_fraction``.
+def load_trl(
+    source: str | Path | Iterable[dict], keep_identical: bool = False
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Pairs in TRL's standard preference format with an explicit prompt: one
+    ``{"prompt": x, "chosen": y_w, "rejected": y_l}`` (strings) per row.
 
-    The split depends on nothing but the prompt's text (no seed, no file order), so it is the same
-    on every machine and every run, and pairs sharing a prompt always land on the same side: no
-    prompt is trained on and evaluated on. The eval side holds about ``eval_fraction`` of the pairs.
+    ``source`` is a JSON-lines file (plain or ``.gz``; origins ``file:line``) or any iterable of
+    dicts, such as a ``datasets.Dataset`` (origins ``row i``, counted from 0). A row missing a field
+    or holding a non-string (TRL's conversational format, lists of messages: apply the chat
+    template first) is a DataError naming its origin; other fields are ignored. Responses are taken
+    as they are: unlike HH, nothing is split off them. A pair of identical responses is dropped and
+    listed, or kept with ``keep_identical=True``.
     """
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
-    train, held_out = [], []
-    for p in pairs:
-        (held_out if prompt_hash_fraction(p.prompt) < eval_fraction else train).append(p)
-    if not train or not held_out:
-        raise ValueError(
-            f"the prompt-hash split of {len(pairs)} pairs at eval_fraction={eval_fraction} left "
-            f"{len(train)} train and {len(held_out)} eval pairs; both sides need at least one"
-        )
-    return train, held_out
-
-
-def sft_examples(pairs: Sequence[PreferencePair]) -> list[tuple[str, str]]:
-    """(prompt, target) per distinct prompt, in order of first appearance.
-
-    The target is the chosen response of the prompt's first pair (HH, as in the reference code),
-    or, where pairs carry scores (SHP), the highest-scored response among all its pairs.
-    """
-    best: dict[str, tuple[float, str]] = {}
-    for p in pairs:
-        if p.scores is None:
-            best.setdefault(p.prompt, (0.0, p.chosen))
-            continue
-        for score, response in zip(p.scores, (p.chosen, p.rejected)):
-            if p.prompt not in best or score > best[p.prompt][0]:
-                best[p.prompt] = (score, response)
-    return [(prompt, target) for prompt, (_, target) in best.items()]
-
-
-# ------------------------------------------------------------------------------------------------
-# Tokenization and truncation
-# ------------------------------------------------------------------------------------------------
-
-TRUNCATION_MODES = ("keep_end", "keep_start")
-
-
-@dataclass(frozen=True)
-class TokenizedPair:
-    """Token ids of (x, y_w, y_l) after truncation; responses carry their EOS unless cut."""
-
-    prompt: tuple[int, ...]
-    chosen: tuple[int, ...]
-    rejected: tuple[int, ...]
-
-
-def truncate(
-    prompt: Sequence[int],
-    responses: Sequence[Sequence[int]],
-    max_length: int,
-    max_prompt_length: int,
-    truncation_mode: str,
-) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
-    """The reference code's truncation (``tokenize_batch_element``), for any number of responses.
-
-    Let L = len(prompt) + the longest response. If L > max_length the prompt keeps its last
-    (``"keep_end"``) or first (``"keep_start"``) ``max_prompt_length`` tokens; if that is still too
-    long, every response keeps its first ``max_length - max_prompt_length`` tokens. Afterwards
-    len(prompt) + len(response) <= max_length for every response.
-    """
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(
-            f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}"
-        )
-    if not 0 < max_prompt_length < max_length:
-        raise ValueError(
-            f"need 0 < max_prompt_length < max_length (room for a response), got {max_prompt_length}, {max_length}"
-        )
-    prompt, responses = tuple(prompt), [tuple(r) for r in responses]
-    longest = max(len(r) for r in responses)
-    if len(prompt) + longest > max_length:
-        prompt = (
-            prompt[-max_prompt_length:]
-            if truncation_mode == "keep_end"
-            else prompt[:max_prompt_length]
-        )
-    if len(prompt) + longest > max_length:
-        responses = [r[: max_length - max_prompt_length] for r in responses]
-    return prompt, responses
-
-
-def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-
-def _check_tokens(ids: Sequence[int], eos_id: int, what: str, origin: str) -> None:
-    if eos_id in ids:
-        raise DataError(
-            f"{origin}: the {what} contains the EOS token {eos_id} before the end; clean the text"
-        )
-
-
-def tokenize_pairs(
-    pairs: Sequence[PreferencePair],
-    tokenizer,
-    max_length: int,
-    max_prompt_length: int,
-    truncation_mode: str,
-) -> list[TokenizedPair]:
-    """Tokenize prompt and responses separately (no special tokens), append EOS, truncate."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS")
-    prompts = _token_ids(tokenizer, [p.prompt for p in pairs])
-    chosen = _token_ids(tokenizer, [p.chosen for p in pairs])
-    rejected = _token_ids(tokenizer, [p.rejected for p in pairs])
-    out = []
-    for p, x, yw, yl in zip(pairs, prompts, chosen, rejected):
-        for ids, what in ((x, "prompt"), (yw, "chosen response"), (yl, "rejected response")):
-            _check_tokens(ids, eos, what, p.origin)
-        if not x:
+    if isinstance(source, (str, Path)):
+        rows = ((f"{source}:{n}", row) for n, row in read_jsonl(source))
+        report = LoadReport(f"TRL-format {source}")
+    else:
+        rows = ((f"row {i}", row) for i, row in enumerate(source))
+        report = LoadReport("TRL-format rows")
+    pairs = []
+    for origin, row in rows:
+        report.n_rows += 1
+        if not isinstance(row, dict):
+            raise DataError(f"{origin}: expected a dict with {list(TRL_FIELDS)}, got {row!r:.80}")
+        missing = [k for k in TRL_FIELDS if k not in row]
+        if missing:
             raise DataError(
-                f"{p.origin}: the prompt is empty; the first response token would have no context"
+                f"{origin}: missing field(s) {missing}; a TRL preference row has "
+                f"{list(TRL_FIELDS)} (the implicit-prompt format, prompt inside chosen, is not "
+                "read)"
             )
-        x, (yw, yl) = truncate(
-            x, [yw + [eos], yl + [eos]], max_length, max_prompt_length, truncation_mode
-        )
-        out.append(TokenizedPair(x, yw, yl))
-    return out
-
-
-def tokenize_sft(
-    examples: Sequence[tuple[str, str]],
-    tokenizer,
-    max_length: int,
-    max_prompt_length: int,
-    truncation_mode: str,
-) -> list[TokenizedPair]:
-    """SFT examples as TokenizedPair with rejected = chosen = the target (the reference code does the
-    same); SFT uses only (prompt, chosen)."""
-    pairs = [PreferencePair(x, y, y, f"sft example {i}") for i, (x, y) in enumerate(examples)]
-    return tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, truncation_mode)
-
-
-class CompactVocab:
-    """A small vocabulary for a model trained from scratch: the ``size - 2`` most frequent tokens of
-    the training data, EOS, and one UNK id for every other token.
-
-    Why: a random-init model on a CPU spends most of its time in the output softmax, one row of
-    ``len(vocab)`` logits per response token; GPT-2's 50,257 ids make that ~12x costlier than 4,096
-    ids, and the rare ones are never learnt by such a model anyway. Built from the *training* split
-    only (``build``), it maps every split (``remap``); a token it has not kept becomes UNK, so
-    log pi(y|x) is the probability of the response with its rare tokens merged into one symbol.
-
-    Ids: 0 .. size-3 are the kept tokens in order of decreasing count (equal counts: lower original
-    id first); ``eos_id`` = size-2 is EOS (kept whatever its count: it ends every response and is
-    the padding id); ``unk_id`` = size-1. ``ids`` maps original id -> compact id for the kept tokens.
-    """
-
-    def __init__(self, ids: dict[int, int], size: int):
-        self.ids, self.size = dict(ids), size
-        self.eos_id, self.unk_id = size - 2, size - 1
-
-    @classmethod
-    def build(cls, sequences: Iterable[Sequence[int]], size: int, eos_id: int) -> CompactVocab:
-        """Count the tokens of ``sequences`` (original ids) and keep the ``size - 2`` most frequent
-        besides ``eos_id``."""
-        if size < 3:
-            raise ValueError(
-                f"a compact vocabulary needs room for a token, EOS and UNK: size >= 3, got {size}"
-            )
-        counts: dict[int, int] = {}
-        for seq in sequences:
-            for t in seq:
-                counts[t] = counts.get(t, 0) + 1
-        counts.pop(eos_id, None)
-        kept = sorted(counts, key=lambda t: (-counts[t], t))[: size - 2]
-        return cls({**{t: i for i, t in enumerate(kept)}, eos_id: size - 2}, size)
-
-    def encode(self, ids: Sequence[int]) -> tuple[int, ...]:
-        """Original ids -> compact ids (UNK for a token not kept)."""
-        return tuple(self.ids.get(t, self.unk_id) for t in ids)
-
-    def remap(self, pairs: Sequence[TokenizedPair]) -> list[TokenizedPair]:
-        """Every pair with its prompt and responses encoded; lengths are unchanged."""
-        return [
-            TokenizedPair(self.encode(p.prompt), self.encode(p.chosen), self.encode(p.rejected))
-            for p in pairs
-        ]
-
-    @staticmethod
-    def coverage(pairs: Sequence[TokenizedPair], unk_id: int) -> float:
-        """Fraction of the response tokens of encoded ``pairs`` that are not UNK."""
-        tokens = [t for p in pairs for t in p.chosen + p.rejected]
-        return sum(t != unk_id for t in tokens) / max(len(tokens), 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Collation
-# ------------------------------------------------------------------------------------------------
-
-
-def collate_sequences(
-    sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
-) -> dict[str, Tensor]:
-    """(prompt, response) id lists -> ``input_ids``, ``attention_mask``, ``labels``, each (N, T).
-
-    input = prompt + response, right-padded with ``pad_id`` to the longest T; labels = input with
-    prompt and padding set to IGNORE_INDEX; attention_mask = 1 on real tokens, 0 on padding.
-    """
-    if not sequences:
-        raise ValueError("cannot collate an empty batch")
-    T = max(len(x) + len(y) for x, y in sequences)
-    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)  # (N, T)
-    labels = torch.full((len(sequences), T), IGNORE_INDEX, dtype=torch.long)  # (N, T)
-    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)  # (N, T)
-    for i, (x, y) in enumerate(sequences):
-        n = len(x) + len(y)
-        input_ids[i, :n] = torch.tensor(list(x) + list(y), dtype=torch.long)
-        labels[i, len(x) : n] = torch.tensor(list(y), dtype=torch.long)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def collate_pairs(
-    pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int
-) -> dict[str, Tensor]:
-    """B pairs -> one concatenated batch: rows 0..B-1 (x, y_w), rows B..2B-1 (x, y_l), each (2B, T),
-    plus ``index`` (B,), the pairs' positions in their dataset (to look up pi_ref's log-probs)."""
-    batch = collate_sequences(
-        [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], pad_id
-    )
-    batch["index"] = torch.tensor(list(indices), dtype=torch.long)  # (B,)
-    return batch
+        for k in TRL_FIELDS:
+            if not isinstance(row[k], str):
+                raise DataError(
+                    f"{origin}: field {k!r} must be a string, got {type(row[k]).__name__}; for "
+                    f"TRL's conversational format apply the tokenizer's chat template first"
+                )
+        pair = PreferencePair(row["prompt"], row["chosen"], row["rejected"], origin)
+        if _keep(pair, report, keep_identical):
+            pairs.append(pair)
+    if report.n_rows == 0:
+        raise DataError(f"{report.source}: no rows; a preference data set needs at least one")
+    report.n_pairs = len(pairs)
+    return pairs, report

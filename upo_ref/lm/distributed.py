@@ -13,9 +13,10 @@ same global batch as one process:
   processes; each process's loss is its shard's sum times N / B, so that the average is the
   gradient of the global batch mean, as in one process;
 * every process then clips and steps alike, so the models stay equal;
-* metric sums are added over the processes with ``Accelerator.reduce`` (:meth:`DataParallel.sum`),
-  and the evaluation batches are dealt out round-robin;
-* only the main process writes the metrics file and the checkpoint.
+* metric sums are added over the processes with ``Accelerator.reduce`` (:meth:`DataParallel.total`);
+  every process evaluates the whole eval set (the models are equal), so eval metrics need none;
+* only the main process holds the folder's lock and writes the metrics file and the checkpoint;
+* an error in one process's forward pass stops all of them (:meth:`DataParallel.failing_together`).
 
 Equal up to float rounding (the gradient and metric sums are added in another order), and only
 without dropout: each process draws its own dropout masks. No collective operation is written here:
@@ -25,7 +26,8 @@ the averaging is DDP's, the sums are Accelerate's.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -65,10 +67,26 @@ class DataParallel:
         self.rank = accelerator.process_index
         self.is_main = accelerator.is_main_process
         self.device = accelerator.device
+        self._forward = None
 
-    def wrap(self, model: torch.nn.Module, phase) -> Callable:
-        """The DDP-wrapped ``phase.losses`` of ``model``: call it as ``(batch, split)``."""
-        return self.accelerator.prepare(PhaseForward(model, phase))
+    def check_device(self, device: torch.device) -> torch.device:
+        """This process's device, if ``device`` (the one asked for) is of its type."""
+        if device.type != self.device.type:
+            raise ValueError(
+                f"this process of the launch runs on {self.device}, but device {device} was asked "
+                f"for; launch with --cpu for the CPU, or without it for GPUs"
+            )
+        return self.device
+
+    def wrap(self, model: torch.nn.Module, phase) -> None:
+        """Put ``phase.losses`` of ``model`` inside DDP, for :meth:`forward`."""
+        self._forward = self.accelerator.prepare(PhaseForward(model, phase))
+
+    def forward(self, model, batch: dict, split: str):
+        """``phase.losses(model, batch, split)`` through DDP (``model`` is the one wrapped)."""
+        if self._forward is None or self._forward.module.model is not model:
+            raise RuntimeError("DataParallel.forward before wrap(model, phase)")
+        return self._forward(batch, split)
 
     def shard(self, items: Sequence) -> Sequence:
         """This process's contiguous 1/N of a global batch (B must be a multiple of N)."""
@@ -80,15 +98,28 @@ class DataParallel:
         b = len(items) // self.n_processes
         return items[self.rank * b : (self.rank + 1) * b]
 
-    def sum(self, sums: dict[str, float], failed: bool = False) -> tuple[dict[str, float], bool]:
-        """``sums`` added over all processes (the same keys on every process), and whether any
-        process ``failed`` (so that all stop together instead of waiting for one that stopped)."""
-        keys = sorted(sums)
-        local = torch.tensor(
-            [sums[k] for k in keys] + [float(failed)], dtype=torch.float64, device=self.device
-        )
-        total = self.accelerator.reduce(local, reduction="sum").tolist()
-        return dict(zip(keys, total[:-1], strict=True)), total[-1] > 0
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over all processes (``Accelerator.reduce``)."""
+        return self.accelerator.reduce(values, reduction="sum")
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds in any process."""
+        return bool(self.total(torch.tensor([float(flag)], device=self.device)) > 0)
+
+    @contextmanager
+    def failing_together(self):
+        """Where one process fails (a non-finite log-prob, say), all stop, instead of the others
+        waiting in the next collective for one that has stopped."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # re-raised below, on this process as it was
+            error = err
+        if self.any(error is not None):
+            raise error or RuntimeError(
+                "another process of the launch stopped with an error (see its output); this one "
+                "stops with it"
+            )
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

@@ -20,34 +20,27 @@ import torch
 from ..losses import PreferenceLoss
 from ..utils.paths import hh_dir
 from .config import ExperimentConfig
-from .data import (
-    CompactVocab,
-    TokenizedPair,
-    download_hh,
-    load_hh,
-    load_shp,
-    sft_examples,
-    shp_files,
-    split_by_prompt_hash,
-    tokenize_pairs,
-    tokenize_sft,
-)
+from .data import LoadReport, download_hh, load_hh, load_shp, load_trl, shp_files
 from .logprobs import head_is_linear_readout
 from .models import build_model, default_device, load_tokenizer
+from .split import sft_examples, split_by_prompt_hash
 from .synthetic import SyntheticTask
-from .train import PreferencePhase, SFTPhase, reference_logps, train
+from .tokenize import CompactVocab, TokenizedPair, tokenize_pairs, tokenize_sft
+from .train import METRICS, PreferencePhase, SFTPhase, reference_logps, train
 
 __all__ = [
     "ExperimentData",
     "prepare_data",
     "load_experiment_data",
+    "LogpSettings",
     "Reference",
     "prepare_reference",
+    "run_name",
     "RunResult",
     "run_experiment",
 ]
 
-TRUNCATION = {"hh": "keep_end", "shp": "keep_start"}  # HH keeps the turn being answered
+TRUNCATION = {"hh": "keep_end", "shp": "keep_start", "trl": "keep_end"}  # keep the turn answered
 
 
 @dataclass
@@ -87,12 +80,12 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
     d = cfg.data
     root = Path(d.hh_dir) if d.hh_dir else hh_dir()
     if d.hh_split == "hash":
-        pairs, report = load_hh(root, "test", d.hh_subsets, drop_mismatched=True)
+        pairs, report = load_hh(root, "test", d.hh_subsets, True, d.keep_identical)
         train, held_out = split_by_prompt_hash(pairs, d.eval_fraction)
         reports += [
             str(report),
-            f"HH split by prompt hash (eval_fraction {d.eval_fraction}): "
-            f"{len(train)} train / {len(held_out)} eval pairs",
+            f"HH split by prompt hash (eval_fraction {d.eval_fraction}): {len(train)} train / "
+            f"{len(held_out)} eval pairs",
         ]
         return train, held_out
     splits = []
@@ -100,81 +93,108 @@ def _hh_pairs(cfg: ExperimentConfig, reports: list[str]):
         if not all((root / s / f"{split}.jsonl.gz").is_file() for s in d.hh_subsets):
             print(f"downloading the official HH {split} files into {root} ...", flush=True)
             download_hh(root, split, d.hh_subsets)
-        pairs, report = load_hh(root, split, d.hh_subsets, drop_mismatched=True)
+        pairs, report = load_hh(root, split, d.hh_subsets, True, d.keep_identical)
         reports.append(str(report))
         splits.append(pairs)
     return splits[0], splits[1]
 
 
+def _trl_pairs(cfg: ExperimentConfig, reports: list[str]):
+    d = cfg.data
+    pairs, report = load_trl(d.trl_train, d.keep_identical)
+    reports.append(str(report))
+    if d.trl_eval is not None:
+        held_out, eval_report = load_trl(d.trl_eval, d.keep_identical)
+        reports.append(str(eval_report))
+        return pairs, held_out
+    train, held_out = split_by_prompt_hash(pairs, d.eval_fraction)
+    reports.append(f"{d.trl_train} split by prompt hash: {len(train)} train / {len(held_out)} eval")
+    return train, held_out
+
+
+def _synthetic_data(d, reports: list[str]) -> ExperimentData:
+    if d.n_train_pairs is None or d.n_eval_pairs is None:
+        raise ValueError(
+            "the synthetic task draws as many pairs as asked: set n_train_pairs and n_eval_pairs"
+        )
+    task = SyntheticTask(seed=d.shuffle_seed)
+    train, held_out = task.pairs(d.n_train_pairs, stream=0), task.pairs(d.n_eval_pairs, stream=1)
+    reports.append(
+        f"synthetic task: {len(train)} train / {len(held_out)} eval pairs, vocab {task.vocab_size}"
+    )
+    return ExperimentData(train, held_out, train, held_out, task.vocab_size, task.eos_id, reports)
+
+
+def _text_pairs(cfg: ExperimentConfig, name: str, reports: list[str]):
+    """(train, held-out) pairs of dataset ``name`` ('hh', 'trl' or 'shp'); appends the loaders'
+    reports."""
+    if name == "hh":
+        return _hh_pairs(cfg, reports)
+    if name == "trl":
+        return _trl_pairs(cfg, reports)
+    d = cfg.data
+    if d.shp_dir is None:
+        raise ValueError(
+            "dataset 'shp' needs shp_dir (--shp-dir), a folder of <subreddit>/{train,test}.json"
+        )
+    train, r1 = load_shp(shp_files(d.shp_dir, "train"), keep_identical=d.keep_identical)
+    held_out, r2 = load_shp(shp_files(d.shp_dir, "test"), keep_identical=d.keep_identical)
+    reports += [str(r1), str(r2)]
+    return train, held_out
+
+
+def _tokenize_dataset(
+    cfg: ExperimentConfig, name: str, tokenizer, keep_unused, out: dict, reports: list[str]
+) -> None:
+    """Draw, tokenize and append dataset ``name``'s preference and SFT sets to ``out``."""
+    d, seed = cfg.data, cfg.data.shuffle_seed
+    train, held_out = _text_pairs(cfg, name, reports)
+    lengths = dict(
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation_mode=TRUNCATION[name],
+    )
+    tokenized = LoadReport(f"{name} pairs tokenized (max_length {d.max_length})")
+    pair_args = dict(**lengths, report=tokenized, keep_identical=d.keep_identical)
+    used, unused = _first_and_rest(train, d.n_train_pairs, seed, f"{name} train pairs")
+    out["pref_train"] += tokenize_pairs(used, tokenizer, **pair_args)
+    if keep_unused != 0:
+        out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **pair_args)
+    out["pref_eval"] += tokenize_pairs(
+        _first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **pair_args
+    )
+    sft_source = train
+    if d.sft_disjoint:  # the control: no SFT target is the chosen response of a preference pair
+        drawn = {p.prompt for p in used}
+        sft_source = [p for p in train if p.prompt not in drawn]
+        reports.append(
+            f"{name} SFT disjoint from preference training: SFT draws from the "
+            f"{len(sft_source)} of {len(train)} training pairs whose prompt no "
+            "preference-training pair has"
+        )
+    sft_train = _first(sft_examples(sft_source), d.n_sft_examples, seed, f"{name} SFT examples")
+    out["sft_train"] += tokenize_sft(sft_train, tokenizer, **lengths)
+    sft_eval = _first(sft_examples(held_out), d.n_eval_pairs, seed, f"{name} SFT eval")
+    out["sft_eval"] += tokenize_sft(sft_eval, tokenizer, **lengths)
+    if tokenized.dropped:
+        reports.append(str(tokenized))
+
+
 def prepare_data(
     cfg: ExperimentConfig, tokenizer=None, keep_unused: int | None = 0
 ) -> ExperimentData:
-    """Load, split, subsample and tokenize the data of ``cfg`` (``tokenizer`` is unused for synthetic).
+    """Load, split, subsample and tokenize the data of ``cfg`` (``tokenizer`` is unused for
+    synthetic).
 
-    ``keep_unused``: also tokenize the first that many of the training pairs not drawn for preference
-    training, None for all of them (``ExperimentData.pref_unused``; they change nothing else, the
-    vocabulary included)."""
+    ``keep_unused``: also tokenize the first that many of the training pairs not drawn for
+    preference training, None for all of them (``ExperimentData.pref_unused``; they change nothing
+    else, the vocabulary included)."""
     d, reports = cfg.data, []
     if d.datasets == ("synthetic",):
-        if d.n_train_pairs is None or d.n_eval_pairs is None:
-            raise ValueError(
-                "the synthetic task draws as many pairs as asked: set n_train_pairs and n_eval_pairs"
-            )
-        task = SyntheticTask(seed=d.shuffle_seed)
-        train, held_out = (
-            task.pairs(d.n_train_pairs, stream=0),
-            task.pairs(d.n_eval_pairs, stream=1),
-        )
-        reports.append(
-            f"synthetic task: {len(train)} train / {len(held_out)} eval pairs, vocab {task.vocab_size}"
-        )
-        return ExperimentData(
-            train, held_out, train, held_out, task.vocab_size, task.eos_id, reports
-        )
-
+        return _synthetic_data(d, reports)
     out = {"sft_train": [], "sft_eval": [], "pref_train": [], "pref_eval": [], "pref_unused": []}
     for name in d.datasets:
-        if name == "hh":
-            train, held_out = _hh_pairs(cfg, reports)
-        else:
-            if d.shp_dir is None:
-                raise ValueError(
-                    "dataset 'shp' needs shp_dir (--shp-dir), a folder of <subreddit>/{train,test}.json"
-                )
-            train, r1 = load_shp(shp_files(d.shp_dir, "train"))
-            held_out, r2 = load_shp(shp_files(d.shp_dir, "test"))
-            reports += [str(r1), str(r2)]
-        lengths = dict(
-            max_length=d.max_length,
-            max_prompt_length=d.max_prompt_length,
-            truncation_mode=TRUNCATION[name],
-        )
-        seed = d.shuffle_seed
-        used, unused = _first_and_rest(train, d.n_train_pairs, seed, f"{name} train pairs")
-        out["pref_train"] += tokenize_pairs(used, tokenizer, **lengths)
-        if keep_unused != 0:
-            out["pref_unused"] += tokenize_pairs(unused[:keep_unused], tokenizer, **lengths)
-        out["pref_eval"] += tokenize_pairs(
-            _first(held_out, d.n_eval_pairs, seed, f"{name} eval pairs"), tokenizer, **lengths
-        )
-        if (
-            d.sft_disjoint
-        ):  # the control: no SFT target is the chosen response of a preference-training pair
-            drawn = {p.prompt for p in used}
-            sft_source = [p for p in train if p.prompt not in drawn]
-            reports.append(
-                f"{name} SFT disjoint from preference training: SFT draws from the {len(sft_source)} of "
-                f"{len(train)} training pairs whose prompt no preference-training pair has"
-            )
-        else:
-            sft_source = train
-        sft_train = _first(sft_examples(sft_source), d.n_sft_examples, seed, f"{name} SFT examples")
-        out["sft_train"] += tokenize_sft(sft_train, tokenizer, **lengths)
-        out["sft_eval"] += tokenize_sft(
-            _first(sft_examples(held_out), d.n_eval_pairs, seed, f"{name} SFT eval"),
-            tokenizer,
-            **lengths,
-        )
+        _tokenize_dataset(cfg, name, tokenizer, keep_unused, out, reports)
     if d.compact_vocab is None:
         return ExperimentData(
             **out, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, reports=reports
@@ -186,14 +206,19 @@ def prepare_data(
     out = {k: vocab.remap(v) for k, v in out.items()}
     cover = {k: CompactVocab.coverage(out[k], vocab.unk_id) for k in ("pref_train", "pref_eval")}
     reports.append(
-        f"compact vocabulary of {vocab.size} ids (the {vocab.size - 2} most frequent training tokens, EOS, "
-        f"UNK): {cover['pref_train']:.1%} of the train and {cover['pref_eval']:.1%} of the eval response "
-        f"tokens are not UNK"
+        f"compact vocabulary of {vocab.size} ids (the {vocab.size - 2} most frequent training "
+        f"tokens, EOS, UNK): {cover['pref_train']:.1%} of the train and {cover['pref_eval']:.1%} "
+        "of the eval response tokens are not UNK"
     )
     return ExperimentData(**out, vocab_size=vocab.size, pad_id=vocab.eos_id, reports=reports)
 
 
-@dataclass
+def run_name(label: str, beta: float) -> str:
+    """The folder of the run of loss ``label`` at ``beta`` under an experiment's output folder."""
+    return f"{label.lower()}_beta{beta:g}"
+
+
+@dataclass(frozen=True)
 class RunResult:
     """One preference run: its loss label, beta, final eval metrics, where its metrics are, and how
     many eval pairs the metrics average over."""
@@ -206,28 +231,44 @@ class RunResult:
 
     @property
     def name(self) -> str:
-        return f"{self.label.lower()}_beta{self.beta:g}"
+        return run_name(self.label, self.beta)
+
+
+@dataclass(frozen=True)
+class LogpSettings:
+    """How every phase started from one reference computes a sequence's log pi(y|x): the padding id,
+    the per-token mean instead of the sum (``average``), and logits on response tokens only
+    (``response_only``). ``as_kwargs()`` gives them as ``SFTPhase`` / ``PreferencePhase`` take
+    them."""
+
+    pad_id: int
+    average: bool
+    response_only: bool
+
+    def as_kwargs(self) -> dict:
+        return {"pad_id": self.pad_id, "average": self.average, "response_only": self.response_only}
 
 
 @dataclass
 class Reference:
-    """The reference policy pi_ref (the SFT model, or the model as built when SFT is skipped) and what every
-    preference run started from it shares.
+    """The reference policy pi_ref (the SFT model, or the model as built when SFT is skipped) and
+    what every preference run started from it shares.
 
-    ``reference``: log pi_ref(y_w|x), log pi_ref(y_l|x) per split, for ``PreferencePhase``; ``common``: the
-    phase keyword arguments (``pad_id``, ``average``, ``response_only``); ``identity``: what a checkpoint of
-    a run must have been made with to be resumed (model, data, SFT phase, ``average_logps``).
+    ``reference``: log pi_ref(y_w|x), log pi_ref(y_l|x) per split, for ``PreferencePhase``;
+    ``logps``: how log-probs are computed (:class:`LogpSettings`); ``identity``: what a checkpoint
+    of a run must have been made with to be resumed (model, data, SFT phase, ``average_logps``).
     """
 
     model: torch.nn.Module
     reference: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    common: dict
+    logps: LogpSettings
     identity: dict
     sft_final: dict[str, float]
 
 
 def load_experiment_data(cfg: ExperimentConfig, keep_unused: int | None = 0):
-    """(tokenizer, data) of ``cfg`` (no tokenizer for the synthetic task), with the loaders' reports printed."""
+    """(tokenizer, data) of ``cfg`` (no tokenizer for the synthetic task), with the loaders' reports
+    printed."""
     tokenizer = None if cfg.data.datasets == ("synthetic",) else load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer, keep_unused)
     for line in data.reports:
@@ -247,8 +288,8 @@ def prepare_reference(
     resume: bool = True,
     progress: bool = True,
 ) -> Reference:
-    """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and compute
-    pi_ref's log-probs of the train and eval pairs once."""
+    """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and
+    compute pi_ref's log-probs of the train and eval pairs once."""
     out_dir = Path(out_dir)
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)
@@ -256,11 +297,12 @@ def prepare_reference(
         device
     )  # also when SFT is skipped and the reference log-probs come from the model as built
     print(
-        f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"device {device}, logits on response tokens only: {response_only}"
+        f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, device {device}, logits on response tokens only: {response_only}"
     )
-    common = dict(pad_id=data.pad_id, average=cfg.average_logps, response_only=response_only)
-    # What a checkpoint must have been made with to be resumed: SFT depends on the model, the data and
+    logps = LogpSettings(data.pad_id, cfg.average_logps, response_only)
+    # What a checkpoint must have been made with to be resumed: SFT depends on the model, the data
+    # and
     # its own phase; a preference run also on the preference phase, the loss and beta.
     e = cfg.to_dict()
     identity = {k: e[k] for k in ("model", "data", "sft", "average_logps")}
@@ -269,7 +311,7 @@ def prepare_reference(
     if cfg.sft.n_examples:
         sft_final = train(
             model,
-            SFTPhase(**common),
+            SFTPhase(**logps.as_kwargs()),
             data.sft_train,
             data.sft_eval,
             cfg.sft,
@@ -292,10 +334,10 @@ def prepare_reference(
         ),
     }
     print(
-        f"reference log-probs of {len(data.pref_train)} + {len(data.pref_eval)} pairs computed once "
-        f"({time.perf_counter() - t0:.0f}s)"
+        f"reference log-probs of {len(data.pref_train)} + {len(data.pref_eval)} pairs computed "
+        f"once ({time.perf_counter() - t0:.0f}s)"
     )
-    return Reference(model, reference, common, identity, sft_final)
+    return Reference(model, reference, logps, identity, sft_final)
 
 
 def run_experiment(
@@ -305,29 +347,21 @@ def run_experiment(
     resume: bool = True,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[RunResult]]:
-    """SFT once, then every (loss, beta) run; returns (final SFT eval metrics, the runs' results)."""
+    """SFT once, then every (loss, beta) run; returns (final SFT eval metrics, the runs'
+    results)."""
     out_dir = Path(out_dir)
     device = device if device is not None else default_device()
     _, data = load_experiment_data(cfg)
     ref = prepare_reference(cfg, data, out_dir, device, resume, progress)
-    model, reference, common, identity, sft_final = (
-        ref.model,
-        ref.reference,
-        ref.common,
-        ref.identity,
-        ref.sft_final,
-    )
-    e = cfg.to_dict()
-
+    pref_config = cfg.to_dict()["pref"]
     results = []
     for name, divergence in cfg.losses:
         loss_fn = PreferenceLoss(name, divergence)
         for beta in cfg.betas:
-            policy = copy.deepcopy(model)
-            phase = PreferencePhase(loss_fn, beta, reference, **common)
-            result = RunResult(loss_fn.label, beta, {}, Path(), len(data.pref_eval))
-            run_dir = out_dir / result.name
-            result.final = train(
+            policy = copy.deepcopy(ref.model)
+            phase = PreferencePhase(loss_fn, beta, ref.reference, **ref.logps.as_kwargs())
+            run_dir = out_dir / run_name(loss_fn.label, beta)
+            final = train(
                 policy,
                 phase,
                 data.pref_train,
@@ -338,9 +372,10 @@ def run_experiment(
                 resume,
                 progress,
                 desc=f"{loss_fn.label} beta={beta:g}",
-                identity={**identity, "pref": e["pref"], "loss": loss_fn.label, "beta": beta},
+                identity={**ref.identity, "pref": pref_config, "loss": loss_fn.label, "beta": beta},
             )
-            result.metrics_path = run_dir / "metrics.jsonl"
-            results.append(result)
+            results.append(
+                RunResult(loss_fn.label, beta, final, run_dir / METRICS, len(data.pref_eval))
+            )
             del policy
-    return sft_final, results
+    return ref.sft_final, results

@@ -1,9 +1,13 @@
-r"""Per-sequence log-probabilities log pi(y | x) of a causal language model, over response tokens only.
+r"""Per-sequence log-probabilities log pi(y | x) of a causal language model, over response tokens
+only.
 
 For a sequence (x, y) of input ids with labels equal to the ids on y and ``IGNORE_INDEX`` on x and
 on padding,
 
-.. math:: \log\pi(y \mid x) = \sum_{t:\ \mathrm{label}_{t+1} \ne \mathrm{ignore}} \log \mathrm{softmax}(z_t)[\mathrm{label}_{t+1}],
+.. math::
+
+    \log\pi(y \mid x) = \sum_{t:\ \mathrm{label}_{t+1} \ne \mathrm{ignore}}
+        \log \mathrm{softmax}(z_t)[\mathrm{label}_{t+1}],
 
 where z_t are the logits at position t (they predict token t+1). ``average=True`` divides by the
 number of response tokens instead (a per-token mean; it changes what beta means, so it is an
@@ -12,9 +16,10 @@ option, never a default).
 Only response positions need logits. :func:`sequence_logps` therefore runs the model's body once,
 gathers the hidden states at the N response positions of the whole batch, and applies the output
 layer and a fused ``cross_entropy`` to those (N, V) rows only: no (B, T, V) logits tensor and no
-full ``log_softmax`` is ever formed. This is exact for any model whose logits are ``lm_head(body(x))``
-(GPT-2, Llama and most causal LMs); :func:`head_is_linear_readout` checks it for a given model, and
-``response_only=False`` takes the plain path through ``model(...).logits`` for the others.
+full ``log_softmax`` is ever formed. This is exact for any model whose logits are
+``lm_head(body(x))`` (GPT-2, Llama and most causal LMs); :func:`head_is_linear_readout` checks it
+for a given model, and ``response_only=False`` takes the plain path through ``model(...).logits``
+for the others.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import IGNORE_INDEX
-
 __all__ = [
+    "IGNORE_INDEX",
     "logps_from_logits",
     "sequence_logps",
     "concatenated_logps",
     "head_is_linear_readout",
 ]
+
+IGNORE_INDEX = (
+    -100
+)  # label of a position that enters no log-prob (prompt, padding); torch's default
 
 
 def _reduce(token_logps: Tensor, rows: Tensor, n_rows: int, average: bool) -> Tensor:
@@ -91,8 +99,8 @@ def sequence_logps(
 def concatenated_logps(
     model, batch: dict[str, Tensor], average: bool = False, response_only: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """(log pi(y_w|x), log pi(y_l|x)), each (B,), from one forward pass over a ``collate_pairs`` batch
-    of 2B rows (chosen first, rejected second)."""
+    """(log pi(y_w|x), log pi(y_l|x)), each (B,), from one forward pass over a ``collate_pairs``
+    batch of 2B rows (chosen first, rejected second)."""
     logps = sequence_logps(
         model, batch["input_ids"], batch["attention_mask"], batch["labels"], average, response_only
     )  # (2B,)

@@ -1,4 +1,5 @@
-"""Tokenizer and model loading: a random-init tiny GPT-2, a hub id, a local checkpoint or a .gguf file.
+"""Tokenizer and model loading: a random-init tiny GPT-2, a hub id, a local checkpoint or a .gguf
+file.
 
 GPT-2's tokenizer is read from ``../shared/models/gpt2-tokenizer`` when it is there (it gives the
 hub's ids exactly) and from the hub (``gpt2``) otherwise. Nothing is downloaded on import.
@@ -13,12 +14,38 @@ import torch
 from ..utils.paths import gpt2_tokenizer_dir
 from .config import TINY_GPT2, ModelConfig
 
-__all__ = ["default_device", "load_tokenizer", "build_model", "set_dropout"]
+__all__ = ["default_device", "resolve_device", "load_tokenizer", "build_model", "set_dropout"]
 
 
 def default_device() -> torch.device:
     """CUDA when present, CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device called ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...), or
+    :func:`default_device` for None; ValueError, with the fix, for a malformed name or one this
+    machine does not have."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name; use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r}: CUDA is not available to this torch ({torch.__version__}, "
+                f"{'built with' if torch.backends.cuda.is_built() else 'built without'} CUDA); "
+                f"use --device cpu, or leave --device out to pick the GPU when there is one"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: the trainer runs on cpu or cuda")
+    return device
 
 
 def _gguf_parts(name_or_path: str) -> tuple[str, dict]:
@@ -32,7 +59,8 @@ def _gguf_parts(name_or_path: str) -> tuple[str, dict]:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    """The tokenizer for ``cfg`` (see ``ModelConfig.tokenizer``); pad = EOS when it has no pad token."""
+    """The tokenizer for ``cfg`` (see ``ModelConfig.tokenizer``); pad = EOS when it has no pad
+    token."""
     from transformers import AutoTokenizer
 
     if cfg.tokenizer is None and cfg.name_or_path in (TINY_GPT2, "gpt2"):
@@ -63,9 +91,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, n_positions: int, eos_id: int
     """The causal LM of ``cfg``, in float32 on the CPU, in train mode.
 
     ``tiny-gpt2``: ``GPT2LMHeadModel(GPT2Config(n_layer, n_head, n_embd, vocab_size, n_positions))``
-    initialised under ``torch.manual_seed(init_seed)`` (the global RNG is left as it was), with BOS =
-    EOS = ``eos_id`` (default: the last id, GPT-2's ``<|endoftext|>``). Anything
-    else: ``AutoModelForCausalLM.from_pretrained`` (a ``.gguf`` file is passed as ``gguf_file``).
+    initialised under ``torch.manual_seed(init_seed)`` (the global RNG is left as it was), with BOS
+    = EOS = ``eos_id`` (default: the last id, GPT-2's ``<|endoftext|>``). Anything else:
+    ``AutoModelForCausalLM.from_pretrained`` (a ``.gguf`` file is passed as ``gguf_file``).
     """
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -87,8 +115,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, n_positions: int, eos_id: int
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ValueError(
-                f"{cfg.name_or_path} has {model.get_input_embeddings().num_embeddings} token embeddings but the "
-                f"tokenizer has {vocab_size} tokens: use the model's own tokenizer"
+                f"{cfg.name_or_path} has {model.get_input_embeddings().num_embeddings} token "
+                f"embeddings but the tokenizer has {vocab_size} tokens: use the model's own "
+                "tokenizer"
             )
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)

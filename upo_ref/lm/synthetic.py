@@ -1,4 +1,5 @@
-r"""A synthetic preference task with a known ground-truth reward, to check that training really learns.
+r"""A synthetic preference task with a known ground-truth reward, to check that training really
+learns.
 
 Vocabulary (``vocab_size = n_content + n_topics + 1``): content tokens ``0 .. n_content-1``, topic
 tokens ``n_content .. n_content+n_topics-1``, and EOS (the last id, also used as padding).
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import TokenizedPair
+from .tokenize import TokenizedPair
 
 __all__ = ["SyntheticTask"]
 
@@ -45,7 +46,8 @@ class SyntheticTask:
     def __post_init__(self):
         if self.n_content < 2 or self.n_content % 2:
             raise ValueError(
-                f"n_content must be an even number >= 2 (half the tokens are liked), got {self.n_content}"
+                "n_content must be an even number >= 2 (half the tokens are liked), got "
+                f"{self.n_content}"
             )
         if self.n_topics < 1 or self.prompt_len < 1 or self.response_len < 1:
             raise ValueError("n_topics, prompt_len and response_len must be >= 1")
@@ -77,7 +79,8 @@ class SyntheticTask:
         return float(sum(w[k, t] for t in response if t < self.n_content))
 
     def pairs(self, n: int, stream: int) -> list[TokenizedPair]:
-        """n preference pairs from random stream ``stream`` (use different streams for train and eval)."""
+        """n preference pairs from random stream ``stream`` (use different streams for train and
+        eval)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + stream + 1)
         w = self.weights
         out = []

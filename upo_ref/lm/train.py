@@ -1,21 +1,7 @@
 r"""Training: an SFT phase and a preference phase, one short loop, checkpoints that resume exactly.
 
-The loop (:func:`train`) knows nothing about losses. A *phase* turns a batch into per-example
-losses (B,) and metrics (B,) each:
-
-* :class:`SFTPhase`: the loss is -log pi(y|x) of the SFT target (summed over its tokens, as in the
-  DPO reference code; ``average=True`` for the per-token mean);
-* :class:`PreferencePhase`: computes log pi(y_w|x), log pi(y_l|x) in one concatenated forward pass,
-  looks up log pi_ref(y_w|x), log pi_ref(y_l|x) (computed once, before training, by
-  :func:`reference_logps`), and calls ``loss_fn(pc, pr, rc, rr, beta) -> (B,)``, a
-  ``losses.PreferenceLoss`` or any callable of that signature. A loss that also needs per-pair
-  data (e.g. auxiliary-objective UPO: a preference loss plus gamma times an advantage-weighted
-  log-likelihood of each response, with auxiliary rewards R(x, y_w), R(x, y_l) and values V(x))
-  sets the attribute ``takes_batch = True``; it is then called with ``batch=`` as well, in which
-  the phase has put the pairs' entries of every per-pair tensor of ``extras`` (looked up by
-  index, exactly like the reference log-probs). Such a loss may also have a method
-  ``metrics(pc, pr, rc, rr, beta, batch=batch) -> {name: (B,)}``: its per-example metrics (e.g. the
-  two terms of a combined loss) are logged with the phase's own.
+The loop (:func:`train`) knows nothing about losses: a *phase* (``phases``: SFT or preference)
+turns a batch into per-example losses (B,) and metrics (B,) each.
 
 The loop: examples are drawn in a fixed order (epoch e is a permutation of the training set seeded
 by (seed, e)), so the position in the stream, ``examples_seen``, fixes everything that comes next.
@@ -28,22 +14,29 @@ previous one. Metrics go to a JSON-lines file, one object per line with ``split`
 
 Resuming from a checkpoint restores all of that state and cuts the metrics file back to the
 checkpoint, so an interrupted-and-resumed run writes the same metrics as an uninterrupted one
-(bit for bit on a CPU; keys under ``time/`` are wall-clock and differ). A non-finite log-prob, loss
-or gradient norm stops the run *before* the optimiser step, with :class:`NonFiniteLossError`; the
-checkpoint on disk is the last good one. On CUDA, forward passes run under bf16 autocast (log-probs
-and losses in float32).
+(bit for bit on a CPU; keys under ``time/`` are wall-clock and differ). The folder's files
+(``runfiles``): a lock held while training (a second run on the folder refuses, naming the first),
+metrics appended one fsync'ed line at a time (a partial last line from a crash is dropped on
+resume, with a warning), a checkpoint replaced atomically. A checkpoint resumes only into the run it
+was made by: its identity holds the phase config, the fingerprints of the training and eval data
+(``tokenize.fingerprint``), and what the caller adds; a mismatch names the fields that differ.
+Every resume error names the file and the fix (start that run over).
+
+A non-finite loss or gradient norm stops the run *before* the optimiser step, with
+:class:`NonFiniteLossError`; the checkpoint on disk is the last good one. The log-probs are checked
+where they enter the loss (the public losses and ``preference_metrics`` check their inputs), the
+loss once per step here. Precision: the model's weights must be float32 (a bf16/fp16 model is
+refused, not silently trained in half precision); on CUDA, forward passes run under bf16 autocast,
+and the log-softmax, log-probs and losses are computed in float32.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,182 +45,47 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..divergences import Divergence
-from ..losses import preference_metrics
 from .config import PhaseConfig
-from .data import IGNORE_INDEX, TokenizedPair, collate_pairs, collate_sequences
 from .distributed import DataParallel, data_parallel
-from .logprobs import concatenated_logps, sequence_logps
+from .phases import (
+    NonFiniteLossError,
+    PreferencePhase,
+    ReferenceLogps,
+    SFTPhase,
+    autocast,
+    check_float32,
+    reference_logps,
+    to_device,
+)
+from .runfiles import (
+    CHECKPOINT,
+    METRICS,
+    RunFolderError,
+    append_record,
+    check_no_orphan_metrics,
+    read_metrics,
+    resume_state,
+    run_lock,
+    save_state,
+    write_metrics,
+)
+from .tokenize import TokenizedPair, fingerprint
 
 __all__ = [
     "CHECKPOINT",
     "METRICS",
     "NonFiniteLossError",
+    "RunFolderError",
     "SFTPhase",
     "PreferencePhase",
+    "ReferenceLogps",
+    "autocast",
     "reference_logps",
     "example_indices",
     "evaluate",
     "train",
     "read_metrics",
 ]
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training met a NaN/inf log-prob, loss or gradient norm and stopped before updating the model."""
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing on the CPU (float32 throughout)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _check_finite(what: str, *tensors: Tensor) -> None:
-    for t in tensors:
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteLossError(f"non-finite {what} ({t.detach().flatten()[:4].tolist()} ...)")
-
-
-# ------------------------------------------------------------------------------------------------
-# Phases
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SFTPhase:
-    """Supervised fine-tuning on (x, y) = (prompt, chosen) of each example: loss -log pi(y|x). (B,)"""
-
-    pad_id: int
-    average: bool = False
-    response_only: bool = True
-    name: str = "sft"
-
-    def collate(
-        self, examples: Sequence[TokenizedPair], indices: Sequence[int]
-    ) -> dict[str, Tensor]:
-        batch = collate_sequences(
-            [(e.prompt, e.chosen) for e in examples], self.pad_id
-        )  # (B, T) each
-        batch["index"] = torch.tensor(list(indices), dtype=torch.long)  # (B,)
-        return batch
-
-    def losses(
-        self, model, batch: dict[str, Tensor], split: str
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        logps = sequence_logps(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            self.average,
-            self.response_only,
-        )  # (B,)
-        _check_finite("log-probs of the SFT targets", logps)
-        n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (B,)
-        return -logps, {"logps/chosen": logps.detach(), "nll_per_token": -logps.detach() / n_tokens}
-
-
-@dataclass
-class PreferencePhase:
-    """Preference optimisation with ``loss_fn(pc, pr, rc, rr, beta) -> (B,)`` against fixed pi_ref.
-
-    ``reference[split]`` = (log pi_ref(y_w|x), log pi_ref(y_l|x)), each (N,) over that split's pairs,
-    from :func:`reference_logps`. ``extras[split][name]``: further per-pair tensors (N,) that a loss
-    with ``takes_batch = True`` finds in ``batch[name]`` (B,); its ``metrics`` method, if it has one,
-    adds per-example metrics (names must not clash with the phase's). ``divergence``: the f of the
-    ``scores/*`` metrics (defaults to the loss's own, reverse KL for DPO/IPO).
-    """
-
-    loss_fn: Callable[..., Tensor]
-    beta: float
-    reference: dict[str, tuple[Tensor, Tensor]]
-    pad_id: int
-    average: bool = False
-    response_only: bool = True
-    divergence: Divergence | str | None = None
-    extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-    name: str = "preference"
-
-    def collate(self, pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, Tensor]:
-        return collate_pairs(pairs, indices, self.pad_id)  # (2B, T) each, index (B,)
-
-    def losses(
-        self, model, batch: dict[str, Tensor], split: str
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        pc, pr = concatenated_logps(model, batch, self.average, self.response_only)  # (B,), (B,)
-        _check_finite("policy log-probs", pc, pr)
-        ref_chosen, ref_rejected = self.reference[split]
-        index = batch["index"].cpu()
-        rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
-        takes_batch = getattr(self.loss_fn, "takes_batch", False)
-        if takes_batch:
-            batch = {
-                **batch,
-                **{k: v[index].to(pc.device) for k, v in self.extras.get(split, {}).items()},
-            }
-            losses = self.loss_fn(pc, pr, rc, rr, self.beta, batch=batch)
-        else:
-            losses = self.loss_fn(pc, pr, rc, rr, self.beta)  # (B,)
-        divergence = (
-            self.divergence
-            if self.divergence is not None
-            else getattr(self.loss_fn, "divergence", None)
-        )
-        metrics = preference_metrics(pc.detach(), pr.detach(), rc, rr, self.beta, divergence)
-        metrics["logps/chosen"], metrics["logps/rejected"] = pc.detach(), pr.detach()
-        if takes_batch and hasattr(self.loss_fn, "metrics"):
-            with torch.no_grad():
-                own = self.loss_fn.metrics(
-                    pc.detach(), pr.detach(), rc, rr, self.beta, batch=batch
-                )  # {name: (B,)}
-            clash = sorted(set(own) & set(metrics))
-            if clash:
-                raise ValueError(
-                    f"the loss's metrics {clash} clash with the preference phase's; rename them"
-                )
-            metrics.update(own)
-        return losses, metrics
-
-
-@torch.no_grad()
-def reference_logps(
-    model,
-    pairs: Sequence[TokenizedPair],
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-    average: bool = False,
-    response_only: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """log pi_ref(y_w|x) and log pi_ref(y_l|x) of every pair, each (N,), float32 on the CPU.
-
-    Computed once, before preference training, with the model in eval mode, in consecutive batches
-    of ``batch_size`` (the same batches :func:`evaluate` forms, so that at step 0, where pi = pi_ref,
-    the eval margins are exactly 0).
-    """
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        idx = range(start, min(start + batch_size, len(pairs)))
-        batch = _to(collate_pairs([pairs[i] for i in idx], idx, pad_id), device)
-        with autocast(device):
-            pc, pr = concatenated_logps(model, batch, average, response_only)  # (b,), (b,)
-        chosen.append(pc.float().cpu())
-        rejected.append(pr.float().cpu())
-    model.train(was_training)
-    out = torch.cat(chosen), torch.cat(rejected)
-    _check_finite("reference log-probs", *out)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,27 +109,43 @@ def example_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return [_epoch_permutation(n, seed, pos // n)[pos % n] for pos in range(start, start + count)]
 
 
-@torch.no_grad()
 def evaluate(
     model, phase, eval_set: Sequence[TokenizedPair], batch_size: int, device: torch.device
 ) -> dict[str, float]:
     """Mean loss and mean of every metric over the whole eval set, in consecutive batches."""
     if not eval_set:
         raise ValueError("the eval set is empty")
+    phase.check_data("eval", eval_set)
+    return _evaluate(model, phase, eval_set, batch_size, device)
+
+
+@torch.no_grad()
+def _evaluate(model, phase, eval_set, batch_size: int, device: torch.device) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, Tensor] = {}
     for start in range(0, len(eval_set), batch_size):
         idx = range(start, min(start + batch_size, len(eval_set)))
-        batch = _to(phase.collate([eval_set[i] for i in idx], idx), device)
+        batch = to_device(
+            phase.collate([eval_set[i] for i in idx], idx), device
+        )  # (b or 2b, T) each
         with autocast(device):
-            losses, metrics = phase.losses(model, batch, "eval")
-        _check_finite("eval loss", losses)
-        sums["loss"] += float(losses.sum())
-        for k, v in metrics.items():
-            sums[k] += float(v.sum())
+            losses, metrics = phase.losses(model, batch, "eval")  # (b,), {name: (b,)}
+        _add_sums(sums, {"loss": losses, **metrics})
     model.train(was_training)
-    return {k: v / len(eval_set) for k, v in sums.items()}
+    totals = torch.stack(list(sums.values())).tolist()  # the one host sync
+    means = {k: v / len(eval_set) for k, v in zip(sums, totals, strict=True)}
+    if not math.isfinite(means["loss"]):
+        raise NonFiniteLossError(f"non-finite eval loss ({means['loss']})")
+    return means
+
+
+def _add_sums(sums: dict[str, Tensor], values: dict[str, Tensor]) -> None:
+    """sums[k] += values[k].sum() in float64, on the device: no host sync until the caller's one.
+    (float64, so the totals equal those of Python floats added one batch at a time.)"""
+    for k, v in values.items():
+        total = v.detach().sum().double()  # ()
+        sums[k] = sums[k] + total if k in sums else total
 
 
 def _make_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
@@ -291,100 +165,42 @@ def _train_step(
     step: int,
     device,
     dp: DataParallel | None = None,
-    forward=None,
 ) -> dict[str, float]:
     """One optimiser step on one batch; returns its mean metrics, loss, lr and gradient norm.
 
-    Under a multi-process launch (``dp``, ``forward`` its DDP-wrapped ``phase.losses``) this process
-    computes its shard of the batch; see ``upo_ref.lm.distributed``."""
+    Under a launch of several processes (``dp``) this process computes its share of the batch;
+    see ``upo_ref.lm.distributed``."""
     lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1))
     for group in optimizer.param_groups:
         group["lr"] = lr
     B, n = len(examples), 1 if dp is None else dp.n_processes
     if dp is not None:
         examples, indices = dp.shard(examples), dp.shard(indices)
-    forward = forward or (lambda batch, split: phase.losses(model, batch, split))
     micro = cfg.microbatch_size or len(examples)
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, Tensor] = {}
     for start in range(0, len(examples), micro):
-        batch = _to(
+        batch = to_device(
             phase.collate(examples[start : start + micro], indices[start : start + micro]), device
-        )
-        error = None
-        try:
-            with autocast(device):
-                losses, metrics = forward(batch, "train")  # (b,), {name: (b,)}
-            _check_finite("loss", losses)
-        except NonFiniteLossError as err:
-            error = err
-        if dp is not None and dp.sum({}, error is not None)[1]:  # all processes stop together
-            error = error or NonFiniteLossError("non-finite loss or log-prob in another process")
-        if error is not None:
-            raise error
-        # Gradients of the microbatches add up to those of the batch mean (DDP averages the n
-        # processes' gradients, hence the factor n).
+        )  # (b or 2b, T) each, index (b,)
+        with autocast(device), dp.failing_together() if dp else nullcontext():
+            losses, metrics = (dp.forward if dp else phase.losses)(model, batch, "train")
+        # The gradients of the microbatches add up to those of the batch mean (DDP averages the
+        # n processes' gradients, hence the factor n).
         (losses.sum() * n / B).backward()
-        sums["loss"] += float(losses.detach().sum())
-        for k, v in metrics.items():
-            sums[k] += float(v.sum())
+        _add_sums(sums, {"loss": losses, **metrics})
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # ()
+    totals = torch.stack(list(sums.values()))  # (K,)
     if dp is not None:
-        sums = dp.sum(sums)[0]
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    if not math.isfinite(float(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"non-finite gradient norm ({float(grad_norm)})")
+        totals = dp.total(totals)  # summed over the processes; grad_norm is equal on all
+    *totals, norm = torch.cat([totals, grad_norm.double()[None]]).tolist()  # the one sync
+    means = {k: v / B for k, v in zip(sums, totals, strict=True)}
+    for what, value in (("loss", means["loss"]), ("gradient norm", norm)):
+        if not math.isfinite(value):  # a NaN loss in any microbatch makes its sum NaN
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"non-finite {what} ({value})")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**{k: v / B for k, v in sums.items()}, "lr": lr, "grad_norm": float(grad_norm)}
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics JSON-lines file."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def _save_checkpoint(
-    path: Path, model, optimizer, examples_seen: int, step: int, identity: dict
-) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "examples_seen": examples_seen,
-        "step": step,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "identity": identity,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
-
-
-def _resume(
-    path: Path, metrics_path: Path, model, optimizer, identity: dict, device, main: bool = True
-) -> tuple[int, int]:
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state["identity"] != identity:
-        raise ValueError(
-            f"{path} was written by a different run configuration:\n  checkpoint: {state['identity']}\n"
-            f"  this run:   {identity}\nuse a fresh output folder, or resume=False to start over"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"].cpu())
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    n = state["examples_seen"]
-    if not main:  # only the main process writes the metrics file
-        return n, state["step"]
-    kept = (
-        [r for r in read_metrics(metrics_path) if r["examples_seen"] <= n]
-        if metrics_path.exists()
-        else []
-    )
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    return n, state["step"]
+    return {**means, "lr": lr, "grad_norm": norm}
 
 
 def train(
@@ -402,66 +218,92 @@ def train(
 ) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.n_examples`` examples; return the final eval metrics.
 
-    Writes ``out_dir/metrics.jsonl`` and ``out_dir/checkpoint.pt``. With ``resume`` and a checkpoint
-    in ``out_dir``, continues from it (a finished run returns at once). ``identity``: what must
-    match for a checkpoint to be resumed (the phase config is always included).
+    Writes ``out_dir/metrics.jsonl`` and ``out_dir/checkpoint.pt`` and holds ``out_dir/run.lock``
+    meanwhile. With ``resume`` and a checkpoint in ``out_dir``, continues from it (a finished run
+    returns at once); ``resume=False`` starts over. ``identity``: what else must match for a
+    checkpoint to be resumed (the phase config and the data's fingerprints are always included).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = device if device is not None else torch.device("cpu")
+    if not eval_set:
+        raise ValueError("the eval set is empty")
+    check_float32(model)
+    phase.check_data("train", train_set)
+    phase.check_data("eval", eval_set)
+    data = {"train": fingerprint(train_set), "eval": fingerprint(eval_set)}
+    identity = {"phase": phase.name, "cfg": asdict(cfg), "data": data, **(identity or {})}
     dp = data_parallel()  # None unless launched as several processes (accelerate launch)
     if dp is not None:
-        if dp.device.type != device.type:
-            raise ValueError(
-                f"this process of the launch runs on {dp.device}, but device {device} was asked "
-                f"for; launch with --cpu for the CPU, or without it for GPUs"
-            )
-        device = dp.device
-    main = dp is None or dp.is_main
+        device = dp.check_device(device)
+    with run_lock(out_dir) if dp is None or dp.is_main else nullcontext():
+        return _train_in_folder(
+            model,
+            phase,
+            train_set,
+            eval_set,
+            cfg,
+            out_dir,
+            device,
+            resume,
+            progress,
+            desc,
+            identity,
+            dp,
+        )
+
+
+def _train_in_folder(
+    model, phase, train_set, eval_set, cfg, out_dir, device, resume, progress, desc, identity, dp
+) -> dict[str, float]:
+    """The loop of :func:`train`, run while holding the folder's lock (one function, read in one go:
+    start or resume, then step, log, evaluate and checkpoint until ``cfg.n_examples``)."""
     model.to(device)
     model.train()
-    forward = None if dp is None else dp.wrap(model, phase)
+    if dp is not None:
+        dp.wrap(model, phase)
+    main = dp is None or dp.is_main  # only the main process writes the folder's files
     optimizer = _make_optimizer(model, cfg)
-    identity = {"phase": phase.name, "cfg": asdict(cfg), **(identity or {})}
     ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
 
-    if resume and ckpt_path.exists():
-        examples_seen, step = _resume(
-            ckpt_path, metrics_path, model, optimizer, identity, device, main
-        )
-    else:
-        examples_seen, step = 0, 0
+    def evaluate_and_save() -> dict:
+        # Under a launch every process evaluates the whole eval set (the models are equal).
+        metrics = _evaluate(model, phase, eval_set, cfg.eval_batch_size, device)
+        record = {"split": "eval", "examples_seen": examples_seen, "step": step, **metrics}
         if main:
-            metrics_path.write_text("", encoding="utf-8")
-        torch.manual_seed(cfg.seed)  # dropout, if any
-    if dp is not None:
-        dp.barrier()  # the main process has cut the metrics file back before anyone reads it
-
-    def log(record: dict) -> None:
-        if main:
-            with open(metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    def evaluate_and_save() -> dict[str, float]:
-        # Every process evaluates the whole eval set (the models are equal): no metric to gather.
-        metrics = evaluate(model, phase, eval_set, cfg.eval_batch_size, device)
-        log({"split": "eval", "examples_seen": examples_seen, "step": step, **metrics})
-        if main:
-            _save_checkpoint(ckpt_path, model, optimizer, examples_seen, step, identity)
+            append_record(metrics_path, record)
+            save_state(ckpt_path, model, optimizer, examples_seen, step, identity)
         if dp is not None:
             dp.barrier()
-        return metrics
+        return record
 
-    if examples_seen == 0:
-        last_eval = evaluate_and_save()
+    resuming = resume and ckpt_path.exists()
+    if dp is not None:
+        dp.barrier()  # every process has looked before the main one writes
+    if resuming:
+        # The main process cuts the metrics file back first; then the others find it cut and
+        # leave it as it is (write_metrics does not rewrite an equal file).
+        for turn in (True, False) if dp is not None else (True,):
+            if main == turn:
+                examples_seen, step, last_eval = resume_state(
+                    out_dir, model, optimizer, identity, device
+                )
+            if dp is not None:
+                dp.barrier()
     else:
-        last_eval = [r for r in read_metrics(metrics_path) if r["split"] == "eval"][-1]
+        if resume and main:
+            check_no_orphan_metrics(out_dir)
+        examples_seen, step = 0, 0
+        if main:
+            write_metrics(metrics_path, [])
+        torch.manual_seed(cfg.seed)  # dropout, if any
+        last_eval = evaluate_and_save()
 
+    name = desc or phase.name
     bar = tqdm(
         total=cfg.n_examples,
         initial=examples_seen,
         unit="ex",
-        desc=desc or phase.name,
+        desc=name,
         disable=not progress or not main,
     )
     try:
@@ -469,36 +311,23 @@ def train(
             indices = example_indices(len(train_set), cfg.seed, examples_seen, cfg.batch_size)
             t0 = time.perf_counter()
             try:
+                examples = [train_set[i] for i in indices]
                 metrics = _train_step(
-                    model,
-                    phase,
-                    [train_set[i] for i in indices],
-                    indices,
-                    cfg,
-                    optimizer,
-                    step,
-                    device,
-                    dp,
-                    forward,
+                    model, phase, examples, indices, cfg, optimizer, step, device, dp
                 )
-            except NonFiniteLossError as err:
-                raise NonFiniteLossError(
-                    f"{desc or phase.name}: {err} at step {step} (examples_seen {examples_seen}); stopped before the "
-                    f"update. The last good checkpoint is {ckpt_path} (from the last evaluation); lower the learning "
-                    f"rate or look at the batch's examples {indices}"
+            except (NonFiniteLossError, ValueError) as err:
+                raise type(err)(
+                    f"{name}: {err} at step {step} (examples_seen {examples_seen}); stopped "
+                    f"before the update. The last good checkpoint is {ckpt_path} (from the last "
+                    "evaluation); lower the learning rate or look at the batch's examples "
+                    f"{indices}"
                 ) from None
             examples_seen += cfg.batch_size
             step += 1
             rate = cfg.batch_size / (time.perf_counter() - t0)
-            log(
-                {
-                    "split": "train",
-                    "examples_seen": examples_seen,
-                    "step": step,
-                    **metrics,
-                    "time/examples_per_s": rate,
-                }
-            )
+            record = {"split": "train", "examples_seen": examples_seen, "step": step, **metrics}
+            if main:
+                append_record(metrics_path, {**record, "time/examples_per_s": rate})
             bar.update(cfg.batch_size)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
             crossed = (
@@ -507,10 +336,8 @@ def train(
             if crossed or examples_seen == cfg.n_examples:
                 last_eval = evaluate_and_save()
                 key = "rewards/accuracies" if "rewards/accuracies" in last_eval else "loss"
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4g}",
-                    **{f"eval_{key.split('/')[-1]}": f"{last_eval[key]:.3g}"},
-                )
+                short = f"eval_{key.split('/')[-1]}"
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", **{short: f"{last_eval[key]:.3g}"})
     finally:
         bar.close()
     return {k: v for k, v in last_eval.items() if k not in ("split", "examples_seen", "step")}

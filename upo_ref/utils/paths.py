@@ -29,10 +29,12 @@ def gpt2_tokenizer_dir() -> Path:
 
 
 def figures_dir() -> Path:
-    """``$UPO_REF_FIGURES`` (the notebook tests point it at a temporary folder), else ``<repo>/figures``."""
+    """``$UPO_REF_FIGURES`` (the notebook tests point it at a temporary folder), else
+    ``<repo>/figures``."""
     return Path(os.environ.get("UPO_REF_FIGURES", REPO_ROOT / "figures"))
 
 
 def fast_mode() -> bool:
-    """True when ``UPO_REF_FAST=1``: notebooks and experiments shrink seeds/steps so CI can run them."""
+    """True when ``UPO_REF_FAST=1``: notebooks and experiments shrink seeds/steps so CI can run
+    them."""
     return os.environ.get("UPO_REF_FAST", "0") == "1"

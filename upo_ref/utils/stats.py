@@ -90,14 +90,16 @@ def mean_interval(x: Tensor, dim: int = 0, level: float = 0.95) -> tuple[Tensor,
 
 
 def mean_se(x: Tensor) -> tuple[float, float]:
-    """Mean of x (n,) and its standard error s / sqrt(n), s with Bessel's n - 1 (0 for n = 1), in float64."""
+    """Mean of x (n,) and its standard error s / sqrt(n), s with Bessel's n - 1 (0 for n = 1), in
+    float64."""
     x = torch.as_tensor(x).double()
     se = x.std(unbiased=True).item() / math.sqrt(len(x)) if len(x) > 1 else 0.0
     return x.mean().item(), se
 
 
 def binomial_se(p: float, n: int) -> float:
-    """Standard error sqrt(p (1 - p) / n) of a proportion p measured on n items (an accuracy over n pairs)."""
+    """Standard error sqrt(p (1 - p) / n) of a proportion p measured on n items (an accuracy over n
+    pairs)."""
     if n < 1 or not 0.0 <= p <= 1.0:
         raise ValueError(f"need a proportion p in [0, 1] over n >= 1 items, got p={p}, n={n}")
     return math.sqrt(p * (1.0 - p) / n)
