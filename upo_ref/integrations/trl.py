@@ -24,9 +24,9 @@ the loss, ``loss(pc, pr, rc, rr, beta).mean()`` with ``beta = args.beta``.
 Logged per step (averaged over all processes): ``loss`` and TRL's ``rewards/chosen``,
 ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (DPO's implicit rewards, the same
 for every loss), ``logps/chosen``, ``logps/rejected``, plus upo_ref's ``scores/chosen``,
-``scores/rejected``, ``scores/margins`` (beta f'(pi/pi_ref) of the loss's divergence). As everywhere in
-upo_ref, ``rewards/accuracies`` counts a tie as half (TRL's own trainer counts it as 0). TRL's
-``entropy``, ``logits/*`` and ``mean_token_accuracy`` are not logged.
+``scores/rejected``, ``scores/margins`` (beta f'(pi/pi_ref) of the loss's divergence). As
+everywhere in upo_ref, ``rewards/accuracies`` counts a tie as half (TRL's own trainer counts it as
+0). TRL's ``entropy``, ``logits/*`` and ``mean_token_accuracy`` are not logged.
 
 A config that says something else than the loss is refused (:func:`check_config`), and so is a
 dataset row without ``prompt``, ``chosen`` or ``rejected`` (:func:`check_dataset`).
