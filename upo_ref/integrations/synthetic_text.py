@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..lm.data import TokenizedPair
 from ..lm.synthetic import SyntheticTask
+from ..lm.tokenize import TokenizedPair
 
 __all__ = [
     "EOS_WORD",

@@ -40,7 +40,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..divergences import Divergence
-from ..lm.data import IGNORE_INDEX
+from ..lm.logprobs import IGNORE_INDEX
 from ..losses import PreferenceLoss, preference_metrics
 
 __all__ = ["UPOTrainer", "TRL_DIVERGENCE_NAMES", "check_config", "check_dataset"]

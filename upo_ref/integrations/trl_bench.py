@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ..lm.config import TINY_GPT2, ModelConfig, PhaseConfig
-from ..lm.data import TokenizedPair
 from ..lm.models import build_model
+from ..lm.tokenize import TokenizedPair
 from ..lm.train import PreferencePhase, _make_optimizer, _train_step, reference_logps
 from ..losses import PreferenceLoss
 from ..utils.stats import mean_se
