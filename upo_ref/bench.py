@@ -6,6 +6,10 @@ float32 log-probs -> per-example loss -> ``.mean().backward()``, on the CPU. The
 loss performs are included, as they are in training. The last column is the ratio to
 ``dpo_loss``; the target is <= 3 for every loss.
 
+``python -m upo_ref.bench trl``: one DPO training step of upo_ref's trainer, of TRL's
+``DPOTrainer`` and of TRL with upo_ref's loss, same model, pairs and precision, in the same run
+(``upo_ref.integrations.trl_bench``); it prints TRL's time over each.
+
 ``python -m upo_ref.bench step``: one preference-training step of a GPT-2-architecture model
 (124M by default, random init: speed does not depend on the weights), done two ways in the same
 run (see :func:`step_fn`): the way upo_ref trains (reference log-probs precomputed, chosen and
@@ -300,18 +304,8 @@ def _step_main(args) -> None:
         print(f"fast / naive throughput: {rows[1].seconds / rows[0].seconds:.2f}x")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m upo_ref.bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("losses", help="forward+backward time of every loss and divergence")
-    p.add_argument("--pairs", type=int, default=65536)
-    p.add_argument("--repeats", type=int, default=50)
-    p.set_defaults(func=_losses_main)
-    q = sub.add_parser("step", help="one preference-training step, upo_ref's way and the naive way")
+def _add_step_args(q) -> None:
+    """The model, batch and timing options of the ``step`` and ``trl`` subcommands."""
     q.add_argument("--n-layer", type=int, default=12)
     q.add_argument("--n-head", type=int, default=12)
     q.add_argument("--n-embd", type=int, default=768)
@@ -326,6 +320,27 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--steps", type=int, default=10)
     q.add_argument("--warmup", type=int, default=3)
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+
+
+def _trl_main(args) -> None:
+    from .integrations.trl_bench import main as trl_main  # needs trl (requirements.txt)
+
+    trl_main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m upo_ref.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("losses", help="forward+backward time of every loss and divergence")
+    p.add_argument("--pairs", type=int, default=65536)
+    p.add_argument("--repeats", type=int, default=50)
+    p.set_defaults(func=_losses_main)
+    q = sub.add_parser("step", help="one preference-training step, upo_ref's way and the naive way")
+    _add_step_args(q)
     q.add_argument(
         "--peak-tflops",
         type=float,
@@ -334,6 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     q.add_argument("--no-naive", action="store_true", help="time only the fast step")
     q.set_defaults(func=_step_main)
+    t = sub.add_parser("trl", help="one DPO step of upo_ref's trainer and of TRL's DPOTrainer")
+    _add_step_args(t)
+    t.add_argument("--rounds", type=int, default=3, help="the three ways take turns this often")
+    t.set_defaults(func=_trl_main)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -28,12 +28,14 @@ import json
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from .experiments.figure1 import figure1
 from .lm.config import HH_LOCAL_SUBSETS, PRESETS, ExperimentConfig, get_preset, smoke
+from .lm.distributed import data_parallel
 from .lm.experiment import RunResult, run_experiment
 from .lm.models import resolve_device
 from .lm.runfiles import CHECKPOINT, METRICS, read_metrics, run_lock
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        data_parallel()  # accelerate launch: each process's device is set before any model
         device = resolve_device(args.device)
         restart = fresh_runs(cfg, args.fresh_run)
     except ValueError as err:
@@ -303,15 +306,20 @@ def _main(args, cfg, device: torch.device, restart: list[str], command: str) -> 
     figure_path = (
         Path(args.figure) if args.figure else (inside or figures_dir()) / f"figure1_{cfg.name}.png"
     )
-    with run_lock(out_dir):
-        if restart:
+    dp = data_parallel()  # under accelerate launch only the main process writes the folder
+    with run_lock(out_dir) if dp is None or dp.is_main else nullcontext():
+        if restart and (dp is None or dp.is_main):
             start_runs_over(out_dir, restart)
             print(f"starting over: {', '.join(restart)}")
+        if dp is not None:
+            dp.barrier()
         t0 = time.perf_counter()
         sft_final, results = run_experiment(
             cfg, out_dir, device, resume=not args.fresh, progress=not args.no_progress
         )
     wall_s = time.perf_counter() - t0
+    if dp is not None and not dp.is_main:
+        return results  # the main process writes the figure and the tables
     table = _write_outputs(
         cfg, results, sft_final, out_dir, results_dir, figure_path, command, wall_s
     )

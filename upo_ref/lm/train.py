@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import PhaseConfig
+from .distributed import DataParallel, data_parallel
 from .phases import (
     NonFiniteLossError,
     PreferencePhase,
@@ -154,25 +156,43 @@ def _make_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
 
 
 def _train_step(
-    model, phase, examples, indices, cfg: PhaseConfig, optimizer, step: int, device
+    model,
+    phase,
+    examples,
+    indices,
+    cfg: PhaseConfig,
+    optimizer,
+    step: int,
+    device,
+    dp: DataParallel | None = None,
 ) -> dict[str, float]:
-    """One optimiser step on one batch; returns its mean metrics, loss, lr and gradient norm."""
+    """One optimiser step on one batch; returns its mean metrics, loss, lr and gradient norm.
+
+    Under a launch of several processes (``dp``) this process computes its share of the batch;
+    see ``upo_ref.lm.distributed``."""
     lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1))
     for group in optimizer.param_groups:
         group["lr"] = lr
-    B, micro = len(examples), cfg.microbatch_size or len(examples)
+    B, n = len(examples), 1 if dp is None else dp.n_processes
+    if dp is not None:
+        examples, indices = dp.shard(examples), dp.shard(indices)
+    micro = cfg.microbatch_size or len(examples)
     sums: dict[str, Tensor] = {}
-    for start in range(0, B, micro):
+    for start in range(0, len(examples), micro):
         batch = to_device(
             phase.collate(examples[start : start + micro], indices[start : start + micro]), device
         )  # (b or 2b, T) each, index (b,)
-        with autocast(device):
-            losses, metrics = phase.losses(model, batch, "train")  # (b,), {name: (b,)}
-        # The gradients of the microbatches add up to those of the batch mean.
-        (losses.sum() / B).backward()
+        with autocast(device), dp.failing_together() if dp else nullcontext():
+            losses, metrics = (dp.forward if dp else phase.losses)(model, batch, "train")
+        # The gradients of the microbatches add up to those of the batch mean (DDP averages the
+        # n processes' gradients, hence the factor n).
+        (losses.sum() * n / B).backward()
         _add_sums(sums, {"loss": losses, **metrics})
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # ()
-    *totals, norm = torch.stack([*sums.values(), grad_norm.double()]).tolist()  # the one sync
+    totals = torch.stack(list(sums.values()))  # (K,)
+    if dp is not None:
+        totals = dp.total(totals)  # summed over the processes; grad_norm is equal on all
+    *totals, norm = torch.cat([totals, grad_norm.double()[None]]).tolist()  # the one sync
     means = {k: v / B for k, v in zip(sums, totals, strict=True)}
     for what, value in (("loss", means["loss"]), ("gradient norm", norm)):
         if not math.isfinite(value):  # a NaN loss in any microbatch makes its sum NaN
@@ -212,7 +232,10 @@ def train(
     phase.check_data("eval", eval_set)
     data = {"train": fingerprint(train_set), "eval": fingerprint(eval_set)}
     identity = {"phase": phase.name, "cfg": asdict(cfg), "data": data, **(identity or {})}
-    with run_lock(out_dir):
+    dp = data_parallel()  # None unless launched as several processes (accelerate launch)
+    if dp is not None:
+        device = dp.check_device(device)
+    with run_lock(out_dir) if dp is None or dp.is_main else nullcontext():
         return _train_in_folder(
             model,
             phase,
@@ -225,39 +248,63 @@ def train(
             progress,
             desc,
             identity,
+            dp,
         )
 
 
 def _train_in_folder(
-    model, phase, train_set, eval_set, cfg, out_dir, device, resume, progress, desc, identity
+    model, phase, train_set, eval_set, cfg, out_dir, device, resume, progress, desc, identity, dp
 ) -> dict[str, float]:
     """The loop of :func:`train`, run while holding the folder's lock (one function, read in one go:
     start or resume, then step, log, evaluate and checkpoint until ``cfg.n_examples``)."""
     model.to(device)
     model.train()
+    if dp is not None:
+        dp.wrap(model, phase)
+    main = dp is None or dp.is_main  # only the main process writes the folder's files
     optimizer = _make_optimizer(model, cfg)
     ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
 
     def evaluate_and_save() -> dict:
+        # Under a launch every process evaluates the whole eval set (the models are equal).
         metrics = _evaluate(model, phase, eval_set, cfg.eval_batch_size, device)
         record = {"split": "eval", "examples_seen": examples_seen, "step": step, **metrics}
-        append_record(metrics_path, record)
-        save_state(ckpt_path, model, optimizer, examples_seen, step, identity)
+        if main:
+            append_record(metrics_path, record)
+            save_state(ckpt_path, model, optimizer, examples_seen, step, identity)
+        if dp is not None:
+            dp.barrier()
         return record
 
-    if resume and ckpt_path.exists():
-        examples_seen, step, last_eval = resume_state(out_dir, model, optimizer, identity, device)
+    resuming = resume and ckpt_path.exists()
+    if dp is not None:
+        dp.barrier()  # every process has looked before the main one writes
+    if resuming:
+        # The main process cuts the metrics file back first; then the others find it cut and
+        # leave it as it is (write_metrics does not rewrite an equal file).
+        for turn in (True, False) if dp is not None else (True,):
+            if main == turn:
+                examples_seen, step, last_eval = resume_state(
+                    out_dir, model, optimizer, identity, device
+                )
+            if dp is not None:
+                dp.barrier()
     else:
-        if resume:
+        if resume and main:
             check_no_orphan_metrics(out_dir)
         examples_seen, step = 0, 0
-        write_metrics(metrics_path, [])
+        if main:
+            write_metrics(metrics_path, [])
         torch.manual_seed(cfg.seed)  # dropout, if any
         last_eval = evaluate_and_save()
 
     name = desc or phase.name
     bar = tqdm(
-        total=cfg.n_examples, initial=examples_seen, unit="ex", desc=name, disable=not progress
+        total=cfg.n_examples,
+        initial=examples_seen,
+        unit="ex",
+        desc=name,
+        disable=not progress or not main,
     )
     try:
         while examples_seen < cfg.n_examples:
@@ -265,7 +312,9 @@ def _train_in_folder(
             t0 = time.perf_counter()
             try:
                 examples = [train_set[i] for i in indices]
-                metrics = _train_step(model, phase, examples, indices, cfg, optimizer, step, device)
+                metrics = _train_step(
+                    model, phase, examples, indices, cfg, optimizer, step, device, dp
+                )
             except (NonFiniteLossError, ValueError) as err:
                 raise type(err)(
                     f"{name}: {err} at step {step} (examples_seen {examples_seen}); stopped "
@@ -277,7 +326,8 @@ def _train_in_folder(
             step += 1
             rate = cfg.batch_size / (time.perf_counter() - t0)
             record = {"split": "train", "examples_seen": examples_seen, "step": step, **metrics}
-            append_record(metrics_path, {**record, "time/examples_per_s": rate})
+            if main:
+                append_record(metrics_path, {**record, "time/examples_per_s": rate})
             bar.update(cfg.batch_size)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
             crossed = (
