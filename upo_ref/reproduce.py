@@ -11,10 +11,17 @@ Steps (section 5 of the paper, at the scale of the preset):
 5. write the Figure-1 grid, a results table (final eval accuracy and margin per run) and the
    metrics; print the table.
 
-Outputs: checkpoints and full metrics under ``--out`` (default ``runs/<preset>``, git-ignored);
-the figure to ``figures/figure1_<preset>.png`` and the table and metrics to ``results/<preset>/``
-(with ``--smoke``, everything goes under ``--out``). Re-running the same command resumes from
-the checkpoints there; ``--fresh`` starts over.
+Outputs: everything under ``--out`` (default ``runs/<preset>``, git-ignored): checkpoints, full
+metrics, the figure ``figure1_<preset>.png`` and the table and metrics in ``results/``. Running
+the job changes no tracked file; ``--publish`` writes the figure to ``figures/`` and the table and
+metrics to ``results/<preset>/`` instead, the committed results. Re-running the same command
+resumes from the checkpoints; ``--fresh`` starts over.
+
+The table gives each run's final eval accuracy with its binomial standard error and, for every two
+runs at the same beta, the difference of their accuracies with its *paired* standard error
+(``utils.stats.paired_difference``, from each pair's correctness under both final policies): the
+runs share the eval pairs and the reference, so most pairs are ranked alike by both and the
+unpaired error overstates the noise of the difference.
 """
 
 from __future__ import annotations
@@ -34,11 +41,11 @@ from .lm.config import PRESETS, ExperimentConfig, get_preset, smoke
 from .lm.data import HH_LOCAL_SUBSETS
 from .lm.experiment import RunResult, run_experiment
 from .lm.models import default_device
-from .lm.train import read_metrics
+from .lm.train import FINAL_EVAL, read_metrics
 from .utils.paths import REPO_ROOT, figures_dir
-from .utils.stats import binomial_se
+from .utils.stats import binomial_se, paired_difference
 
-__all__ = ["format_table", "config_from_args", "main"]
+__all__ = ["format_table", "paired_comparisons", "format_comparisons", "config_from_args", "main"]
 
 
 def format_table(
@@ -71,10 +78,61 @@ def format_table(
     return "\n".join(lines)
 
 
+def paired_comparisons(results: list[RunResult]) -> list[dict]:
+    """Every two runs at the same beta: accuracy of the later minus the earlier, its paired SE and
+    the unpaired SE for contrast, from the runs' per-pair final evaluations (``final_eval.json``)."""
+    correct = {}
+    for r in results:
+        final = json.loads((r.metrics_path.parent / FINAL_EVAL).read_text(encoding="utf-8"))
+        correct[r.name] = final["rewards/accuracies"]  # (N,) 1/0 per eval pair
+    rows = []
+    for i, a in enumerate(results):
+        for b in results[i + 1 :]:
+            if a.beta != b.beta:
+                continue
+            diff, se = paired_difference(correct[b.name], correct[a.name])
+            n = len(correct[a.name])
+            acc_a, acc_b = (sum(correct[x.name]) / n for x in (a, b))
+            unpaired = (binomial_se(acc_a, n) ** 2 + binomial_se(acc_b, n) ** 2) ** 0.5
+            rows.append(
+                dict(a=a.label, b=b.label, beta=a.beta, n=n, diff=diff, se=se, unpaired_se=unpaired)
+            )
+    return rows
+
+
+def format_comparisons(rows: list[dict]) -> str:
+    """Markdown table of :func:`paired_comparisons`."""
+    lines = [
+        "| comparison | beta | accuracy difference +- paired SE | difference / SE | unpaired SE |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for c in rows:
+        z = c["diff"] / c["se"] if c["se"] else float("nan")
+        lines.append(
+            f"| {c['b']} - {c['a']} | {c['beta']:g} | {c['diff']:+.4f} +- {c['se']:.4f} | "
+            f"{z:+.2f} | {c['unpaired_se']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def _time_split(results: list[RunResult], timings: dict[str, float]) -> dict[str, float]:
+    """Seconds spent on the trunk cache, the reference log-probs, training steps and evaluations
+    (the last two summed over runs from their metrics)."""
+    train_s = eval_s = 0.0
+    for r in results:
+        for rec in read_metrics(r.metrics_path):
+            if rec["split"] == "eval":
+                eval_s += rec.get("time/eval_s", 0.0)
+            else:
+                train_s += rec.get("time/step_s", 0.0)
+    return {**timings, "training_s": train_s, "evaluation_s": eval_s}
+
+
 def _write_outputs(
     cfg,
     results,
     sft_final,
+    timings,
     out_dir: Path,
     results_dir: Path,
     figure_path: Path,
@@ -83,12 +141,15 @@ def _write_outputs(
 ) -> str:
     n_evals = {r.n_eval for r in results}
     table = format_table(results, sft_final, n_evals.pop() if len(n_evals) == 1 else None)
+    comparisons = paired_comparisons(results)
+    split = _time_split(results, timings)
     runs = {(r.label, r.beta): read_metrics(r.metrics_path) for r in results}
     labels = " vs ".join(dict.fromkeys(r.label for r in results))
     d, p = cfg.data, cfg.pref
     title = (
         f"{labels}, preset {cfg.name}: {cfg.model.name_or_path} on {'+'.join(d.datasets)}, "
-        f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, {d.n_eval_pairs or 'all'} eval pairs"
+        f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, "
+        f"{d.n_eval_pairs or 'all'} eval pairs"
     )
     figure1(runs, figure_path, title=title)
     (results_dir / "metrics").mkdir(parents=True, exist_ok=True)
@@ -96,26 +157,34 @@ def _write_outputs(
         shutil.copyfile(out_dir / "sft" / "metrics.jsonl", results_dir / "metrics" / "sft.jsonl")
     for r in results:
         shutil.copyfile(r.metrics_path, results_dir / "metrics" / f"{r.name}.jsonl")
+        shutil.copyfile(
+            r.metrics_path.parent / FINAL_EVAL, results_dir / "metrics" / f"{r.name}.final.json"
+        )
     summary = {
         "command": command,
         "wall_seconds": round(wall_s, 1),
+        "seconds": {k: round(v, 1) for k, v in split.items()},
         "config": cfg.to_dict(),
         "sft_final": sft_final,
         "runs": [
             {"label": r.label, "beta": r.beta, "n_eval_pairs": r.n_eval, "final": r.final}
             for r in results
         ],
+        "paired_comparisons": comparisons,
     }
     (results_dir / "summary.json").write_text(
         json.dumps(summary, indent=1) + "\n", encoding="utf-8"
     )
+    times = ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min" for k, v in split.items())
     (results_dir / "summary.md").write_text(
-        f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: {wall_s / 60:.1f} min  \n"
-        f"Figure: `{_relative(figure_path)}`\n\nFinal evaluation (after {cfg.pref.n_examples} preference "
-        f"examples per run):\n\n{table}\n",
+        f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: "
+        f"{wall_s / 60:.1f} min ({times})  \nFigure: `{_relative(figure_path)}`\n\n"
+        f"Final evaluation (after {cfg.pref.n_examples} preference examples per run):\n\n{table}\n\n"
+        f"Paired differences of final eval accuracy (same eval pairs, same reference):\n\n"
+        f"{format_comparisons(comparisons)}\n",
         encoding="utf-8",
     )
-    return table
+    return table + "\n\n" + format_comparisons(comparisons) + f"\n\n{times}"
 
 
 def _relative(path: Path) -> str:
@@ -146,10 +215,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="run folder for checkpoints and metrics (default runs/<preset>)")
     p.add_argument(
-        "--results", help="folder for summary.md/json and metrics copies (default results/<preset>)"
+        "--results", help="folder for summary.md/json and metrics copies (default <out>/results)"
     )
     p.add_argument(
-        "--figure", help="path of the Figure-1 grid (default figures/figure1_<preset>.png)"
+        "--figure", help="path of the Figure-1 grid (default <out>/figure1_<preset>.png)"
+    )
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the figure to figures/ and the table and metrics to results/<preset>/ "
+        "(the committed results) instead of under --out",
     )
     p.add_argument(
         "--hh-dir", help="folder of <subset>/<split>.jsonl.gz (default ../shared/data/hh-rlhf)"
@@ -217,24 +292,24 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
 
 def _main(args: argparse.Namespace, cfg: ExperimentConfig, command: str) -> list[RunResult]:
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
-    inside = out_dir if args.smoke else None
-    results_dir = (
-        Path(args.results)
-        if args.results
-        else (inside / "results" if inside else REPO_ROOT / "results" / cfg.name)
-    )
+    if args.publish and args.smoke:
+        raise SystemExit("--publish writes the committed results: not with --smoke")
+    published = REPO_ROOT / "results" / cfg.name, figures_dir()
+    results_dir = Path(args.results or (published[0] if args.publish else out_dir / "results"))
     figure_path = (
-        Path(args.figure) if args.figure else (inside or figures_dir()) / f"figure1_{cfg.name}.png"
+        Path(args.figure)
+        if args.figure
+        else (published[1] if args.publish else out_dir) / f"figure1_{cfg.name}.png"
     )
     device = torch.device(args.device) if args.device else default_device()
 
     t0 = time.perf_counter()
-    sft_final, results = run_experiment(
+    sft_final, results, timings = run_experiment(
         cfg, out_dir, device, resume=not args.fresh, progress=not args.no_progress
     )
     wall_s = time.perf_counter() - t0
     table = _write_outputs(
-        cfg, results, sft_final, out_dir, results_dir, figure_path, command, wall_s
+        cfg, results, sft_final, timings, out_dir, results_dir, figure_path, command, wall_s
     )
     print(
         f"\n{table}\n\nwall time {wall_s / 60:.1f} min; figure {figure_path}; table {results_dir / 'summary.md'}"

@@ -35,7 +35,9 @@ from .data import (
 from .logprobs import head_is_linear_readout
 from .models import build_model, default_device, load_tokenizer
 from .synthetic import SyntheticTask
+from .partial import trainable_parameters
 from .train import PreferencePhase, SFTPhase, reference_logps, train
+from .trunk_cache import CachedPreferencePhase, cache_trunk, model_fingerprint
 
 __all__ = [
     "ExperimentData",
@@ -203,10 +205,13 @@ class RunResult:
     final: dict[str, float]
     metrics_path: Path
     n_eval: int | None = None
+    wall_s: float | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.label.lower()}_beta{self.beta:g}"
+        """The run's folder name, e.g. ``js-iupo_beta0.1``, ``js-iupo-kkt_beta0.1``."""
+        label = self.label.lower().replace(" (", "-").replace(")", "").replace(" ", "-")
+        return f"{label}_beta{self.beta:g}"
 
 
 @dataclass
@@ -217,6 +222,9 @@ class Reference:
     ``reference``: log pi_ref(y_w|x), log pi_ref(y_l|x) per split, for ``PreferencePhase``; ``common``: the
     phase keyword arguments (``pad_id``, ``average``, ``response_only``); ``identity``: what a checkpoint of
     a run must have been made with to be resumed (model, data, SFT phase, ``average_logps``).
+    ``pairs``: the train and eval pairs of the preference runs (for a partially fine-tuned model,
+    ``trunk_cache.CachedPair``s, with ``phase`` = ``CachedPreferencePhase``); ``timings``: seconds
+    spent on the trunk cache (``trunk_s``) and the reference log-probs (``reference_s``).
     """
 
     model: torch.nn.Module
@@ -224,6 +232,9 @@ class Reference:
     common: dict
     identity: dict
     sft_final: dict[str, float]
+    pairs: dict[str, list] = field(default_factory=dict)
+    phase: type = PreferencePhase
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def load_experiment_data(cfg: ExperimentConfig, keep_unused: int | None = 0):
@@ -246,27 +257,57 @@ def prepare_reference(
     device: torch.device,
     resume: bool = True,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> Reference:
     """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and compute
-    pi_ref's log-probs of the train and eval pairs once."""
+    pi_ref's log-probs of the train and eval pairs once. With ``cfg.model.train_layers`` the model is
+    split instead and its trunk's states cached in ``cache_dir`` (default ``out_dir/trunk_cache``)."""
     out_dir = Path(out_dir)
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)
     model.to(
         device
-    )  # also when SFT is skipped and the reference log-probs come from the model as built
+    )  # also when SFT is skipped: the reference log-probs come from the model as built
     print(
-        f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"device {device}, logits on response tokens only: {response_only}"
+        f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, device {device}, logits on response tokens only: {response_only}"
     )
-    common = dict(pad_id=data.pad_id, average=cfg.average_logps, response_only=response_only)
+    common = dict(
+        pad_id=data.pad_id,
+        average=cfg.average_logps,
+        response_only=response_only,
+        precision=cfg.precision,
+    )
     # What a checkpoint must have been made with to be resumed: SFT depends on the model, the data and
     # its own phase; a preference run also on the preference phase, the loss and beta.
     e = cfg.to_dict()
-    identity = {k: e[k] for k in ("model", "data", "sft", "average_logps")}
+    identity = {k: e[k] for k in ("model", "data", "sft", "average_logps", "precision")}
+    pairs = {"train": data.pref_train, "eval": data.pref_eval}
+    phase, timings = PreferencePhase, {}
+    batch = cfg.pref.eval_batch_size
 
     sft_final: dict[str, float] = {}
-    if cfg.sft.n_examples:
+    if cfg.model.train_layers is not None:
+        identity["weights"] = model_fingerprint(model)  # the model file, not only its name
+        t0 = time.perf_counter()
+        model, pairs = cache_trunk(
+            model,
+            cfg.model.train_layers,
+            pairs,
+            Path(cache_dir) if cache_dir else out_dir / "trunk_cache",
+            data.pad_id,
+            batch,
+            device,
+            cfg.precision,
+            cfg.cache_dtype,
+        )
+        phase, timings["trunk_s"] = CachedPreferencePhase, time.perf_counter() - t0
+        print(
+            f"trunk states of {len(pairs['train'])} + {len(pairs['eval'])} pairs cached "
+            f"({timings['trunk_s']:.0f}s); training the top {cfg.model.train_layers} layers, "
+            f"{trainable_parameters(model) / 1e6:.2f}M parameters"
+        )
+    elif cfg.sft.n_examples:
         sft_final = train(
             model,
             SFTPhase(**common),
@@ -282,20 +323,27 @@ def prepare_reference(
         )
 
     t0 = time.perf_counter()
-    batch = cfg.pref.eval_batch_size
+    collate = phase(None, 0.0, {}, **common).collate
     reference = {
-        "train": reference_logps(
-            model, data.pref_train, batch, data.pad_id, device, cfg.average_logps, response_only
-        ),
-        "eval": reference_logps(
-            model, data.pref_eval, batch, data.pad_id, device, cfg.average_logps, response_only
-        ),
+        split: reference_logps(
+            model,
+            ps,
+            batch,
+            data.pad_id,
+            device,
+            cfg.average_logps,
+            response_only,
+            collate,
+            cfg.precision,
+        )
+        for split, ps in pairs.items()
     }
+    timings["reference_s"] = time.perf_counter() - t0
     print(
-        f"reference log-probs of {len(data.pref_train)} + {len(data.pref_eval)} pairs computed once "
-        f"({time.perf_counter() - t0:.0f}s)"
+        f"reference log-probs of {len(pairs['train'])} + {len(pairs['eval'])} pairs computed once "
+        f"({timings['reference_s']:.0f}s)"
     )
-    return Reference(model, reference, common, identity, sft_final)
+    return Reference(model, reference, common, identity, sft_final, pairs, phase, timings)
 
 
 def run_experiment(
@@ -304,43 +352,36 @@ def run_experiment(
     device: torch.device | None = None,
     resume: bool = True,
     progress: bool = True,
-) -> tuple[dict[str, float], list[RunResult]]:
-    """SFT once, then every (loss, beta) run; returns (final SFT eval metrics, the runs' results)."""
+) -> tuple[dict[str, float], list[RunResult], dict[str, float]]:
+    """SFT once, then every run of ``cfg.runs()``; returns (final SFT eval metrics, the runs'
+    results, the seconds spent on the trunk cache and the reference log-probs)."""
     out_dir = Path(out_dir)
     device = device if device is not None else default_device()
     _, data = load_experiment_data(cfg)
     ref = prepare_reference(cfg, data, out_dir, device, resume, progress)
-    model, reference, common, identity, sft_final = (
-        ref.model,
-        ref.reference,
-        ref.common,
-        ref.identity,
-        ref.sft_final,
-    )
     e = cfg.to_dict()
-
     results = []
-    for name, divergence in cfg.losses:
-        loss_fn = PreferenceLoss(name, divergence)
-        for beta in cfg.betas:
-            policy = copy.deepcopy(model)
-            phase = PreferencePhase(loss_fn, beta, reference, **common)
-            result = RunResult(loss_fn.label, beta, {}, Path(), len(data.pref_eval))
-            run_dir = out_dir / result.name
-            result.final = train(
-                policy,
-                phase,
-                data.pref_train,
-                data.pref_eval,
-                cfg.pref,
-                run_dir,
-                device,
-                resume,
-                progress,
-                desc=f"{loss_fn.label} beta={beta:g}",
-                identity={**identity, "pref": e["pref"], "loss": loss_fn.label, "beta": beta},
-            )
-            result.metrics_path = run_dir / "metrics.jsonl"
-            results.append(result)
-            del policy
-    return sft_final, results
+    for loss_fn, beta in cfg.runs():
+        policy = copy.deepcopy(ref.model)
+        phase = ref.phase(loss_fn, beta, ref.reference, **ref.common)
+        result = RunResult(loss_fn.label, beta, {}, Path(), len(ref.pairs["eval"]))
+        run_dir = out_dir / result.name
+        t0 = time.perf_counter()
+        result.final = train(
+            policy,
+            phase,
+            ref.pairs["train"],
+            ref.pairs["eval"],
+            cfg.pref,
+            run_dir,
+            device,
+            resume,
+            progress,
+            desc=f"{loss_fn.label} beta={beta:g}",
+            identity={**ref.identity, "pref": e["pref"], "loss": loss_fn.label, "beta": beta},
+        )
+        result.metrics_path = run_dir / "metrics.jsonl"
+        result.wall_s = time.perf_counter() - t0
+        results.append(result)
+        del policy
+    return ref.sft_final, results, ref.timings

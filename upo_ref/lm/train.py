@@ -31,7 +31,7 @@ checkpoint, so an interrupted-and-resumed run writes the same metrics as an unin
 (bit for bit on a CPU; keys under ``time/`` are wall-clock and differ). A non-finite log-prob, loss
 or gradient norm stops the run *before* the optimiser step, with :class:`NonFiniteLossError`; the
 checkpoint on disk is the last good one. On CUDA, forward passes run under bf16 autocast (log-probs
-and losses in float32).
+and losses in float32); a phase whose ``precision`` is ``"bfloat16"`` asks for it on the CPU too.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from .logprobs import concatenated_logps, sequence_logps
 __all__ = [
     "CHECKPOINT",
     "METRICS",
+    "FINAL_EVAL",
     "NonFiniteLossError",
     "SFTPhase",
     "PreferencePhase",
@@ -73,16 +74,24 @@ __all__ = [
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+FINAL_EVAL = "final_eval.json"  # every eval example's metrics under the final policy
 
 
 class NonFiniteLossError(RuntimeError):
     """Training met a NaN/inf log-prob, loss or gradient norm and stopped before updating the model."""
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing on the CPU (float32 throughout)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The forward passes' precision. ``"auto"``: bf16 autocast on CUDA, float32 on the CPU;
+    ``"bfloat16"``: bf16 autocast on any device (on a CPU with AMX, ~4x the float32 matmul rate);
+    ``"float32"``: no autocast."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -108,6 +117,7 @@ class SFTPhase:
     pad_id: int
     average: bool = False
     response_only: bool = True
+    precision: str = "auto"
     name: str = "sft"
 
     def collate(
@@ -154,6 +164,7 @@ class PreferencePhase:
     response_only: bool = True
     divergence: Divergence | str | None = None
     extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    precision: str = "auto"
     name: str = "preference"
 
     def collate(self, pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, Tensor]:
@@ -206,20 +217,25 @@ def reference_logps(
     device: torch.device,
     average: bool = False,
     response_only: bool = True,
+    collate: Callable | None = None,
+    precision: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """log pi_ref(y_w|x) and log pi_ref(y_l|x) of every pair, each (N,), float32 on the CPU.
 
     Computed once, before preference training, with the model in eval mode, in consecutive batches
     of ``batch_size`` (the same batches :func:`evaluate` forms, so that at step 0, where pi = pi_ref,
-    the eval margins are exactly 0).
+    the eval margins are exactly 0). ``collate(pairs, indices)`` forms a batch (default
+    ``collate_pairs``; pass the phase's own, e.g. ``CachedPreferencePhase.collate``) and
+    ``precision`` is the phase's (:func:`autocast`).
     """
+    collate = collate or (lambda ps, idx: collate_pairs(ps, idx, pad_id))
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         idx = range(start, min(start + batch_size, len(pairs)))
-        batch = _to(collate_pairs([pairs[i] for i in idx], idx, pad_id), device)
-        with autocast(device):
+        batch = _to(collate([pairs[i] for i in idx], idx), device)
+        with autocast(device, precision):
             pc, pr = concatenated_logps(model, batch, average, response_only)  # (b,), (b,)
         chosen.append(pc.float().cpu())
         rejected.append(pr.float().cpu())
@@ -252,25 +268,34 @@ def example_indices(n: int, seed: int, start: int, count: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(
-    model, phase, eval_set: Sequence[TokenizedPair], batch_size: int, device: torch.device
-) -> dict[str, float]:
-    """Mean loss and mean of every metric over the whole eval set, in consecutive batches."""
+    model,
+    phase,
+    eval_set: Sequence[TokenizedPair],
+    batch_size: int,
+    device: torch.device,
+    per_example: bool = False,
+):
+    """Mean loss and mean of every metric over the whole eval set, in consecutive batches.
+
+    ``per_example=True`` returns (means, {name: (N,) tensor of every example's value}) instead:
+    what paired comparisons of two runs on the same eval set need (``utils.stats``)."""
     if not eval_set:
         raise ValueError("the eval set is empty")
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = defaultdict(float)
+    values: dict[str, list[Tensor]] = defaultdict(list)
     for start in range(0, len(eval_set), batch_size):
         idx = range(start, min(start + batch_size, len(eval_set)))
         batch = _to(phase.collate([eval_set[i] for i in idx], idx), device)
-        with autocast(device):
+        with autocast(device, getattr(phase, "precision", "auto")):
             losses, metrics = phase.losses(model, batch, "eval")
         _check_finite("eval loss", losses)
-        sums["loss"] += float(losses.sum())
-        for k, v in metrics.items():
-            sums[k] += float(v.sum())
+        for k, v in {"loss": losses, **metrics}.items():
+            values[k].append(v.detach().double().cpu())
     model.train(was_training)
-    return {k: v / len(eval_set) for k, v in sums.items()}
+    every = {k: torch.cat(v) for k, v in values.items()}
+    means = {k: float(v.sum()) / len(eval_set) for k, v in every.items()}
+    return (means, every) if per_example else means
 
 
 def _make_optimizer(model, cfg: PhaseConfig) -> torch.optim.Optimizer:
@@ -293,7 +318,7 @@ def _train_step(
         batch = _to(
             phase.collate(examples[start : start + micro], indices[start : start + micro]), device
         )
-        with autocast(device):
+        with autocast(device, getattr(phase, "precision", "auto")):
             losses, metrics = phase.losses(model, batch, "train")  # (b,), {name: (b,)}
         _check_finite("loss", losses)
         (
@@ -373,7 +398,8 @@ def train(
 ) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.n_examples`` examples; return the final eval metrics.
 
-    Writes ``out_dir/metrics.jsonl`` and ``out_dir/checkpoint.pt``. With ``resume`` and a checkpoint
+    Writes ``out_dir/metrics.jsonl``, ``out_dir/checkpoint.pt`` and, at the final evaluation,
+    ``out_dir/final_eval.json`` (every eval example's metrics, for paired statistics). With ``resume`` and a checkpoint
     in ``out_dir``, continues from it (a finished run returns at once). ``identity``: what must
     match for a checkpoint to be resumed (the phase config is always included).
     """
@@ -398,8 +424,16 @@ def train(
             fh.write(json.dumps(record) + "\n")
 
     def evaluate_and_save() -> dict[str, float]:
-        metrics = evaluate(model, phase, eval_set, cfg.eval_batch_size, device)
-        log({"split": "eval", "examples_seen": examples_seen, "step": step, **metrics})
+        t0 = time.perf_counter()
+        metrics, every = evaluate(
+            model, phase, eval_set, cfg.eval_batch_size, device, per_example=True
+        )
+        seconds = time.perf_counter() - t0
+        record = {"split": "eval", "examples_seen": examples_seen, "step": step, **metrics}
+        log({**record, "time/eval_s": seconds})
+        if examples_seen == cfg.n_examples:  # the final policy, pair by pair, for paired statistics
+            final = {k: v.tolist() for k, v in every.items()}
+            (out_dir / FINAL_EVAL).write_text(json.dumps(final) + "\n", encoding="utf-8")
         _save_checkpoint(ckpt_path, model, optimizer, examples_seen, step, identity)
         return metrics
 
@@ -438,14 +472,15 @@ def train(
                 ) from None
             examples_seen += cfg.batch_size
             step += 1
-            rate = cfg.batch_size / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
             log(
                 {
                     "split": "train",
                     "examples_seen": examples_seen,
                     "step": step,
                     **metrics,
-                    "time/examples_per_s": rate,
+                    "time/examples_per_s": cfg.batch_size / seconds,
+                    "time/step_s": seconds,
                 }
             )
             bar.update(cfg.batch_size)
