@@ -241,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the preset's)")
     p.add_argument(
+        "--betas",
+        help="comma-separated betas: run only the preset's runs at these (e.g. 0.1 first, the rest "
+        "later into the same --out; a finished run is resumed, not retrained)",
+    )
+    p.add_argument(
         "--fresh", action="store_true", help="ignore checkpoints in --out and start over"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -270,6 +275,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     cfg = r(cfg, data=data)
     if args.threads:
         cfg = r(cfg, threads=args.threads)
+    if args.betas:
+        keep = {float(b) for b in args.betas.split(",")}
+        if not keep & ({*cfg.betas} | {run[3] for run in cfg.extra_runs}):
+            raise SystemExit(f"--betas {args.betas}: preset {cfg.name} has no run at these betas")
+        extra = tuple(run for run in cfg.extra_runs if run[3] in keep)
+        cfg = r(cfg, betas=tuple(b for b in cfg.betas if b in keep), extra_runs=extra)
     return smoke(cfg) if args.smoke else cfg
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from ..losses import PreferenceLoss
 from ..utils.paths import hh_dir
 from .config import ExperimentConfig
 from .data import (
@@ -34,8 +33,8 @@ from .data import (
 )
 from .logprobs import head_is_linear_readout
 from .models import build_model, default_device, load_tokenizer
-from .synthetic import SyntheticTask
 from .partial import trainable_parameters
+from .synthetic import SyntheticTask
 from .train import PreferencePhase, SFTPhase, reference_logps, train
 from .trunk_cache import CachedPreferencePhase, cache_trunk, model_fingerprint
 
@@ -289,6 +288,7 @@ def prepare_reference(
     sft_final: dict[str, float] = {}
     if cfg.model.train_layers is not None:
         identity["weights"] = model_fingerprint(model)  # the model file, not only its name
+        identity["cache_dtype"] = cfg.cache_dtype
         t0 = time.perf_counter()
         model, pairs = cache_trunk(
             model,
@@ -363,7 +363,7 @@ def run_experiment(
     results = []
     for loss_fn, beta in cfg.runs():
         policy = copy.deepcopy(ref.model)
-        phase = ref.phase(loss_fn, beta, ref.reference, **ref.common)
+        phase = ref.phase(loss_fn, beta, ref.reference, **ref.common, starts_at_reference=True)
         result = RunResult(loss_fn.label, beta, {}, Path(), len(ref.pairs["eval"]))
         run_dir = out_dir / result.name
         t0 = time.perf_counter()

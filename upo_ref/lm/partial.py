@@ -49,6 +49,8 @@ def split_model(model, k: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     n = len(body.layers)
     if not 1 <= k < n:
         raise ValueError(f"train_layers must be in 1..{n - 1} for a model of {n} layers, got {k}")
+    for p in model.parameters():  # all of them, before the layer list is cut
+        p.requires_grad_(False)
     # A shallow copy with its own module table: the trunk owns the bottom layers, no final norm.
     trunk = copy.copy(body)
     trunk._modules = {
@@ -57,8 +59,6 @@ def split_model(model, k: int) -> tuple[torch.nn.Module, torch.nn.Module]:
         "norm": torch.nn.Identity(),
     }
     body.layers = torch.nn.ModuleList(body.layers[n - k :])
-    for p in model.parameters():
-        p.requires_grad_(False)
     for p in list(body.layers.parameters()) + list(body.norm.parameters()):
         p.requires_grad_(True)
     return trunk.eval(), model

@@ -37,6 +37,7 @@ and losses in float32); a phase whose ``precision`` is ``"bfloat16"`` asks for i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -154,6 +155,11 @@ class PreferencePhase:
     with ``takes_batch = True`` finds in ``batch[name]`` (B,); its ``metrics`` method, if it has one,
     adds per-example metrics (names must not clash with the phase's). ``divergence``: the f of the
     ``scores/*`` metrics (defaults to the loss's own, reverse KL for DPO/IPO).
+    ``starts_at_reference``: the policy trained with this phase *is* pi_ref at step 0 (a copy of the
+    model the reference log-probs were computed from, in :func:`evaluate`'s batches and the same
+    precision), so :func:`train` evaluates step 0 from the reference log-probs
+    (``policy_is_reference``) instead of running the model again: the same numbers, one eval pass
+    fewer (``tests/test_partial.py`` checks that they agree).
     """
 
     loss_fn: Callable[..., Tensor]
@@ -165,6 +171,8 @@ class PreferencePhase:
     divergence: Divergence | str | None = None
     extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     precision: str = "auto"
+    starts_at_reference: bool = False
+    policy_is_reference: bool = False
     name: str = "preference"
 
     def collate(self, pairs: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, Tensor]:
@@ -173,10 +181,15 @@ class PreferencePhase:
     def losses(
         self, model, batch: dict[str, Tensor], split: str
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        pc, pr = concatenated_logps(model, batch, self.average, self.response_only)  # (B,), (B,)
-        _check_finite("policy log-probs", pc, pr)
         ref_chosen, ref_rejected = self.reference[split]
         index = batch["index"].cpu()
+        if self.policy_is_reference:
+            pc, pr = ref_chosen[index], ref_rejected[index]
+        else:
+            pc, pr = concatenated_logps(
+                model, batch, self.average, self.response_only
+            )  # (B,), (B,)
+        _check_finite("policy log-probs", pc, pr)
         rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
         takes_batch = getattr(self.loss_fn, "takes_batch", False)
         if takes_batch:
@@ -425,8 +438,10 @@ def train(
 
     def evaluate_and_save() -> dict[str, float]:
         t0 = time.perf_counter()
+        at_reference = examples_seen == 0 and getattr(phase, "starts_at_reference", False)
+        eval_phase = dataclasses.replace(phase, policy_is_reference=True) if at_reference else phase
         metrics, every = evaluate(
-            model, phase, eval_set, cfg.eval_batch_size, device, per_example=True
+            model, eval_phase, eval_set, cfg.eval_batch_size, device, per_example=True
         )
         seconds = time.perf_counter() - t0
         record = {"split": "eval", "examples_seen": examples_seen, "step": step, **metrics}

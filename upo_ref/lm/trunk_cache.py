@@ -168,7 +168,8 @@ def collate_cached(
 ) -> dict[str, Tensor]:
     """``collate_pairs`` plus ``inputs_embeds`` (2B, T, C) float32: the trunk states, zero on padding."""
     batch = collate_pairs(pairs, indices, pad_id)
-    states = [p.hidden_chosen for p in pairs] + [p.hidden_rejected for p in pairs]
+    states = [getattr(p, "hidden_chosen", None) for p in pairs]
+    states += [getattr(p, "hidden_rejected", None) for p in pairs]
     if any(s is None for s in states):
         raise ValueError("collate_cached needs pairs with trunk states (from cached_pairs)")
     B2, T = batch["input_ids"].shape
