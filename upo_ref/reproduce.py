@@ -80,7 +80,8 @@ def format_table(
 
 def paired_comparisons(results: list[RunResult]) -> list[dict]:
     """Every two runs at the same beta: accuracy of the later minus the earlier, its paired SE and
-    the unpaired SE for contrast, from the runs' per-pair final evaluations (``final_eval.json``)."""
+    the unpaired SE for contrast, from the runs' per-pair final evaluations
+    (``final_eval.json``)."""
     correct = {}
     for r in results:
         final = json.loads((r.metrics_path.parent / FINAL_EVAL).read_text(encoding="utf-8"))
@@ -179,7 +180,8 @@ def _write_outputs(
     (results_dir / "summary.md").write_text(
         f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: "
         f"{wall_s / 60:.1f} min ({times})  \nFigure: `{_relative(figure_path)}`\n\n"
-        f"Final evaluation (after {cfg.pref.n_examples} preference examples per run):\n\n{table}\n\n"
+        f"Final evaluation (after {cfg.pref.n_examples} preference examples per run):\n\n"
+        f"{table}\n\n"
         f"Paired differences of final eval accuracy (same eval pairs, same reference):\n\n"
         f"{format_comparisons(comparisons)}\n",
         encoding="utf-8",

@@ -258,9 +258,10 @@ def prepare_reference(
     progress: bool = True,
     cache_dir: str | Path | None = None,
 ) -> Reference:
-    """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and compute
-    pi_ref's log-probs of the train and eval pairs once. With ``cfg.model.train_layers`` the model is
-    split instead and its trunk's states cached in ``cache_dir`` (default ``out_dir/trunk_cache``)."""
+    """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and
+    compute pi_ref's log-probs of the train and eval pairs once. With ``cfg.model.train_layers`` the
+    model is split instead and its trunk's states cached in ``cache_dir`` (default
+    ``out_dir/trunk_cache``)."""
     out_dir = Path(out_dir)
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)

@@ -412,8 +412,8 @@ def train(
     """Train ``model`` in place for ``cfg.n_examples`` examples; return the final eval metrics.
 
     Writes ``out_dir/metrics.jsonl``, ``out_dir/checkpoint.pt`` and, at the final evaluation,
-    ``out_dir/final_eval.json`` (every eval example's metrics, for paired statistics). With ``resume`` and a checkpoint
-    in ``out_dir``, continues from it (a finished run returns at once). ``identity``: what must
+    ``out_dir/final_eval.json`` (every eval example's metrics, for paired statistics). With
+    ``resume`` and a checkpoint in ``out_dir``, continues from it (a finished run returns at once). ``identity``: what must
     match for a checkpoint to be resumed (the phase config is always included).
     """
     out_dir = Path(out_dir)
@@ -512,4 +512,5 @@ def train(
                 )
     finally:
         bar.close()
-    return {k: v for k, v in last_eval.items() if k not in ("split", "examples_seen", "step")}
+    skip = ("split", "examples_seen", "step")
+    return {k: v for k, v in last_eval.items() if k not in skip and not k.startswith("time/")}

@@ -58,7 +58,8 @@ class CachedPair(TokenizedPair):
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's config and every tensor of its state dict (names, dtypes, shapes, bytes)."""
+    """SHA-256 of a model's config and of every tensor of its state dict (name, dtype, shape,
+    bytes)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     h.update((config.to_json_string() if config is not None else type(model).__name__).encode())
@@ -166,7 +167,8 @@ def cached_pairs(
 def collate_cached(
     pairs: Sequence[CachedPair], indices: Sequence[int], pad_id: int
 ) -> dict[str, Tensor]:
-    """``collate_pairs`` plus ``inputs_embeds`` (2B, T, C) float32: the trunk states, zero on padding."""
+    """``collate_pairs`` plus ``inputs_embeds`` (2B, T, C) float32: the trunk states, zero on
+    padding."""
     batch = collate_pairs(pairs, indices, pad_id)
     states = [getattr(p, "hidden_chosen", None) for p in pairs]
     states += [getattr(p, "hidden_rejected", None) for p in pairs]

@@ -110,7 +110,8 @@ def paired_difference(a, b) -> tuple[float, float]:
     policies on the same eval pairs). With d_i = a_i - b_i,
 
     .. math:: \bar d = \frac1n \sum_i d_i, \qquad
-       \mathrm{SE}(\bar d) = \frac{s_d}{\sqrt n}, \quad s_d^2 = \frac{1}{n-1}\sum_i (d_i - \bar d)^2.
+       \mathrm{SE}(\bar d) = \frac{s_d}{\sqrt n}, \qquad
+       s_d^2 = \frac{1}{n-1}\sum_i (d_i - \bar d)^2.
 
     Items both runs get right (or both wrong) add nothing to s_d: two runs that share their eval
     set and their reference agree on most pairs, and the unpaired SE, sqrt(SE_a^2 + SE_b^2),
