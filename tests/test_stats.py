@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from upo_ref.utils.stats import binomial_se, mean_interval, mean_se, student_t_quantile
+from upo_ref.utils.stats import (
+    binomial_se,
+    mean_interval,
+    mean_se,
+    paired_difference,
+    student_t_quantile,
+)
 
 QUANTILE_RTOL = 1e-10  # Simpson's rule + bisection against exact values
 
@@ -84,3 +90,35 @@ def test_mean_se_and_binomial_se_against_hand_values():
         binomial_se(1.5, 10)
     with pytest.raises(ValueError, match="n >= 1"):
         binomial_se(0.5, 0)
+
+
+def test_paired_difference_by_hand():
+    # d = a - b = [0, 1, 0, -1, 0]: mean 0, s_d^2 = (1 + 1) / 4 = 0.5, SE = sqrt(0.5 / 5).
+    diff, se = paired_difference([1, 1, 0, 0, 1], [1, 0, 0, 1, 1])
+    assert diff == 0.0 and se == pytest.approx(math.sqrt(0.1), abs=1e-15)
+    # d = [1, 0, 0, 0]: mean 0.25, s_d^2 = (0.75^2 + 3 * 0.25^2) / 3 = 0.25, SE = 0.5 / 2.
+    diff, se = paired_difference([1, 1, 1, 0], [0, 1, 1, 0])
+    assert diff == 0.25 and se == pytest.approx(0.25, abs=1e-15)
+    # Two runs that agree on every item: the difference is known exactly, SE 0 (unpaired: 0.25).
+    assert paired_difference([1, 0, 1, 0], [1, 0, 1, 0]) == (0.0, 0.0)
+
+
+def test_paired_se_is_below_the_unpaired_one_when_runs_agree_on_most_items():
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(700, generator=g) < 0.6).double()
+    b = a.clone()
+    flip = torch.randperm(700, generator=g)[:40]
+    b[flip] = 1 - b[flip]  # b disagrees with a on 40 of 700 items
+    diff, se = paired_difference(a, b)
+    unpaired = math.sqrt(
+        binomial_se(a.mean().item(), 700) ** 2 + binomial_se(b.mean().item(), 700) ** 2
+    )
+    assert diff == pytest.approx((a - b).mean().item(), abs=1e-15)
+    assert se < unpaired / 2
+
+
+def test_paired_difference_refuses_unpaired_input():
+    with pytest.raises(ValueError, match="same n >= 2"):
+        paired_difference([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError, match="same n >= 2"):
+        paired_difference([1], [0])

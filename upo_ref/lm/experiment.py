@@ -2,7 +2,9 @@
 
 ``prepare_data`` loads, splits, subsamples and tokenizes the data of an ``ExperimentConfig``;
 ``prepare_reference`` builds the model, SFTs it and computes the reference log-probs once;
-``run_experiment`` trains one preference run per (loss, beta) of the config from that reference.
+``run_experiment`` trains every preference run of the config (``ExperimentConfig.runs``) from that
+reference. A partially fine-tuned model (``ModelConfig.train_layers``) is split instead of SFT'd,
+and its frozen trunk's states are cached (``trunk_cache``); its runs train the top from the cache.
 ``python -m upo_ref.reproduce`` is the command-line front end; ``upo_ref.overlap`` and
 ``upo_ref.auxiliary.lm`` start from the same data and reference.
 """
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,16 +20,17 @@ from pathlib import Path
 
 import torch
 
-from ..losses import PreferenceLoss
 from ..utils.paths import hh_dir
 from .config import ExperimentConfig
 from .data import LoadReport, download_hh, load_hh, load_shp, load_trl, shp_files
 from .logprobs import head_is_linear_readout
 from .models import build_model, default_device, load_tokenizer
+from .partial import trainable_parameters
 from .split import sft_examples, split_by_prompt_hash
 from .synthetic import SyntheticTask
 from .tokenize import CompactVocab, TokenizedPair, tokenize_pairs, tokenize_sft
 from .train import METRICS, PreferencePhase, SFTPhase, reference_logps, train
+from .trunk_cache import CachedPreferencePhase, cache_trunk, collate_cached, model_fingerprint
 
 __all__ = [
     "ExperimentData",
@@ -214,20 +218,23 @@ def prepare_data(
 
 
 def run_name(label: str, beta: float) -> str:
-    """The folder of the run of loss ``label`` at ``beta`` under an experiment's output folder."""
-    return f"{label.lower()}_beta{beta:g}"
+    """The folder of the run of loss ``label`` at ``beta`` under an experiment's output folder,
+    e.g. ``js-iupo_beta0.1``, ``js-iupo-kkt_beta0.1`` (for the label ``JS-IUPO (kkt)``)."""
+    label = label.lower().replace(" (", "-").replace(")", "").replace(" ", "-")
+    return f"{label}_beta{beta:g}"
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """One preference run: its loss label, beta, final eval metrics, where its metrics are, and how
-    many eval pairs the metrics average over."""
+    """One preference run: its loss label, beta, final eval metrics, where its metrics are, how
+    many eval pairs the metrics average over, and its wall-clock seconds."""
 
     label: str
     beta: float
     final: dict[str, float]
     metrics_path: Path
     n_eval: int | None = None
+    wall_s: float | None = None
 
     @property
     def name(self) -> str:
@@ -237,16 +244,22 @@ class RunResult:
 @dataclass(frozen=True)
 class LogpSettings:
     """How every phase started from one reference computes a sequence's log pi(y|x): the padding id,
-    the per-token mean instead of the sum (``average``), and logits on response tokens only
-    (``response_only``). ``as_kwargs()`` gives them as ``SFTPhase`` / ``PreferencePhase`` take
-    them."""
+    the per-token mean instead of the sum (``average``), logits on response tokens only
+    (``response_only``), and the forward passes' ``precision`` (``phases.autocast``).
+    ``as_kwargs()`` gives them as ``SFTPhase`` / ``PreferencePhase`` take them."""
 
     pad_id: int
     average: bool
     response_only: bool
+    precision: str = "auto"
 
     def as_kwargs(self) -> dict:
-        return {"pad_id": self.pad_id, "average": self.average, "response_only": self.response_only}
+        return {
+            "pad_id": self.pad_id,
+            "average": self.average,
+            "response_only": self.response_only,
+            "precision": self.precision,
+        }
 
 
 @dataclass
@@ -256,7 +269,11 @@ class Reference:
 
     ``reference``: log pi_ref(y_w|x), log pi_ref(y_l|x) per split, for ``PreferencePhase``;
     ``logps``: how log-probs are computed (:class:`LogpSettings`); ``identity``: what a checkpoint
-    of a run must have been made with to be resumed (model, data, SFT phase, ``average_logps``).
+    of a run must have been made with to be resumed (model, data, SFT phase, ``average_logps``,
+    ``precision``). ``pairs``: the train and eval pairs of the preference runs (for a partially
+    fine-tuned model, ``trunk_cache.CachedPair``s, with ``phase`` = ``CachedPreferencePhase``);
+    ``timings``: seconds spent on the trunk cache (``trunk_s``) and the reference log-probs
+    (``reference_s``).
     """
 
     model: torch.nn.Module
@@ -264,6 +281,9 @@ class Reference:
     logps: LogpSettings
     identity: dict
     sft_final: dict[str, float]
+    pairs: dict[str, list] = field(default_factory=dict)
+    phase: type = PreferencePhase
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def load_experiment_data(cfg: ExperimentConfig, keep_unused: int | None = 0):
@@ -287,28 +307,40 @@ def prepare_reference(
     device: torch.device,
     resume: bool = True,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> Reference:
     """Steps 2-3 of the main job: build the model, SFT it (checkpoints under ``out_dir/sft``), and
-    compute pi_ref's log-probs of the train and eval pairs once."""
+    compute pi_ref's log-probs of the train and eval pairs once. With ``cfg.model.train_layers``
+    the model is split instead and its trunk's states cached in ``cache_dir`` (default
+    ``out_dir/trunk_cache``)."""
     out_dir = Path(out_dir)
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)
     model.to(
         device
-    )  # also when SFT is skipped and the reference log-probs come from the model as built
+    )  # also when SFT is skipped: the reference log-probs come from the model as built
     print(
         f"model {cfg.model.name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"parameters, device {device}, logits on response tokens only: {response_only}"
     )
-    logps = LogpSettings(data.pad_id, cfg.average_logps, response_only)
+    logps = LogpSettings(data.pad_id, cfg.average_logps, response_only, cfg.precision)
     # What a checkpoint must have been made with to be resumed: SFT depends on the model, the data
-    # and
-    # its own phase; a preference run also on the preference phase, the loss and beta.
+    # and its own phase; a preference run also on the preference phase, the loss and beta.
     e = cfg.to_dict()
-    identity = {k: e[k] for k in ("model", "data", "sft", "average_logps")}
+    identity = {k: e[k] for k in ("model", "data", "sft", "average_logps", "precision")}
+    pairs = {"train": data.pref_train, "eval": data.pref_eval}
+    phase, timings = PreferencePhase, {}
 
     sft_final: dict[str, float] = {}
-    if cfg.sft.n_examples:
+    if cfg.model.train_layers is not None:
+        identity["weights"] = model_fingerprint(model)  # the model file, not only its name
+        identity["cache_dtype"] = cfg.cache_dtype
+        cache_dir = Path(cache_dir) if cache_dir else out_dir / "trunk_cache"
+        model, pairs, timings["trunk_s"] = _split_and_cache(
+            cfg, model, pairs, cache_dir, data.pad_id, device
+        )
+        phase = CachedPreferencePhase
+    elif cfg.sft.n_examples:
         sft_final = train(
             model,
             SFTPhase(**logps.as_kwargs()),
@@ -324,20 +356,44 @@ def prepare_reference(
         )
 
     t0 = time.perf_counter()
-    batch = cfg.pref.eval_batch_size
+    partial = cfg.model.train_layers is not None
+    collate = functools.partial(collate_cached, pad_id=data.pad_id) if partial else None
+    batch, kw = cfg.pref.eval_batch_size, dict(collate=collate, precision=cfg.precision)
     reference = {
-        "train": reference_logps(
-            model, data.pref_train, batch, data.pad_id, device, cfg.average_logps, response_only
-        ),
-        "eval": reference_logps(
-            model, data.pref_eval, batch, data.pad_id, device, cfg.average_logps, response_only
-        ),
+        split: reference_logps(
+            model, ps, batch, data.pad_id, device, cfg.average_logps, response_only, **kw
+        )
+        for split, ps in pairs.items()
     }
+    timings["reference_s"] = time.perf_counter() - t0
     print(
-        f"reference log-probs of {len(data.pref_train)} + {len(data.pref_eval)} pairs computed "
-        f"once ({time.perf_counter() - t0:.0f}s)"
+        f"reference log-probs of {len(pairs['train'])} + {len(pairs['eval'])} pairs computed "
+        f"once ({timings['reference_s']:.0f}s)"
     )
-    return Reference(model, reference, logps, identity, sft_final)
+    return Reference(model, reference, logps, identity, sft_final, pairs, phase, timings)
+
+
+def _split_and_cache(cfg: ExperimentConfig, model, pairs: dict, cache_dir: Path, pad_id, device):
+    """(the top of ``model``, ``pairs`` with the trunk's cached states, the seconds it took)."""
+    t0 = time.perf_counter()
+    top, cached = cache_trunk(
+        model,
+        cfg.model.train_layers,
+        pairs,
+        cache_dir,
+        pad_id,
+        cfg.pref.eval_batch_size,
+        device,
+        cfg.precision,
+        cfg.cache_dtype,
+    )
+    seconds = time.perf_counter() - t0
+    print(
+        f"trunk states of {len(cached['train'])} + {len(cached['eval'])} pairs cached "
+        f"({seconds:.0f}s); training the top {cfg.model.train_layers} layers, "
+        f"{trainable_parameters(top) / 1e6:.2f}M parameters"
+    )
+    return top, cached, seconds
 
 
 def run_experiment(
@@ -346,36 +402,37 @@ def run_experiment(
     device: torch.device | None = None,
     resume: bool = True,
     progress: bool = True,
-) -> tuple[dict[str, float], list[RunResult]]:
-    """SFT once, then every (loss, beta) run; returns (final SFT eval metrics, the runs'
-    results)."""
+) -> tuple[dict[str, float], list[RunResult], dict[str, float]]:
+    """SFT once, then every run of ``cfg.runs()``; returns (final SFT eval metrics, the runs'
+    results, the seconds spent on the trunk cache and the reference log-probs)."""
     out_dir = Path(out_dir)
     device = device if device is not None else default_device()
     _, data = load_experiment_data(cfg)
     ref = prepare_reference(cfg, data, out_dir, device, resume, progress)
     pref_config = cfg.to_dict()["pref"]
     results = []
-    for name, divergence in cfg.losses:
-        loss_fn = PreferenceLoss(name, divergence)
-        for beta in cfg.betas:
-            policy = copy.deepcopy(ref.model)
-            phase = PreferencePhase(loss_fn, beta, ref.reference, **ref.logps.as_kwargs())
-            run_dir = out_dir / run_name(loss_fn.label, beta)
-            final = train(
-                policy,
-                phase,
-                data.pref_train,
-                data.pref_eval,
-                cfg.pref,
-                run_dir,
-                device,
-                resume,
-                progress,
-                desc=f"{loss_fn.label} beta={beta:g}",
-                identity={**ref.identity, "pref": pref_config, "loss": loss_fn.label, "beta": beta},
-            )
-            results.append(
-                RunResult(loss_fn.label, beta, final, run_dir / METRICS, len(data.pref_eval))
-            )
-            del policy
-    return ref.sft_final, results
+    for loss_fn, beta in cfg.runs():
+        policy = copy.deepcopy(ref.model)
+        phase = ref.phase(
+            loss_fn, beta, ref.reference, **ref.logps.as_kwargs(), starts_at_reference=True
+        )
+        run_dir = out_dir / run_name(loss_fn.label, beta)
+        t0 = time.perf_counter()
+        final = train(
+            policy,
+            phase,
+            ref.pairs["train"],
+            ref.pairs["eval"],
+            cfg.pref,
+            run_dir,
+            device,
+            resume,
+            progress,
+            desc=f"{loss_fn.label} beta={beta:g}",
+            identity={**ref.identity, "pref": pref_config, "loss": loss_fn.label, "beta": beta},
+        )
+        wall_s = time.perf_counter() - t0
+        n_eval = len(ref.pairs["eval"])
+        results.append(RunResult(loss_fn.label, beta, final, run_dir / METRICS, n_eval, wall_s))
+        del policy
+    return ref.sft_final, results, ref.timings

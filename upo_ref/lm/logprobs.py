@@ -76,17 +76,21 @@ def sequence_logps(
     labels: Tensor,
     average: bool = False,
     response_only: bool = True,
+    inputs_embeds: Tensor | None = None,
 ) -> Tensor:
     """log pi(y|x) of each row of a right-padded batch: ids, mask, labels (B, T) -> (B,), float32.
 
     ``response_only=True`` applies the output layer to the response positions only (see the module
     docstring); ``False`` computes full logits. Both give the same numbers up to float rounding.
+    ``inputs_embeds`` (B, T, C): the model's input vectors in place of the ids' embeddings (the
+    cached trunk states of a partially fine-tuned model, ``upo_ref.lm.partial``).
     """
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     if not response_only:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        logits = model(**inputs, attention_mask=attention_mask).logits  # (B, T, V)
         return logps_from_logits(logits, labels, average)
     hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask
+        **inputs, attention_mask=attention_mask
     ).last_hidden_state  # (B, T, C)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX  # (B, T-1)
@@ -100,9 +104,16 @@ def concatenated_logps(
     model, batch: dict[str, Tensor], average: bool = False, response_only: bool = True
 ) -> tuple[Tensor, Tensor]:
     """(log pi(y_w|x), log pi(y_l|x)), each (B,), from one forward pass over a ``collate_pairs``
-    batch of 2B rows (chosen first, rejected second)."""
+    batch of 2B rows (chosen first, rejected second); its ``inputs_embeds``, if it has them, are
+    used."""
     logps = sequence_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["labels"], average, response_only
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        average,
+        response_only,
+        batch.get("inputs_embeds"),
     )  # (2B,)
     B = logps.shape[0] // 2
     return logps[:B], logps[B:]

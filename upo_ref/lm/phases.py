@@ -37,6 +37,7 @@ from .tokenize import TokenizedPair, collate_pairs, collate_sequences, fingerpri
 
 __all__ = [
     "NonFiniteLossError",
+    "PRECISIONS",
     "autocast",
     "SFTPhase",
     "PreferencePhase",
@@ -49,10 +50,17 @@ class NonFiniteLossError(RuntimeError):
     """Training met a NaN/inf loss or gradient norm and stopped before updating the model."""
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing on the CPU (float32 throughout)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The forward passes' precision. ``"auto"``: bf16 autocast on CUDA, float32 on the CPU;
+    ``"bfloat16"``: bf16 autocast on any device (on a CPU with AMX, ~4x the float32 matmul rate);
+    ``"float32"``: no autocast."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -93,6 +101,7 @@ class SFTPhase:
     pad_id: int
     average: bool = False
     response_only: bool = True
+    precision: str = "auto"
     name: str = "sft"
 
     def collate(
@@ -132,6 +141,12 @@ class PreferencePhase:
     ``extras[split][name]``: the per-pair tensors (N,) the objective names in ``extra_keys``,
     checked here, once. Its metrics' names must not clash with the phase's. ``divergence``: the f
     of the ``scores/*`` metrics (defaults to the objective's own, reverse KL for DPO/IPO).
+    ``precision``: the forward passes' (:func:`autocast`). ``starts_at_reference``: the policy
+    trained with this phase *is* pi_ref at step 0 (a copy of the model the reference log-probs were
+    computed from, in ``train.evaluate``'s batches and the same precision), so ``train.train``
+    evaluates step 0 from the reference log-probs (``policy_is_reference``) instead of running the
+    model again: the same numbers, one eval pass fewer (``tests/test_partial.py`` checks that they
+    agree).
     """
 
     loss_fn: Objective | Callable[..., Tensor]
@@ -142,6 +157,9 @@ class PreferencePhase:
     response_only: bool = True
     divergence: Divergence | str | None = None
     extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    precision: str = "auto"
+    starts_at_reference: bool = False
+    policy_is_reference: bool = False
     name: str = "preference"
 
     def __post_init__(self):
@@ -154,9 +172,12 @@ class PreferencePhase:
     def losses(
         self, model, batch: dict[str, Tensor], split: str
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        pc, pr = concatenated_logps(model, batch, self.average, self.response_only)  # (B,), (B,)
         ref_chosen, ref_rejected = self.reference[split]
         index = batch["index"].cpu()  # (B,)
+        if self.policy_is_reference:
+            pc, pr = ref_chosen[index], ref_rejected[index]  # (B,), (B,)
+        else:
+            pc, pr = concatenated_logps(model, batch, self.average, self.response_only)
         rc, rr = ref_chosen[index].to(pc.device), ref_rejected[index].to(pc.device)  # (B,), (B,)
         objective, split_extras = self.objective, self.extras.get(split, {})
         extras = {k: split_extras[k][index].to(pc.device) for k in objective.extra_keys}  # (B,)
@@ -218,22 +239,27 @@ def reference_logps(
     device: torch.device,
     average: bool = False,
     response_only: bool = True,
+    collate: Callable | None = None,
+    precision: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """log pi_ref(y_w|x) and log pi_ref(y_l|x) of every pair, each (N,), float32 on the CPU, as a
     :class:`ReferenceLogps` that remembers which pairs they belong to.
 
     Computed once, before preference training, with the model in eval mode, in consecutive batches
     of ``batch_size`` (the same batches :func:`evaluate` forms, so that at step 0, where pi =
-    pi_ref, the eval margins are exactly 0).
+    pi_ref, the eval margins are exactly 0). ``collate(pairs, indices)`` forms a batch (default
+    ``collate_pairs``; pass the phase's own, e.g. ``CachedPreferencePhase.collate``) and
+    ``precision`` is the phase's (:func:`autocast`).
     """
     check_float32(model)
+    collate = collate or (lambda ps, idx: collate_pairs(ps, idx, pad_id))
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         idx = range(start, min(start + batch_size, len(pairs)))
-        batch = to_device(collate_pairs([pairs[i] for i in idx], idx, pad_id), device)
-        with autocast(device):
+        batch = to_device(collate([pairs[i] for i in idx], idx), device)
+        with autocast(device, precision):
             pc, pr = concatenated_logps(model, batch, average, response_only)  # (b,), (b,)
         chosen.append(pc.float().cpu())
         rejected.append(pr.float().cpu())

@@ -26,12 +26,16 @@ A non-finite loss or gradient norm stops the run *before* the optimiser step, wi
 :class:`NonFiniteLossError`; the checkpoint on disk is the last good one. The log-probs are checked
 where they enter the loss (the public losses and ``preference_metrics`` check their inputs), the
 loss once per step here. Precision: the model's weights must be float32 (a bf16/fp16 model is
-refused, not silently trained in half precision); on CUDA, forward passes run under bf16 autocast,
-and the log-softmax, log-probs and losses are computed in float32.
+refused, not silently trained in half precision); on CUDA, forward passes run under bf16 autocast
+(a phase whose ``precision`` is ``"bfloat16"`` asks for it on the CPU too), and the log-softmax,
+log-probs and losses are computed in float32. The final evaluation also writes every eval example's
+metrics to ``final_eval.json`` (for paired comparisons of runs on the same eval set).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -74,6 +78,7 @@ from .tokenize import TokenizedPair, fingerprint
 __all__ = [
     "CHECKPOINT",
     "METRICS",
+    "FINAL_EVAL",
     "NonFiniteLossError",
     "RunFolderError",
     "SFTPhase",
@@ -87,6 +92,8 @@ __all__ = [
     "read_metrics",
 ]
 
+
+FINAL_EVAL = "final_eval.json"  # every eval example's metrics under the final policy
 
 # ------------------------------------------------------------------------------------------------
 # The loop
@@ -110,33 +117,47 @@ def example_indices(n: int, seed: int, start: int, count: int) -> list[int]:
 
 
 def evaluate(
-    model, phase, eval_set: Sequence[TokenizedPair], batch_size: int, device: torch.device
-) -> dict[str, float]:
-    """Mean loss and mean of every metric over the whole eval set, in consecutive batches."""
+    model,
+    phase,
+    eval_set: Sequence[TokenizedPair],
+    batch_size: int,
+    device: torch.device,
+    per_example: bool = False,
+):
+    """Mean loss and mean of every metric over the whole eval set, in consecutive batches.
+
+    ``per_example=True`` returns (means, {name: (N,) float64 tensor of every example's value})
+    instead: what paired comparisons of two runs on the same eval set need (``utils.stats``)."""
     if not eval_set:
         raise ValueError("the eval set is empty")
     phase.check_data("eval", eval_set)
-    return _evaluate(model, phase, eval_set, batch_size, device)
+    return _evaluate(model, phase, eval_set, batch_size, device, per_example)
 
 
 @torch.no_grad()
-def _evaluate(model, phase, eval_set, batch_size: int, device: torch.device) -> dict[str, float]:
+def _evaluate(model, phase, eval_set, batch_size: int, device: torch.device, per_example=False):
     was_training = model.training
     model.eval()
     sums: dict[str, Tensor] = {}
+    values: dict[str, list[Tensor]] = {}
     for start in range(0, len(eval_set), batch_size):
         idx = range(start, min(start + batch_size, len(eval_set)))
         batch = to_device(
             phase.collate([eval_set[i] for i in idx], idx), device
         )  # (b or 2b, T) each
-        with autocast(device):
+        with autocast(device, getattr(phase, "precision", "auto")):
             losses, metrics = phase.losses(model, batch, "eval")  # (b,), {name: (b,)}
         _add_sums(sums, {"loss": losses, **metrics})
+        if per_example:
+            for k, v in {"loss": losses, **metrics}.items():
+                values.setdefault(k, []).append(v.detach().double())  # (b,)
     model.train(was_training)
     totals = torch.stack(list(sums.values())).tolist()  # the one host sync
     means = {k: v / len(eval_set) for k, v in zip(sums, totals, strict=True)}
     if not math.isfinite(means["loss"]):
         raise NonFiniteLossError(f"non-finite eval loss ({means['loss']})")
+    if per_example:
+        return means, {k: torch.cat(v).cpu() for k, v in values.items()}  # (N,) each
     return means
 
 
@@ -182,7 +203,8 @@ def _train_step(
         batch = to_device(
             phase.collate(examples[start : start + micro], indices[start : start + micro]), device
         )  # (b or 2b, T) each, index (b,)
-        with autocast(device), dp.failing_together() if dp else nullcontext():
+        precision = getattr(phase, "precision", "auto")
+        with autocast(device, precision), dp.failing_together() if dp else nullcontext():
             losses, metrics = (dp.forward if dp else phase.losses)(model, batch, "train")
         # The gradients of the microbatches add up to those of the batch mean (DDP averages the
         # n processes' gradients, hence the factor n).
@@ -218,7 +240,8 @@ def train(
 ) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.n_examples`` examples; return the final eval metrics.
 
-    Writes ``out_dir/metrics.jsonl`` and ``out_dir/checkpoint.pt`` and holds ``out_dir/run.lock``
+    Writes ``out_dir/metrics.jsonl``, ``out_dir/checkpoint.pt`` and, at the final evaluation,
+    ``out_dir/final_eval.json`` (every eval example's metrics), and holds ``out_dir/run.lock``
     meanwhile. With ``resume`` and a checkpoint in ``out_dir``, continues from it (a finished run
     returns at once); ``resume=False`` starts over. ``identity``: what else must match for a
     checkpoint to be resumed (the phase config and the data's fingerprints are always included).
@@ -266,11 +289,18 @@ def _train_in_folder(
     ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
 
     def evaluate_and_save() -> dict:
-        # Under a launch every process evaluates the whole eval set (the models are equal).
-        metrics = _evaluate(model, phase, eval_set, cfg.eval_batch_size, device)
+        # Under a launch every process evaluates the whole eval set (the models are equal). Step 0
+        # of a phase that starts at pi_ref is evaluated from its reference log-probs.
+        t0 = time.perf_counter()
+        at_reference = examples_seen == 0 and getattr(phase, "starts_at_reference", False)
+        eval_phase = dataclasses.replace(phase, policy_is_reference=True) if at_reference else phase
+        metrics, every = _evaluate(model, eval_phase, eval_set, cfg.eval_batch_size, device, True)
         record = {"split": "eval", "examples_seen": examples_seen, "step": step, **metrics}
         if main:
-            append_record(metrics_path, record)
+            append_record(metrics_path, {**record, "time/eval_s": time.perf_counter() - t0})
+            if examples_seen == cfg.n_examples:  # the final policy, pair by pair
+                final = {k: v.tolist() for k, v in every.items()}
+                (out_dir / FINAL_EVAL).write_text(json.dumps(final) + "\n", encoding="utf-8")
             save_state(ckpt_path, model, optimizer, examples_seen, step, identity)
         if dp is not None:
             dp.barrier()
@@ -324,10 +354,11 @@ def _train_in_folder(
                 ) from None
             examples_seen += cfg.batch_size
             step += 1
-            rate = cfg.batch_size / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
             record = {"split": "train", "examples_seen": examples_seen, "step": step, **metrics}
+            timing = {"time/examples_per_s": cfg.batch_size / seconds, "time/step_s": seconds}
             if main:
-                append_record(metrics_path, {**record, "time/examples_per_s": rate})
+                append_record(metrics_path, {**record, **timing})
             bar.update(cfg.batch_size)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
             crossed = (
@@ -340,4 +371,5 @@ def _train_in_folder(
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", **{short: f"{last_eval[key]:.3g}"})
     finally:
         bar.close()
-    return {k: v for k, v in last_eval.items() if k not in ("split", "examples_seen", "step")}
+    skip = ("split", "examples_seen", "step")
+    return {k: v for k, v in last_eval.items() if k not in skip and not k.startswith("time/")}

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["student_t_quantile", "mean_interval", "mean_se", "binomial_se"]
+__all__ = ["student_t_quantile", "mean_interval", "mean_se", "binomial_se", "paired_difference"]
 
 # Simpson's rule on 2**14 panels of [0, t]: the t density is smooth (analytic) and t <= 64 for every
 # quantile asked of it here, so the integration error (~h^4) is below 1e-12 of the probability.
@@ -103,3 +103,26 @@ def binomial_se(p: float, n: int) -> float:
     if n < 1 or not 0.0 <= p <= 1.0:
         raise ValueError(f"need a proportion p in [0, 1] over n >= 1 items, got p={p}, n={n}")
     return math.sqrt(p * (1.0 - p) / n)
+
+
+def paired_difference(a, b) -> tuple[float, float]:
+    r"""Mean of a - b over items scored by both, and its paired standard error, in float64.
+
+    ``a``, ``b`` (n,): per-item scores of two runs on the *same* items (e.g. 1/0 correctness of two
+    policies on the same eval pairs). With d_i = a_i - b_i,
+
+    .. math:: \bar d = \frac1n \sum_i d_i, \qquad
+       \mathrm{SE}(\bar d) = \frac{s_d}{\sqrt n}, \qquad
+       s_d^2 = \frac{1}{n-1}\sum_i (d_i - \bar d)^2.
+
+    Items both runs get right (or both wrong) add nothing to s_d: two runs that share their eval
+    set and their reference agree on most pairs, and the unpaired SE, sqrt(SE_a^2 + SE_b^2),
+    would overstate the noise of their difference.
+    """
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+        raise ValueError(
+            f"need two 1-d score vectors of the same n >= 2 items, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return mean_se(a - b)

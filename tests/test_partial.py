@@ -1,0 +1,331 @@
+"""Partial fine-tuning on a tiny random Llama: the split model computes exactly what the whole model
+does (values and gradients), the trunk cache is used, keyed and invalidated, the cached phase
+trains and resumes exactly, and the smol preset runs end to end (smoke) without touching tracked
+files."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gzip
+import json
+
+import pytest
+import torch
+
+from upo_ref.evaluate import main as evaluate_main
+from upo_ref.evaluate import score_run
+from upo_ref.lm import trunk_cache
+from upo_ref.lm.config import TINY_LLAMA, ModelConfig, PhaseConfig, get_preset, smoke
+from upo_ref.lm.data import load_hh
+from upo_ref.lm.experiment import _first
+from upo_ref.lm.logprobs import concatenated_logps
+from upo_ref.lm.models import build_model
+from upo_ref.lm.partial import split_model, trainable_parameters
+from upo_ref.lm.split import split_by_prompt_hash
+from upo_ref.lm.tokenize import TokenizedPair, collate_pairs
+from upo_ref.lm.train import CHECKPOINT, FINAL_EVAL, read_metrics, reference_logps, train
+from upo_ref.lm.trunk_cache import (
+    CachedPreferencePhase,
+    cached_pairs,
+    collate_cached,
+    model_fingerprint,
+)
+from upo_ref.losses import PreferenceLoss
+from upo_ref.reproduce import main
+from upo_ref.utils.paths import REPO_ROOT, hh_dir
+
+CPU = torch.device("cpu")
+VOCAB = 97
+EXACT_FLOAT64 = 1e-10  # split vs whole model in float64: the same operations, reassociated at most
+FLOAT16_CACHE = 2e-2  # log-probs from float16-stored states vs float32 ones, nats per sequence
+
+
+def tiny_llama(n_layer=3, seed=0):
+    cfg = ModelConfig(TINY_LLAMA, n_layer=n_layer, n_head=2, n_embd=16, init_seed=seed)
+    return build_model(cfg, VOCAB, 64, eos_id=VOCAB - 1)
+
+
+def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return tuple(torch.randint(0, VOCAB - 1, (k,), generator=g).tolist())
+
+    return [TokenizedPair(ids(2, 9), ids(1, 7) + (VOCAB - 1,), ids(1, 7)) for _ in range(n)]
+
+
+def test_split_model_gives_the_whole_models_logps_and_gradients():
+    pairs = random_pairs(6)
+    whole = tiny_llama().double().eval()
+    top = tiny_llama().double().eval()
+    trunk, top = split_model(top, 1)
+    batch = collate_pairs(pairs, range(6), VOCAB - 1)
+    with torch.no_grad():
+        h = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    batch_top = {**batch, "inputs_embeds": h.last_hidden_state}
+    pc, pr = concatenated_logps(whole, batch)
+    qc, qr = concatenated_logps(top, batch_top)
+    assert torch.allclose(pc, qc, atol=EXACT_FLOAT64, rtol=0)
+    assert torch.allclose(pr, qr, atol=EXACT_FLOAT64, rtol=0)
+    (pc - pr).sum().backward()
+    (qc - qr).sum().backward()
+    for (name, p), q in zip(
+        whole.model.layers[2].named_parameters(), top.model.layers[0].parameters(), strict=True
+    ):
+        assert torch.allclose(p.grad, q.grad, atol=EXACT_FLOAT64, rtol=0), name
+    assert torch.allclose(whole.model.norm.weight.grad, top.model.norm.weight.grad, atol=1e-10)
+
+
+def test_split_trains_only_the_top_layers_and_the_final_norm():
+    model = tiny_llama(n_layer=3)
+    trunk, top = split_model(model, 2)
+    assert len(trunk.layers) == 1 and len(top.model.layers) == 2
+    trained = {n for n, p in top.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("model.layers.", "model.norm.")) for n in trained)
+    layer = sum(p.numel() for p in top.model.layers.parameters())
+    assert trainable_parameters(top) == layer + top.model.norm.weight.numel()
+    assert not any(p.requires_grad for p in trunk.parameters())  # embeddings, bottom layer: frozen
+
+
+def test_split_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="train_layers must be in 1..2"):
+        split_model(tiny_llama(n_layer=3), 3)
+    gpt2 = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=16), VOCAB, 64)
+    with pytest.raises(ValueError, match="Llama-family"):
+        split_model(gpt2, 1)
+    with pytest.raises(ValueError, match="train_layers must be None"):
+        ModelConfig(TINY_LLAMA, train_layers=0)
+
+
+def trunk_of(seed=0):
+    return split_model(tiny_llama(seed=seed), 1)
+
+
+def test_cache_is_computed_once_then_loaded(tmp_path, monkeypatch):
+    pairs = random_pairs(5)
+    trunk, top = trunk_of()
+    first = cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 4, CPU, cache_dtype="float32")
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the trunk ran again although its states are cached")
+
+    monkeypatch.setattr(trunk_cache, "trunk_states", must_not_run)
+    again = cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 4, CPU, cache_dtype="float32")
+    for a, b, p in zip(first, again, pairs, strict=True):
+        assert torch.equal(a.hidden_chosen, b.hidden_chosen)
+        assert a.hidden_chosen.shape == (len(p.prompt) + len(p.chosen), 16)
+        assert (a.prompt, a.chosen, a.rejected) == (p.prompt, p.chosen, p.rejected)
+    # The states are the trunk's, row by row, whatever the batch they were computed in.
+    for cp in first:
+        ids = torch.tensor([cp.prompt + cp.rejected])
+        with torch.no_grad():
+            h = trunk(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+        assert torch.allclose(cp.hidden_rejected, h, atol=1e-5, rtol=0)
+
+
+def test_cache_key_changes_with_weights_data_dtype_and_precision(tmp_path):
+    pairs = random_pairs(4)
+    trunk, _ = trunk_of()
+    args = (VOCAB - 1, 4, CPU)
+    cached_pairs(trunk, pairs, tmp_path, *args)
+    cached_pairs(trunk, pairs[:3], tmp_path, *args)  # other data
+    cached_pairs(trunk, pairs, tmp_path, *args, cache_dtype="float32")  # other storage
+    cached_pairs(trunk, pairs, tmp_path, *args, precision="bfloat16")  # other compute
+    other, _ = trunk_of(seed=1)
+    assert model_fingerprint(other) != model_fingerprint(trunk)
+    cached_pairs(other, pairs, tmp_path, *args)  # other weights
+    assert len(list(tmp_path.glob("*.pt"))) == 5
+    with torch.no_grad():  # one weight changed in place: a new key too
+        trunk.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    cached_pairs(trunk, pairs, tmp_path, *args)
+    assert len(list(tmp_path.glob("*.pt"))) == 6
+
+
+def test_float16_cache_is_close_and_an_overflow_is_an_error(tmp_path):
+    pairs = random_pairs(4)
+    trunk, top = trunk_of()
+    top.eval()
+    logps = {}
+    for dtype in ("float16", "float32"):
+        cp = cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 4, CPU, cache_dtype=dtype)
+        with torch.no_grad():
+            logps[dtype] = concatenated_logps(top, collate_cached(cp, range(4), VOCAB - 1))
+    for a, b in zip(logps["float16"], logps["float32"], strict=True):
+        assert torch.allclose(a, b, atol=FLOAT16_CACHE, rtol=0)
+    with torch.no_grad():
+        trunk.embed_tokens.weight.mul_(1e6)  # states far beyond float16's 65504
+    with pytest.raises(ValueError, match="does not fit torch.float16"):
+        cached_pairs(trunk, pairs, tmp_path / "big", VOCAB - 1, 4, CPU)
+
+
+def test_collate_cached_pads_states_with_zeros():
+    pairs = random_pairs(3)
+    states = [torch.full((len(p.prompt) + len(p.chosen), 16), 1.0) for p in pairs]
+    rej = [torch.full((len(p.prompt) + len(p.rejected), 16), 2.0) for p in pairs]
+    cp = [
+        trunk_cache.CachedPair(p.prompt, p.chosen, p.rejected, s, r)
+        for p, s, r in zip(pairs, states, rej, strict=True)
+    ]
+    batch = collate_cached(cp, [0, 1, 2], VOCAB - 1)
+    embeds, mask = batch["inputs_embeds"], batch["attention_mask"]
+    assert embeds.shape == (6, mask.shape[1], 16)
+    assert torch.equal(embeds[:3][mask[:3] == 1], torch.ones(int(mask[:3].sum()), 16))
+    assert torch.equal(embeds[3:][mask[3:] == 1], torch.full((int(mask[3:].sum()), 16), 2.0))
+    assert not embeds[mask == 0].any()
+    with pytest.raises(ValueError, match="trunk states"):
+        collate_cached(pairs, [0, 1, 2], VOCAB - 1)
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class InterruptAtCall:
+    """The loss, raising Interrupted at its n-th call (a run killed mid-way)."""
+
+    def __init__(self, loss, n):
+        self.loss, self.n, self.calls = loss, n, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise Interrupted
+        return self.loss(*args)
+
+
+def test_cached_phase_trains_and_resumes_exactly(tmp_path):
+    trunk, top = trunk_of()
+    splits = {"train": random_pairs(16, 0), "eval": random_pairs(8, 1)}
+    cached = {s: cached_pairs(trunk, ps, tmp_path, VOCAB - 1, 8, CPU) for s, ps in splits.items()}
+    collate = functools.partial(collate_cached, pad_id=VOCAB - 1)
+    ref = {
+        s: reference_logps(top, ps, 8, VOCAB - 1, CPU, collate=collate) for s, ps in cached.items()
+    }
+    cfg = PhaseConfig(n_examples=32, batch_size=4, eval_every=8, lr=1e-2, optimizer="adamw")
+
+    def run(out, loss):
+        model = copy.deepcopy(top)
+        phase = CachedPreferencePhase(loss, 0.1, ref, VOCAB - 1)
+        final = train(model, phase, cached["train"], cached["eval"], cfg, out, CPU, progress=False)
+        return model, final
+
+    straight, final = run(tmp_path / "a", PreferenceLoss("ipo"))
+    assert (
+        final["rewards/margins"] != 0.0
+        and final["loss"] != read_metrics(tmp_path / "a" / "metrics.jsonl")[0]["loss"]
+    )  # the top layer did move
+    # Calls: eval at 0, two steps, eval at 8, ..., eval at 24, step 7, step 8 = call 12.
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", InterruptAtCall(PreferenceLoss("ipo"), 12))
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)["examples_seen"] == 24
+    resumed, _ = run(tmp_path / "b", PreferenceLoss("ipo"))
+    a, b = (read_metrics(tmp_path / x / "metrics.jsonl") for x in "ab")
+    strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in a]
+    assert strip == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in b]
+    for (name, p), q in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name
+
+
+def test_smol_preset_is_the_grid_of_the_issue():
+    cfg = get_preset("smol")
+    assert cfg.model.train_layers and cfg.sft.n_examples == 0 and cfg.data.n_eval_pairs is None
+    runs = [(f.label, b) for f, b in cfg.runs()]
+    assert runs == [
+        ("IPO", 0.1), ("IPO", 0.2), ("IPO", 0.5),
+        ("JS-IUPO", 0.1), ("JS-IUPO", 0.2), ("JS-IUPO", 0.5),
+        ("JS-IUPO (kkt)", 0.1), ("DPO", 0.1),
+    ]  # fmt: skip
+    assert smoke(cfg).model.name_or_path == TINY_LLAMA
+
+
+def test_smol_smoke_end_to_end_writes_only_under_its_run_folder(tmp_path):
+    out = tmp_path / "run"
+    tracked = sorted((REPO_ROOT / "results").rglob("*")) + sorted((REPO_ROOT / "figures").glob("*"))
+    stamps = {p: p.stat().st_mtime_ns for p in tracked}
+    args = ["--preset", "smol", "--smoke", "--out", str(out), "--no-progress", "--device", "cpu"]
+    results = main(args)
+    assert {p: p.stat().st_mtime_ns for p in tracked} == stamps
+    assert len(results) == 8 and (out / "figure1_smol-smoke.png").is_file()
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    comparisons = {(c["b"], c["a"], c["beta"]) for c in summary["paired_comparisons"]}
+    assert ("JS-IUPO", "IPO", 0.1) in comparisons and ("DPO", "IPO", 0.1) in comparisons
+    assert set(summary["seconds"]) == {"trunk_s", "reference_s", "training_s", "evaluation_s"}
+    for r in results:
+        final = json.loads((r.metrics_path.parent / FINAL_EVAL).read_text())
+        evals = [m for m in read_metrics(r.metrics_path) if m["split"] == "eval"]
+        n = len(final["rewards/accuracies"])
+        assert sum(final["rewards/accuracies"]) / n == pytest.approx(
+            evals[-1]["rewards/accuracies"], abs=1e-12
+        )
+    assert len(list((out / "trunk_cache").glob("*.pt"))) == 2  # train and eval, computed once
+    again = main(args)  # resumes: the cache and the finished runs are reused
+    assert [r.final for r in again] == [r.final for r in results]
+    assert len(list((out / "trunk_cache").glob("*.pt"))) == 2
+
+
+def write_hh(root, pairs, subset="helpful-base"):
+    """``pairs`` (PreferencePair) as an official-format file <root>/<subset>/test.jsonl.gz."""
+    path = root / subset / "test.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    rows = [{"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected} for p in pairs]
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_evaluate_rescores_a_finished_run_and_refuses_what_it_cannot_reproduce(tmp_path):
+    cfg = smoke(get_preset("smol"))
+    out = tmp_path / "run"
+    main(["--preset", "smol", "--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
+    # The run's own eval pairs, written out as an HH file: the command must give the run's numbers.
+    pairs, _ = load_hh(hh_dir(), "test", cfg.data.hh_subsets, drop_mismatched=True)
+    held_out = split_by_prompt_hash(pairs, cfg.data.eval_fraction)[1]
+    write_hh(tmp_path / "hh", _first(held_out, cfg.data.n_eval_pairs, cfg.data.shuffle_seed, ""))
+    run = out / "js-iupo_beta0.1"
+    final = [m for m in read_metrics(run / "metrics.jsonl") if m["split"] == "eval"][-1]
+    got = evaluate_main([str(run), "--hh-dir", str(tmp_path / "hh"), "--subsets", "helpful-base"])
+    assert got["pairs"] == cfg.data.n_eval_pairs
+    assert got["accuracy"] == pytest.approx(final["rewards/accuracies"], abs=1e-12)
+    assert got["margin"] == pytest.approx(final["rewards/margins"], abs=1e-6)
+    state = torch.load(run / CHECKPOINT, weights_only=False)
+    for change, message in (
+        (lambda s: s["identity"].update(weights="0" * 64), "other weights"),
+        (lambda s: s.update(examples_seen=s["examples_seen"] - 4), "unfinished"),
+        (lambda s: s["identity"].pop("loss"), "does not record"),
+    ):
+        bad = tmp_path / "bad" / message.replace(" ", "_")
+        bad.mkdir(parents=True)
+        changed = copy.deepcopy(state)
+        change(changed)
+        torch.save(changed, bad / CHECKPOINT)
+        with pytest.raises(ValueError, match=message):
+            score_run(bad, tmp_path / "hh", ("helpful-base",))
+
+
+def test_step_0_evaluation_from_the_reference_equals_running_the_model(tmp_path):
+    trunk, top = trunk_of()
+    cached = {
+        s: cached_pairs(trunk, random_pairs(n, seed), tmp_path, VOCAB - 1, 8, CPU)
+        for s, n, seed in (("train", 8, 0), ("eval", 12, 1))
+    }
+    collate = functools.partial(collate_cached, pad_id=VOCAB - 1)
+    ref = {
+        s: reference_logps(top, ps, 5, VOCAB - 1, CPU, collate=collate) for s, ps in cached.items()
+    }
+    cfg = PhaseConfig(n_examples=4, batch_size=4, eval_every=4, lr=1e-2, eval_batch_size=5)
+    first = {}
+    for shortcut in (False, True):
+        phase = CachedPreferencePhase(
+            PreferenceLoss("iupo", "jensen_shannon"), 0.1, ref, VOCAB - 1,
+            starts_at_reference=shortcut,
+        )  # fmt: skip
+        out = tmp_path / str(shortcut)
+        train(copy.deepcopy(top), phase, cached["train"], cached["eval"], cfg, out, progress=False)
+        record = read_metrics(out / "metrics.jsonl")[0]
+        first[shortcut] = {k: v for k, v in record.items() if not k.startswith("time/")}
+    assert first[True] == first[False]  # bit for bit, margins exactly 0
+    assert first[True]["rewards/margins"] == 0.0

@@ -1,0 +1,181 @@
+r"""Score the final policy of a finished run on any HH-format preference files.
+
+``python -m upo_ref.evaluate RUN_DIR [--hh-dir DIR] [--subsets a,b] [--split test] [--part all]``
+
+RUN_DIR is one preference run of the main job (e.g. ``runs/smol/ipo_beta0.1``). Its checkpoint
+stores what the run was made with (model, data and phase config, loss, beta, and for a partially
+fine-tuned model the SHA-256 of the starting weights); from that the command rebuilds the starting
+policy pi_ref (the model as built, or the run's SFT model), tokenizes the pairs of
+``<hh-dir>/<subset>/<split>.jsonl.gz`` with the run's truncation, and prints the number of pairs
+scored, the implicit-reward accuracy P(h > 0) with its binomial standard error, and the mean
+margin beta * h, where h is the log-ratio difference of eq. (10) (``losses.preference_metrics``,
+what the trainer logs). ``--part eval``/``train`` keeps one side of the prompt-hash split.
+
+It refuses a run it cannot reproduce: an unfinished run, a checkpoint without the identity, a
+model file whose weights differ from those the run started from, a compact-vocabulary model (its
+vocabulary was built from the training data). The trunk states of a partially fine-tuned model are
+cached beside the run (``<run>/../trunk_cache``), so a second scoring of the same files is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+from .lm.config import HH_LOCAL_SUBSETS, DataConfig, ModelConfig, PhaseConfig
+from .lm.data import load_hh
+from .lm.experiment import TRUNCATION
+from .lm.logprobs import head_is_linear_readout
+from .lm.models import build_model, load_tokenizer
+from .lm.split import split_by_prompt_hash
+from .lm.tokenize import tokenize_pairs
+from .lm.train import CHECKPOINT, PreferencePhase, evaluate, reference_logps
+from .lm.trunk_cache import CachedPreferencePhase, cache_trunk, collate_cached, model_fingerprint
+from .losses import PreferenceLoss
+from .utils.paths import hh_dir
+from .utils.stats import binomial_se
+
+__all__ = ["score_run", "main"]
+
+PARTS = ("all", "train", "eval")
+
+
+def _config(cls, fields: dict):
+    """A frozen config from its ``asdict`` form (lists back to tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def _identity(run_dir: Path) -> tuple[dict, dict]:
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: RUN_DIR must be one run of the main job")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    identity = state.get("identity", {})
+    missing = [k for k in ("model", "data", "cfg", "loss", "beta", "sft") if k not in identity]
+    if missing:
+        raise ValueError(f"{path} does not record {missing}: cannot rebuild the run's policy")
+    n = identity["cfg"]["n_examples"]
+    if state["examples_seen"] != n:
+        raise ValueError(
+            f"{run_dir} is unfinished ({state['examples_seen']} of {n} examples): finish it by "
+            f"re-running its main-job command, which resumes"
+        )
+    return state, identity
+
+
+def _loss(label: str) -> PreferenceLoss:
+    known = [PreferenceLoss("dpo"), PreferenceLoss("ipo")]
+    known += [PreferenceLoss(n, "jensen_shannon", f) for n in ("iupo",) for f in ("paper", "kkt")]
+    for loss in known:
+        if loss.label == label:
+            return loss
+    raise ValueError(f"cannot rebuild the loss {label!r}; known: {[k.label for k in known]}")
+
+
+def score_run(
+    run_dir: str | Path,
+    hh: str | Path | None = None,
+    subsets=HH_LOCAL_SUBSETS,
+    split: str = "test",
+    part: str = "all",
+) -> dict:
+    """Pairs scored, accuracy, its SE and mean margin of the final policy of ``run_dir``."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    run_dir = Path(run_dir)
+    state, identity = _identity(run_dir)
+    model_cfg = _config(ModelConfig, identity["model"])
+    data_cfg = _config(DataConfig, identity["data"])
+    if data_cfg.compact_vocab is not None:
+        raise ValueError(
+            f"{run_dir} used a compact vocabulary built from its training data: its policy cannot "
+            f"score other files"
+        )
+    precision = identity.get("precision", "auto")
+    pref = _config(PhaseConfig, identity["cfg"])
+    keep = data_cfg.keep_identical
+    pairs, _ = load_hh(hh or hh_dir(), split, subsets, drop_mismatched=True, keep_identical=keep)
+    if part != "all":
+        pairs = split_by_prompt_hash(pairs, data_cfg.eval_fraction)[part == "eval"]
+    tokenizer = load_tokenizer(model_cfg)
+    lengths = dict(max_length=data_cfg.max_length, max_prompt_length=data_cfg.max_prompt_length)
+    tokens = tokenize_pairs(
+        pairs, tokenizer, **lengths, truncation_mode=TRUNCATION["hh"], keep_identical=keep
+    )
+    model = build_model(model_cfg, len(tokenizer), data_cfg.max_length, tokenizer.pad_token_id)
+    response_only = head_is_linear_readout(model, len(tokenizer))
+    device, pad = torch.device("cpu"), tokenizer.pad_token_id
+    phase_cls = PreferencePhase
+    if model_cfg.train_layers is not None:
+        if identity.get("weights") != model_fingerprint(model):
+            raise ValueError(
+                f"the installed {model_cfg.name_or_path!r} has other weights than the model "
+                f"{run_dir} started from: install the package version the run used"
+            )
+        model, cached = cache_trunk(
+            model,
+            model_cfg.train_layers,
+            {"pairs": tokens},
+            run_dir.parent / "trunk_cache",
+            pad,
+            pref.eval_batch_size,
+            device,
+            precision,
+            identity.get("cache_dtype", "float16"),
+        )
+        tokens, phase_cls = cached["pairs"], CachedPreferencePhase
+    elif identity["sft"]["n_examples"]:
+        sft = torch.load(run_dir.parent / "sft" / CHECKPOINT, map_location="cpu")
+        model.load_state_dict(sft["model"])
+    common = dict(pad_id=pad, average=identity.get("average_logps", False))
+    common.update(response_only=response_only, precision=precision)
+    partial = model_cfg.train_layers is not None
+    collate = functools.partial(collate_cached, pad_id=pad) if partial else None
+    ref = reference_logps(
+        model, tokens, pref.eval_batch_size, pad, device, collate=collate, precision=precision,
+        average=common["average"], response_only=response_only,
+    )  # fmt: skip
+    model.load_state_dict(state["model"])
+    phase = phase_cls(_loss(identity["loss"]), identity["beta"], {"eval": ref}, **common)
+    metrics = evaluate(model, phase, tokens, pref.eval_batch_size, device)
+    acc, n = metrics["rewards/accuracies"], len(tokens)
+    return {
+        "run": str(run_dir),
+        "pairs": n,
+        "accuracy": acc,
+        "se": binomial_se(acc, n),
+        "margin": metrics["rewards/margins"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        prog="python -m upo_ref.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("run_dir", help="one finished preference run, e.g. runs/smol/ipo_beta0.1")
+    p.add_argument(
+        "--hh-dir", help="folder of <subset>/<split>.jsonl.gz (default ../shared/data/hh-rlhf)"
+    )
+    p.add_argument("--subsets", default=",".join(HH_LOCAL_SUBSETS), help="comma-separated subsets")
+    p.add_argument("--split", default="test", help="file name stem: <subset>/<split>.jsonl.gz")
+    p.add_argument(
+        "--part", choices=PARTS, default="all", help="which side of the prompt-hash split"
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    subsets = tuple(s for s in args.subsets.split(",") if s)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = score_run(args.run_dir, args.hh_dir, subsets, args.split, args.part)
+    print(
+        f"{out['run']}: {out['pairs']} pairs scored, accuracy {out['accuracy']:.4f} +- "
+        f"{out['se']:.4f}, mean margin {out['margin']:.4f}"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The frozen trunk's hidden states, computed once per sequence and cached on disk.
+
+For partial fine-tuning (:mod:`upo_ref.lm.partial`) the output h of the frozen bottom layers is a
+fixed function of a sequence's token ids. :func:`cached_pairs` computes it for the chosen and the
+rejected sequence of every pair (batched, in order of length so that little is padding) and stores
+it under a key made of
+
+* the trunk's fingerprint: SHA-256 of its config and of every weight (:func:`model_fingerprint`),
+* the data's fingerprint: SHA-256 of every pair's token ids, after truncation (so the data files,
+  the split, the subsampling, the tokenizer and ``max_length`` all enter),
+* the storage dtype and the precision the trunk ran in.
+
+A second run, and every evaluation, load the file instead; a change to any of these gives another
+key and a fresh computation. Storage is float16 by default (SmolLM2's largest hidden value is about
+2.5e4, below float16's 65504; a value that does not fit raises an error rather than becoming inf)
+and is upcast to float32 for compute. The pairs come back as :class:`CachedPair`, token ids plus
+the two (T_i, C) state tensors, which :class:`CachedPreferencePhase` collates into
+``inputs_embeds`` for the top of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .partial import split_model
+from .phases import PreferencePhase, autocast
+from .tokenize import TokenizedPair, collate_pairs
+
+__all__ = [
+    "CACHE_DTYPES",
+    "CachedPair",
+    "model_fingerprint",
+    "data_fingerprint",
+    "trunk_states",
+    "cached_pairs",
+    "collate_cached",
+    "CachedPreferencePhase",
+    "cache_trunk",
+]
+
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True, eq=False)
+class CachedPair(TokenizedPair):
+    """A tokenized pair with the trunk's states of (x, y_w) and (x, y_l), each (T, C)."""
+
+    hidden_chosen: Tensor | None = None
+    hidden_rejected: Tensor | None = None
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's config and of every tensor of its state dict (name, dtype, shape,
+    bytes)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update((config.to_json_string() if config is not None else type(model).__name__).encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    """SHA-256 of the token ids of every pair, in order."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def trunk_states(
+    trunk,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    dtype: torch.dtype = torch.float16,
+) -> list[Tensor]:
+    """The trunk's output h (T_i, C) of every sequence, stored in ``dtype`` on the CPU.
+
+    Sequences are batched in order of length (right-padded; a causal model's states at real
+    positions do not depend on the padding after them). A state that does not fit ``dtype``
+    raises a ValueError naming a wider one.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[Tensor | None] = [None] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        T = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)  # (b, T)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)  # (b, T)
+        for r, i in enumerate(idx):
+            ids[r, : len(sequences[i])] = torch.tensor(list(sequences[i]))
+            mask[r, : len(sequences[i])] = 1
+        with autocast(device, precision):
+            h = trunk(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        h = h.float().cpu()  # (b, T, C)
+        stored = h.to(dtype)
+        if not bool(torch.isfinite(stored).all()):
+            raise ValueError(
+                f"a trunk state (largest |h| = {float(h.abs().max()):.4g}) does not fit {dtype}: "
+                f"store the cache as bfloat16 or float32 (cache_dtype)"
+            )
+        for r, i in enumerate(idx):
+            out[i] = stored[r, : len(sequences[i])].clone()
+    return out
+
+
+def cached_pairs(
+    trunk,
+    pairs: Sequence[TokenizedPair],
+    cache_dir: str | Path,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    cache_dtype: str = "float16",
+    trunk_id: str | None = None,
+) -> list[CachedPair]:
+    """``pairs`` with the trunk's states, from ``cache_dir/<key>.pt`` or computed and stored there.
+
+    ``trunk_id``: the trunk's :func:`model_fingerprint` when the caller has it already.
+    """
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+    key = {
+        "trunk": trunk_id or model_fingerprint(trunk),
+        "data": data_fingerprint(pairs),
+        "dtype": cache_dtype,
+        "precision": precision,
+    }
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"{name}.pt"
+    if path.exists():
+        stored = torch.load(path, weights_only=True)
+        if stored["key"] != json.dumps(key, sort_keys=True):
+            raise ValueError(f"{path} holds another cache (a key collision): delete it")
+        states = stored["states"]
+    else:
+        sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+        states = trunk_states(
+            trunk, sequences, pad_id, batch_size, device, precision, CACHE_DTYPES[cache_dtype]
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": json.dumps(key, sort_keys=True), "states": states}, tmp)
+        os.replace(tmp, path)  # a crash mid-write leaves no half-written cache behind
+    n = len(pairs)
+    return [
+        CachedPair(p.prompt, p.chosen, p.rejected, states[i], states[n + i])
+        for i, p in enumerate(pairs)
+    ]
+
+
+def collate_cached(
+    pairs: Sequence[CachedPair], indices: Sequence[int], pad_id: int
+) -> dict[str, Tensor]:
+    """``collate_pairs`` plus ``inputs_embeds`` (2B, T, C) float32: the trunk states, zero on
+    padding."""
+    batch = collate_pairs(pairs, indices, pad_id)
+    states = [getattr(p, "hidden_chosen", None) for p in pairs]
+    states += [getattr(p, "hidden_rejected", None) for p in pairs]
+    if any(s is None for s in states):
+        raise ValueError("collate_cached needs pairs with trunk states (from cached_pairs)")
+    B2, T = batch["input_ids"].shape
+    embeds = torch.zeros(B2, T, states[0].shape[-1])  # (2B, T, C)
+    for r, s in enumerate(states):
+        embeds[r, : s.shape[0]] = s.float()
+    batch["inputs_embeds"] = embeds
+    return batch
+
+
+@dataclass
+class CachedPreferencePhase(PreferencePhase):
+    """:class:`PreferencePhase` for the top of a partially fine-tuned model: batches carry the
+    cached trunk states as ``inputs_embeds``, which the log-probs are computed from."""
+
+    def collate(self, pairs: Sequence[CachedPair], indices: Sequence[int]) -> dict[str, Tensor]:
+        return collate_cached(pairs, indices, self.pad_id)
+
+
+def cache_trunk(
+    model,
+    k: int,
+    splits: dict[str, Sequence[TokenizedPair]],
+    cache_dir: str | Path,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    cache_dtype: str = "float16",
+) -> tuple[torch.nn.Module, dict[str, list[CachedPair]]]:
+    """Split ``model`` at its top ``k`` layers (``partial.split_model``) and attach the trunk's
+    cached states to the pairs of every split; returns (the top of the model, the cached splits).
+    The trunk is dropped afterwards: nothing but the cache needs it."""
+    trunk, top = split_model(model, k)
+    trunk.to(device)
+    trunk_id = model_fingerprint(trunk)
+    cached = {
+        name: cached_pairs(
+            trunk, pairs, cache_dir, pad_id, batch_size, device, precision, cache_dtype, trunk_id
+        )
+        for name, pairs in splits.items()
+    }
+    return top, cached
