@@ -18,7 +18,7 @@ from upo_ref.evaluate import score_run
 from upo_ref.lm import trunk_cache
 from upo_ref.lm.config import TINY_LLAMA, ModelConfig, PhaseConfig, get_preset, smoke
 from upo_ref.lm.data import load_hh
-from upo_ref.lm.experiment import _first
+from upo_ref.lm.experiment_data import _first
 from upo_ref.lm.logprobs import concatenated_logps
 from upo_ref.lm.models import build_model
 from upo_ref.lm.partial import split_model, trainable_parameters

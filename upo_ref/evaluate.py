@@ -75,6 +75,35 @@ def _loss(label: str) -> PreferenceLoss:
     raise ValueError(f"cannot rebuild the loss {label!r}; known: {[k.label for k in known]}")
 
 
+def _starting_policy(model, identity: dict, run_dir: Path, tokens, pad: int, batch: int, device):
+    """(pi_ref of the run, the pairs as its phase takes them, the phase class): the model as built
+    or the run's SFT model; for a partially fine-tuned model the top of it, with the pairs' trunk
+    states cached beside the run (refused when the installed weights are not the run's)."""
+    model_cfg = _config(ModelConfig, identity["model"])
+    if model_cfg.train_layers is None:
+        if identity["sft"]["n_examples"]:
+            sft = torch.load(run_dir.parent / "sft" / CHECKPOINT, map_location="cpu")
+            model.load_state_dict(sft["model"])
+        return model, tokens, PreferencePhase
+    if identity.get("weights") != model_fingerprint(model):
+        raise ValueError(
+            f"the installed {model_cfg.name_or_path!r} has other weights than the model "
+            f"{run_dir} started from: install the package version the run used"
+        )
+    top, cached = cache_trunk(
+        model,
+        model_cfg.train_layers,
+        {"pairs": tokens},
+        run_dir.parent / "trunk_cache",
+        pad,
+        batch,
+        device,
+        identity.get("precision", "auto"),
+        identity.get("cache_dtype", "float16"),
+    )
+    return top, cached["pairs"], CachedPreferencePhase
+
+
 def score_run(
     run_dir: str | Path,
     hh: str | Path | None = None,
@@ -108,28 +137,9 @@ def score_run(
     model = build_model(model_cfg, len(tokenizer), data_cfg.max_length, tokenizer.pad_token_id)
     response_only = head_is_linear_readout(model, len(tokenizer))
     device, pad = torch.device("cpu"), tokenizer.pad_token_id
-    phase_cls = PreferencePhase
-    if model_cfg.train_layers is not None:
-        if identity.get("weights") != model_fingerprint(model):
-            raise ValueError(
-                f"the installed {model_cfg.name_or_path!r} has other weights than the model "
-                f"{run_dir} started from: install the package version the run used"
-            )
-        model, cached = cache_trunk(
-            model,
-            model_cfg.train_layers,
-            {"pairs": tokens},
-            run_dir.parent / "trunk_cache",
-            pad,
-            pref.eval_batch_size,
-            device,
-            precision,
-            identity.get("cache_dtype", "float16"),
-        )
-        tokens, phase_cls = cached["pairs"], CachedPreferencePhase
-    elif identity["sft"]["n_examples"]:
-        sft = torch.load(run_dir.parent / "sft" / CHECKPOINT, map_location="cpu")
-        model.load_state_dict(sft["model"])
+    model, tokens, phase_cls = _starting_policy(
+        model, identity, run_dir, tokens, pad, pref.eval_batch_size, device
+    )
     common = dict(pad_id=pad, average=identity.get("average_logps", False))
     common.update(response_only=response_only, precision=precision)
     partial = model_cfg.train_layers is not None
