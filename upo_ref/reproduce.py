@@ -243,6 +243,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the preset's)")
     p.add_argument(
+        "--runs",
+        help="comma-separated run folder names (e.g. ipo_beta0.1,js-iupo_beta0.1): run only these "
+        "of the preset's runs",
+    )
+    p.add_argument(
         "--betas",
         help="comma-separated betas: run only the preset's runs at these (e.g. 0.1 first, the rest "
         "later into the same --out; a finished run is resumed, not retrained)",
@@ -283,7 +288,24 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             raise SystemExit(f"--betas {args.betas}: preset {cfg.name} has no run at these betas")
         extra = tuple(run for run in cfg.extra_runs if run[3] in keep)
         cfg = r(cfg, betas=tuple(b for b in cfg.betas if b in keep), extra_runs=extra)
+    if args.runs:
+        cfg = _only_runs(cfg, args.runs.split(","))
     return smoke(cfg) if args.smoke else cfg
+
+
+def _only_runs(cfg: ExperimentConfig, names: list[str]) -> ExperimentConfig:
+    """``cfg`` with only the runs whose folder names are ``names`` (as ``extra_runs``; a run's
+    checkpoint identity does not depend on which other runs the config lists)."""
+    runs = {RunResult(loss.label, beta, {}, Path()).name: (loss, beta) for loss, beta in cfg.runs()}
+    unknown = sorted(set(names) - set(runs))
+    if unknown:
+        raise SystemExit(f"--runs: preset {cfg.name} has no run {unknown}; its runs: {list(runs)}")
+    extra = []
+    for name in names:
+        loss, beta = runs[name]
+        divergence = loss.divergence.name if loss.divergence is not None else None
+        extra.append((loss.name, divergence, loss.form, beta))
+    return dataclasses.replace(cfg, losses=(), betas=(), extra_runs=tuple(extra))
 
 
 def main(argv: list[str] | None = None) -> list[RunResult]:
