@@ -336,9 +336,10 @@ def _quick_sft_disjoint() -> ExperimentConfig:
 
 def _smol() -> ExperimentConfig:
     # SmolLM2-135M-Instruct, partially fine-tuned on a CPU (README, "The pretrained grid"): the
-    # bottom 28 of its 30 layers frozen and their output cached once; the top 2 layers and the final norm
-    # (7.1M parameters) trained from the cache, in bf16 autocast (the CPU's AMX units: ~1.7x a
-    # float32 step). Sequences of at most 128 tokens (the prompt cut to its last 64 when too long).
+    # bottom 28 of its 30 layers frozen and their output cached once; the top 2 layers and the final
+    # norm (7.1M parameters) trained from the cache, in bf16 autocast (on a CPU with AMX units, bf16
+    # matmuls run several times faster than float32 ones). Sequences of at most 128 tokens (the
+    # prompt cut to its last 64 when too long). No SFT: the model is instruction-tuned already.
     return ExperimentConfig(
         name="smol",
         model=ModelConfig(SMOLLM2, train_layers=2),
@@ -383,8 +384,8 @@ def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
     """The same experiment shrunk to seconds: a 2-layer 32-wide random-init GPT-2 (any hub or local
     model is replaced; a partially fine-tuned preset gets a random-init Llama with its top layer
     trained, the same cached-trunk path), sequences of at most 32 tokens, a few dozen examples per
-    phase, every loss at every beta, torch's default thread count. Same code path end to end; for tests and for trying a
-    preset out."""
+    phase, every loss at every beta, torch's default thread count. Same code path end to end; for
+    tests and for trying a preset out."""
     r = dataclasses.replace
     partial = cfg.model.train_layers is not None  # a partially fine-tuned preset: a tiny Llama
     model = r(

@@ -413,8 +413,9 @@ def train(
 
     Writes ``out_dir/metrics.jsonl``, ``out_dir/checkpoint.pt`` and, at the final evaluation,
     ``out_dir/final_eval.json`` (every eval example's metrics, for paired statistics). With
-    ``resume`` and a checkpoint in ``out_dir``, continues from it (a finished run returns at once). ``identity``: what must
-    match for a checkpoint to be resumed (the phase config is always included).
+    ``resume`` and a checkpoint in ``out_dir``, continues from it (a finished run returns at once).
+    ``identity``: what must match for a checkpoint to be resumed (the phase config is always
+    included).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
