@@ -329,3 +329,22 @@ def test_step_0_evaluation_from_the_reference_equals_running_the_model(tmp_path)
         first[shortcut] = {k: v for k, v in record.items() if not k.startswith("time/")}
     assert first[True] == first[False]  # bit for bit, margins exactly 0
     assert first[True]["rewards/margins"] == 0.0
+
+
+def test_runs_and_betas_select_part_of_the_grid():
+    from upo_ref.reproduce import _parser, config_from_args
+
+    def runs(*argv):
+        cfg = config_from_args(_parser().parse_args(["--preset", "smol", *argv]))
+        return [(loss.label, beta) for loss, beta in cfg.runs()]
+
+    assert runs("--betas", "0.1") == [
+        ("IPO", 0.1), ("JS-IUPO", 0.1), ("JS-IUPO (kkt)", 0.1), ("DPO", 0.1)
+    ]  # fmt: skip
+    assert runs("--runs", "js-iupo-kkt_beta0.1,ipo_beta0.5") == [
+        ("JS-IUPO (kkt)", 0.1), ("IPO", 0.5)
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="no run"):
+        runs("--runs", "ipo_beta0.3")
+    with pytest.raises(SystemExit, match="no run at these betas"):
+        runs("--betas", "0.3")

@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, help="torch CPU threads, >= 1 (default: the preset's)"
     )
     p.add_argument(
+        "--runs",
+        help="comma-separated run folder names (e.g. ipo_beta0.1,js-iupo_beta0.1): run only these "
+        "of the preset's runs",
+    )
+    p.add_argument(
         "--betas",
         help="comma-separated betas: run only the preset's runs at these (e.g. 0.1 first, the rest "
         "later into the same --out; a finished run is resumed, not retrained)",
@@ -174,6 +179,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if args.keep_identical:
         data = r(data, keep_identical=True)
     cfg = _only_betas(r(cfg, data=data), args.betas)
+    if args.runs:
+        cfg = _only_runs(cfg, args.runs.split(","))
     cfg = smoke(cfg) if args.smoke else cfg
     return cfg if args.threads is None else r(cfg, threads=args.threads)
 
@@ -191,6 +198,21 @@ def _only_betas(cfg: ExperimentConfig, betas: str | None) -> ExperimentConfig:
     extra = tuple(run for run in cfg.extra_runs if run[3] in keep)
     betas_kept = tuple(b for b in cfg.betas if b in keep)
     return dataclasses.replace(cfg, betas=betas_kept, extra_runs=extra)
+
+
+def _only_runs(cfg: ExperimentConfig, names: list[str]) -> ExperimentConfig:
+    """``cfg`` with only the runs whose folder names are ``names`` (as ``extra_runs``; a run's
+    checkpoint identity does not depend on which other runs the config lists)."""
+    runs = {run_name(loss.label, beta): (loss, beta) for loss, beta in cfg.runs()}
+    unknown = sorted(set(names) - set(runs))
+    if unknown:
+        raise ValueError(f"--runs: preset {cfg.name} has no run {unknown}; its runs: {list(runs)}")
+    extra = []
+    for name in names:
+        loss, beta = runs[name]
+        divergence = loss.divergence.name if loss.divergence is not None else None
+        extra.append((loss.name, divergence, loss.form, beta))
+    return dataclasses.replace(cfg, losses=(), betas=(), extra_runs=tuple(extra))
 
 
 def run_names(cfg: ExperimentConfig) -> list[str]:

@@ -363,10 +363,10 @@ def _quick_sft_disjoint() -> ExperimentConfig:
 
 def _smol() -> ExperimentConfig:
     # SmolLM2-135M-Instruct, partially fine-tuned on a CPU (README, "The pretrained grid"): the
-    # bottom 28 of its 30 layers frozen and their output cached once; the top 2 layers and the
-    # final norm (7.1M parameters) trained from the cache, in bf16 autocast (the CPU's AMX units:
-    # ~1.7x a float32 step). Sequences of at most 128 tokens (the prompt cut to its last 64 when
-    # too long).
+    # bottom 28 of its 30 layers frozen and their output cached once; the top 2 layers and the final
+    # norm (7.1M parameters) trained from the cache, in bf16 autocast (on a CPU with AMX units, bf16
+    # matmuls run several times faster than float32 ones). Sequences of at most 128 tokens (the
+    # prompt cut to its last 64 when too long). No SFT: the model is instruction-tuned already.
     return ExperimentConfig(
         name="smol",
         model=ModelConfig(SMOLLM2, train_layers=2),
