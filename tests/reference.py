@@ -87,6 +87,10 @@ PAIRS = {  # which differences a loss takes: (d1, d2) as index pairs into (pc, p
 # in ROUNDED_FINAL_OPS.)
 PERTURBED = ("d1", "d2", "F1", "F2", "m", "beta", "c")
 ROUNDED_FINAL_OPS = 6
+# Beyond beta |m| = 1e5 the softplus losses' sigma(-beta m) is below e^{-1e5} (or 1 to within it),
+# far outside every dtype; the reference takes the limit rather than form exp(1e5000)-sized numbers.
+# (Any f' factor multiplying it is at most e^{1e4} on the tested inputs.)
+SATURATED = mp.mpf(1e5)
 
 
 def _loss_grads(kind, name, alpha, d1, d2, beta, e):
@@ -98,6 +102,10 @@ def _loss_grads(kind, name, alpha, d1, d2, beta, e):
     beta = mp.mpf(beta) * (1 + e["beta"])
     m = (F1 * (1 + e["F1"]) - F2 * (1 + e["F2"])) * (1 + e["m"])
     if kind in SOFTPLUS_LOSSES:
+        if beta * m > SATURATED:  # sigma(-beta m) < e^{-beta m}: the gradient is 0 in every dtype
+            return mp.exp(-beta * m), mp.mpf(0), mp.mpf(0)
+        if beta * m < -SATURATED:  # the loss is beyond every dtype (and the code raises)
+            return -beta * m, -beta * D1, beta * D2
         s = 1 / (1 + mp.exp(beta * m))  # sigma(-beta m)
         return mp.log1p(mp.exp(-beta * m)), -beta * s * D1, beta * s * D2
     r = m - (1 / (2 * beta)) * (1 + e["c"])
@@ -105,21 +113,33 @@ def _loss_grads(kind, name, alpha, d1, d2, beta, e):
 
 
 def loss_reference(kind, name, alpha, d1, d2, beta):
-    """Loss, gradients (dL/dd1, dL/dd2) and their relative condition numbers, in 80 digits.
+    """Loss, gradients (dL/dd1, dL/dd2) and the derivative factors (d/dd f'(e^d) at d1, d2) at the
+    rounded differences d1, d2, in 80 digits."""
+    with mp.workdps(DIGITS):
+        zero = dict.fromkeys(PERTURBED, mp.mpf(0))
+        loss, g1, g2 = _loss_grads(kind, name, alpha, mp.mpf(d1), mp.mpf(d2), beta, zero)
+        if kind in ("dpo", "ipo"):
+            return loss, (g1, g2), (mp.mpf(1), mp.mpf(1))
+        factors = (f_prime_of_log(name, d1, alpha)[1], f_prime_of_log(name, d2, alpha)[1])
+        return loss, (g1, g2), factors
 
-    The condition number of a gradient g is ROUNDED_FINAL_OPS + sum_k |d log|g| / d e_k| over the
-    relative perturbations e_k of PERTURBED: a computation that rounds each intermediate once, to a
-    few ulps, is wrong by at most about eps times it.
+
+def gradient_condition(kind, name, alpha, d1, d2, beta, i):
+    """Relative condition number of the gradient dL/dd_i (i = 1 or 2), in 80 digits.
+
+    It is ROUNDED_FINAL_OPS + sum_k |d log|g| / d e_k| over the relative perturbations e_k of
+    PERTURBED: a computation that rounds each intermediate once, to a few ulps, is wrong by at most
+    about eps times it. (Slow: the tests compute it only where a gradient misses GRAD_RTOL.)
     """
     with mp.workdps(DIGITS):
         d1, d2 = mp.mpf(d1), mp.mpf(d2)
         zero = dict.fromkeys(PERTURBED, mp.mpf(0))
-        loss, g1, g2 = _loss_grads(kind, name, alpha, d1, d2, beta, zero)
-        kappa = [mp.mpf(ROUNDED_FINAL_OPS)] * 2
+        g = _loss_grads(kind, name, alpha, d1, d2, beta, zero)[i]
+        kappa = mp.mpf(ROUNDED_FINAL_OPS)
+        if g == 0:
+            return kappa
         for k in PERTURBED:
-            up = _loss_grads(kind, name, alpha, d1, d2, beta, {**zero, k: DIFF_STEP})
-            down = _loss_grads(kind, name, alpha, d1, d2, beta, {**zero, k: -DIFF_STEP})
-            for i, g in enumerate((g1, g2)):
-                if g != 0:
-                    kappa[i] += abs((up[i + 1] - down[i + 1]) / (2 * DIFF_STEP * g))
-        return loss, (g1, g2), tuple(kappa)
+            up = _loss_grads(kind, name, alpha, d1, d2, beta, {**zero, k: DIFF_STEP})[i]
+            down = _loss_grads(kind, name, alpha, d1, d2, beta, {**zero, k: -DIFF_STEP})[i]
+            kappa += abs((up - down) / (2 * DIFF_STEP * g))
+        return kappa
