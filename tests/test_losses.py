@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 from strategies import (
     ADMISSIBLE_NAMES,
     admissible_divergences,
@@ -390,3 +391,50 @@ def test_preference_metrics_count_a_tie_as_half():
     # pi = pi_ref: every pair is a tie, and the accuracy is chance exactly.
     at_reference = preference_metrics(rc, rr, rc, rr, 0.1)
     assert at_reference["rewards/accuracies"].mean().item() == 0.5
+
+
+# --- shift invariance ---------------------------------------------------------------------------
+# (a) a constant added to one response's policy and reference log-prob; (b) to both responses of
+# one model. On dyadic inputs and shifts every difference is exact, so a loss that has the
+# invariance gives the same bits.
+SHIFTS = {
+    "a: chosen, both models": (1, 0, 1, 0),
+    "a: rejected, both models": (0, 1, 0, 1),
+    "b: policy, both responses": (1, 1, 0, 0),
+    "b: reference, both responses": (0, 0, 1, 1),
+}
+INVARIANCES = {  # the loss -> which shifts it is invariant to (module docstring of upo_ref.losses)
+    "dpo": "ab",
+    "ipo": "ab",
+    "fdpo": "a",
+    "iupo_kkt": "a",
+    "iupo_paper": "b",
+}
+SHIFT_LOSSES = {
+    "dpo": lambda logps, beta: dpo_loss(*logps, beta),
+    "ipo": lambda logps, beta: ipo_loss(*logps, beta),
+    "fdpo": lambda logps, beta: fdpo_loss(*logps, beta, JS),
+    "iupo_kkt": lambda logps, beta: iupo_loss(*logps, beta, JS, form="kkt"),
+    "iupo_paper": lambda logps, beta: iupo_loss(*logps, beta, JS),
+}
+
+
+HAS = [(kind, s) for kind in SHIFT_LOSSES for s in SHIFTS if s[0] in INVARIANCES[kind]]
+LACKS = [(kind, s) for kind in SHIFT_LOSSES for s in SHIFTS if s[0] not in INVARIANCES[kind]]
+
+
+@pytest.mark.parametrize("kind, shift", HAS)
+@given(logps=dyadic_logp_batches(), beta=betas, k=st.integers(-(2**30), 2**30))
+def test_shift_invariance_holds_bit_for_bit_where_the_loss_has_it(kind, shift, logps, beta, k):
+    c = k * 2.0**-20
+    shifted = tuple(x + c * m for x, m in zip(logps, SHIFTS[shift], strict=True))
+    assert torch.equal(SHIFT_LOSSES[kind](shifted, beta), SHIFT_LOSSES[kind](logps, beta))
+
+
+@pytest.mark.parametrize("kind, shift", LACKS)
+def test_shift_invariance_fails_where_the_loss_lacks_it(kind, shift):
+    # Under Jensen-Shannon the invariances a form lacks really are absent (a shift of 3 nats).
+    logps = t64(-1.0), t64(-2.0), t64(-3.0), t64(-1.0)
+    shifted = tuple(x + 3.0 * m for x, m in zip(logps, SHIFTS[shift], strict=True))
+    moved = SHIFT_LOSSES[kind](shifted, 0.5) - SHIFT_LOSSES[kind](logps, 0.5)
+    assert moved.abs().item() > 1e-3

@@ -90,7 +90,19 @@ class Divergence:
         return self._f_prime(u)
 
     def f_prime_of_log(self, log_u: Tensor) -> Tensor:
-        """f'(exp(log_u)) for any real log_u, without forming exp(log_u). No input check (hot path)."""
+        """f'(exp(log_u)) for any real log_u, without forming exp(log_u). No input check (hot path).
+
+        Its derivative in log_u, e^x f''(e^x), is supplied by hand (``_f_prime_of_log_vjp``, through
+        :class:`_FPrimeOfLog`): autograd through the stable form would differentiate the rounded
+        expression, and expm1's backward, grad * (expm1(z) + 1), cancels to 0 where e^z is tiny.
+        """
+        return _FPrimeOfLog.apply(log_u, self)
+
+    def _f_prime_of_log(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _f_prime_of_log_vjp(self, x: Tensor, grad: Tensor) -> Tensor:
+        """grad * d/dx f'(e^x), accurate to a few ulps wherever the true product is a normal number."""
         raise NotImplementedError
 
     def f_prime_inverse(self, t: Tensor) -> Tensor:
@@ -145,11 +157,42 @@ class Divergence:
         return hash((type(self), tuple(sorted(self.__dict__.items()))))
 
 
+class _FPrimeOfLog(torch.autograd.Function):
+    """f'(exp(x)) of a divergence with its hand-written derivative; see Divergence.f_prime_of_log."""
+
+    generate_vmap_rule = True  # forward and backward are plain torch ops, so torch.func.vmap works
+
+    @staticmethod
+    def forward(x, divergence):
+        return divergence._f_prime_of_log(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward, so torch.func transforms work
+        ctx.save_for_backward(inputs[0])
+        ctx.divergence = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ctx.divergence._f_prime_of_log_vjp(x, grad), None
+
+
+def _times_unbounded(grad: Tensor, derivative: Tensor) -> Tensor:
+    """grad * derivative, where the derivative may overflow to inf but the true one is finite.
+
+    A zero cotangent gives a zero product whatever the (finite, if unrepresentable) derivative:
+    this is what makes a saturated loss (f-DPO at f' = -inf, loss 0) have gradient 0, not 0 * inf =
+    NaN. A nonzero cotangent times an overflowed derivative stays +-inf: that product is beyond the
+    dtype too. A NaN cotangent stays NaN.
+    """
+    return torch.where(grad == 0, grad, grad * derivative)
+
+
 class ReverseKL(Divergence):
     r"""Reverse KL, D_KL(pi || pi_ref): f(u) = u log u, f'(u) = log u + 1, (f')^{-1}(t) = e^{t-1}.
 
     The divergence of RLHF (eq. 3), DPO (eq. 4) and IPO (eq. 10). f'(exp(log_u)) = log_u + 1 is
-    exact in floating point for every finite log_u.
+    exact in floating point for every finite log_u, and autograd's derivative, 1, is exact too.
     """
 
     name = "reverse_kl"
@@ -174,6 +217,8 @@ class ForwardKL(Divergence):
 
     f'(exp(log_u)) = -exp(-log_u): a single exp, accurate to an ulp; it overflows to -inf only where
     the true value, below -3.4e38 (float32) or -1.8e308 (float64), is not representable either.
+    Its derivative exp(-log_u) is supplied by hand only so that a saturated loss's zero gradient
+    stays 0 where exp(-log_u) overflows (``_times_unbounded``); autograd's grad * exp would be NaN.
     """
 
     name = "forward_kl"
@@ -186,8 +231,11 @@ class ForwardKL(Divergence):
     def _f_prime(self, u):
         return -1.0 / u
 
-    def f_prime_of_log(self, log_u):
-        return -torch.exp(-log_u)
+    def _f_prime_of_log(self, x):
+        return -torch.exp(-x)
+
+    def _f_prime_of_log_vjp(self, x, grad):
+        return _times_unbounded(grad, torch.exp(-x))
 
     def _f_prime_inverse(self, t):
         return -1.0 / t
@@ -210,8 +258,8 @@ class JensenShannon(Divergence):
       expm1(-x) would overflow for x < -88 (float32) and give -inf.
 
     Both branches are evaluated on inputs clamped to their own side of the switch, so neither
-    produces an infinity. The derivative is supplied by hand (``_JSFPrimeOfLog``): d f'(e^x)/dx =
-    1 / (1 + e^x) = sigmoid(-x), one accurate operation, instead of autograd through both branches
+    produces an infinity. The derivative is supplied by hand: d f'(e^x)/dx = 1 / (1 + e^x) =
+    sigmoid(-x), one accurate operation bounded by 1, instead of autograd through both branches
     (which is 3-4x slower on the CPU, mostly in torch.where's backward).
     """
 
@@ -225,35 +273,19 @@ class JensenShannon(Divergence):
     def _f_prime(self, u):
         return torch.log(2 * u / (1 + u))
 
-    def f_prime_of_log(self, log_u):
-        return _JSFPrimeOfLog.apply(log_u)
-
-    def _f_prime_inverse(self, t):
-        e_t = torch.exp(t)
-        return e_t / (2 - e_t)
-
-
-class _JSFPrimeOfLog(torch.autograd.Function):
-    """Jensen-Shannon's f'(exp(x)) with its exact derivative sigmoid(-x); see JensenShannon."""
-
-    generate_vmap_rule = True  # forward and backward are plain torch ops, so torch.func.vmap works
-
-    @staticmethod
-    def forward(x):
+    def _f_prime_of_log(self, x):
         high = (x >= _JS_SWITCH).to(x.dtype)  # 1.0 selects the expm1 branch, 0.0 the logsigmoid one
         upper = torch.log1p(torch.expm1(-x.clamp(min=_JS_SWITCH)) / 2).neg_()
         lower = torch.nn.functional.logsigmoid(x.clamp(max=_JS_SWITCH)).add_(LOG_2)
         # Both branches are finite, so each product is exactly the branch or exactly 0.
         return upper.mul_(high).add_(lower.mul_(1 - high))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # separate from forward, so torch.func transforms work
-        ctx.save_for_backward(inputs[0])
+    def _f_prime_of_log_vjp(self, x, grad):
+        return grad * torch.sigmoid(-x)  # sigmoid(-x) <= 1: no overflow, no 0 * inf
 
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * torch.sigmoid(-x)
+    def _f_prime_inverse(self, t):
+        e_t = torch.exp(t)
+        return e_t / (2 - e_t)
 
 
 class AlphaDivergence(Divergence):
@@ -273,6 +305,12 @@ class AlphaDivergence(Divergence):
     Stable form: f'(exp(x)) = -expm1(-alpha x) / alpha. ``expm1`` keeps full relative precision near
     x = 0, where 1 - exp(-alpha x) would cancel; the exp overflows only where the true value,
     about -exp(-alpha x) / alpha, is not representable.
+
+    Its derivative, e^{-alpha x}, is computed directly. Autograd through the stable form would not
+    do: expm1's backward forms grad * (expm1(z) + 1) = (-1 + e^{-alpha x}) + 1, which cancels, with
+    relative error ~ eps e^{alpha x}, and is exactly 0 beyond alpha x ~ 37 (float64) or ~ 17
+    (float32), where e^{-alpha x} is a perfectly normal number (and where IUPO's kkt form multiplies
+    it by 2 (Uh - 1/(2 beta)), of order e^{alpha x}).
     """
 
     name = "alpha"
@@ -299,9 +337,12 @@ class AlphaDivergence(Divergence):
         a = self.alpha
         return (1 - u ** (-a)) / a
 
-    def f_prime_of_log(self, log_u):
+    def _f_prime_of_log(self, x):
         a = self.alpha
-        return -torch.expm1(-a * log_u) / a
+        return -torch.expm1(-a * x) / a
+
+    def _f_prime_of_log_vjp(self, x, grad):
+        return _times_unbounded(grad, torch.exp(-self.alpha * x))
 
     def _f_prime_inverse(self, t):
         a = self.alpha
@@ -319,6 +360,9 @@ class ChiSquared(Divergence):
     ``E Psi = beta f'(pi*/pi_ref) + lambda`` (eq. 16) fails on that action: the "constant lambda"
     of the reparameterisation is not constant. ``upo_ref.optimal`` shows the case.
     (f')^{-1}(t) = 1 + t/2 exists for t >= -2 only.
+
+    f'(exp(x)) = 2 expm1(x), exact near x = 0; its derivative 2 e^x is computed directly, since
+    expm1's own backward, grad * (expm1(x) + 1), cancels to 0 for x below about -37 (float64).
     """
 
     name = "chi_squared"
@@ -331,8 +375,11 @@ class ChiSquared(Divergence):
     def _f_prime(self, u):
         return 2 * (u - 1)
 
-    def f_prime_of_log(self, log_u):
-        return 2 * torch.expm1(log_u)
+    def _f_prime_of_log(self, x):
+        return 2 * torch.expm1(x)
+
+    def _f_prime_of_log_vjp(self, x, grad):
+        return _times_unbounded(grad, 2 * torch.exp(x))
 
     def _f_prime_inverse(self, t):
         return 1 + t / 2
@@ -344,6 +391,8 @@ class TotalVariation(Divergence):
     f is not differentiable at u = 1 (f' here is the subgradient 0 there) and f' is a step
     function taking the values -1/2, 0, +1/2, so (f')^{-1} does not exist and Theorem 3.1's
     reparameterisation cannot even be written. Kept as the second counterexample.
+    f'(exp(log_u)) = sign(log_u) / 2; autograd's derivative of sign is 0, the true derivative at
+    every log_u != 0 (at 0 there is none).
     """
 
     name = "total_variation"

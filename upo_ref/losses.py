@@ -27,6 +27,18 @@ IPO        (h - 1/(2 beta))^2                               (9-10)
 f-DPO      -log sigma(beta [f'(u_w) - f'(u_l)])             (5)
 IUPO       (Uh - 1/(2 beta))^2                              (23-24)
 =========  ===============================================  ======
+
+Shift invariance (tested bit for bit on exactly representable inputs): log-probs are defined up
+to what a response's tokenisation or a model's normaliser adds, so a loss should not see a constant
+added where it cannot matter. DPO and IPO depend on h only and are unchanged by a constant added to
+(a) one response's policy *and* reference log-prob, or (b) both responses of one model. f-DPO and
+IUPO's kkt form depend on each response's log-ratio policy/reference and have (a) only; IUPO's
+paper form depends on each model's chosen/rejected log-ratio and has (b) only. (Under reverse KL
+every form is a function of h and has both.)
+
+Gradients: every f' carries its own derivative (``Divergence.f_prime_of_log``), accurate where the
+true one is a normal number. Where a loss saturates (f-DPO with f' = -inf on the rejected
+response: loss 0) its gradient is 0, not NaN, and where a loss is not representable it raises.
 """
 
 from __future__ import annotations
@@ -124,8 +136,9 @@ def _check_representable(loss: Tensor, divergence: Divergence | str, what: str) 
         name = as_divergence(divergence).name
         if name in ("reverse_kl", "jensen_shannon", "total_variation"):
             cause = (
-                f"{name}'s f' grows at most linearly in the log-ratio, so only a diverged run (log-ratios "
-                f"near the dtype's limit) gets here; look at the log-probs of that pair"
+                f"{name}'s f' grows at most linearly in the log-ratio, so only a diverged run "
+                f"(log-ratios near the dtype's limit, or a squared margin beyond float16's 65504) "
+                f"gets here; look at the log-probs of that pair, or compute the loss in float32"
             )
         else:
             cause = (
@@ -149,8 +162,10 @@ def dpo_loss(
 ) -> Tensor:
     r"""DPO, eq. (4): -log sigma(beta log(pi(y_w)/pi_ref(y_w)) - beta log(pi(y_l)/pi_ref(y_l))). (B,)
 
-    Written as softplus(-beta h) = -log sigma(beta h), which is finite for every finite h
-    (:func:`softplus`, exact to rounding also above torch's default threshold).
+    Written as softplus(-beta h) = -log sigma(beta h), which is finite for every finite beta h
+    (:func:`softplus`, exact to rounding also above torch's default threshold); where beta h itself
+    overflows the dtype (float16) it raises, as f-DPO with reverse KL does. Shift invariances: (a)
+    and (b) of the module docstring.
     """
     check_logps(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
@@ -159,7 +174,7 @@ def dpo_loss(
     h = h_pi(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
-    return softplus(-beta * h)
+    return _check_representable(softplus(-beta * h), "reverse_kl", "dpo_loss")
 
 
 def ipo_loss(
@@ -173,6 +188,8 @@ def ipo_loss(
 
     The target 1/(2 beta) is finite, so unlike DPO the loss stops pushing once the policy's
     log-ratio margin exceeds the reference's by 1/(2 beta): IPO stays regularised towards pi_ref.
+    Where the square overflows the dtype (|h| > 255 in float16) it raises, as IUPO with reverse KL
+    does. Shift invariances: (a) and (b) of the module docstring.
     """
     check_logps(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
@@ -181,7 +198,7 @@ def ipo_loss(
     h = h_pi(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
-    return (h - 1 / (2 * beta)) ** 2
+    return _check_representable((h - 1 / (2 * beta)) ** 2, "reverse_kl", "ipo_loss")
 
 
 def fdpo_loss(
@@ -196,7 +213,9 @@ def fdpo_loss(
 
     .. math:: -\log\sigma\!\left(\beta f'\!\left(\frac{\pi(y_w)}{\pi_{ref}(y_w)}\right) - \beta f'\!\left(\frac{\pi(y_l)}{\pi_{ref}(y_l)}\right)\right)
 
-    With reverse KL, f' = log + 1 and the +1 cancels: f-DPO is DPO (section 2.4).
+    With reverse KL, f' = log + 1 and the +1 cancels: f-DPO is DPO (section 2.4). Shift
+    invariance: (a) of the module docstring only (a constant added to one response's policy and
+    reference log-prob). Where f'(u_l) overflows to -inf the loss is 0 and so is its gradient.
     """
     check_logps(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
@@ -237,6 +256,9 @@ def iupo_loss(
     Overflow: the paper form takes f' of log(pi(y_w)/pi(y_l)), which for summed log-probs of long
     responses is routinely hundreds of nats. Where f' grows exponentially (forward KL, alpha) its
     value is then beyond float32 and this function raises a ValueError rather than return inf/NaN.
+
+    Shift invariance: the paper form has (b) of the module docstring only (a constant added to both
+    responses of one model), the kkt form (a) only.
     """
     check_logps(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps

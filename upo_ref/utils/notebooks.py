@@ -115,7 +115,10 @@ def execute(path: str | Path, timeout: int = 1800) -> str:
     root = str(PACKAGE_DIR.parent)
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
     NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
     ).execute()
     digest = source_hash(nb)
     nb.metadata[METADATA_KEY] = {
