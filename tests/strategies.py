@@ -38,7 +38,8 @@ def admissible_divergences(draw):
 
 
 def logp_batches(size: int | None = None, low: float = -500.0, high: float = 0.0):
-    """Four float64 tensors (policy chosen, policy rejected, reference chosen, reference rejected) of one shape (B,)."""
+    """Four float64 tensors (policy chosen, policy rejected, reference chosen, reference rejected)
+    of one shape (B,)."""
 
     @st.composite
     def _draw(draw):
@@ -52,8 +53,9 @@ def logp_batches(size: int | None = None, low: float = -500.0, high: float = 0.0
 
 
 def dyadic_logp_batches(size: int | None = None):
-    """Log-probs that are multiples of 2**-20 in [-2**10, 0]: every sum and difference of a few of
-    them, and +1, is exact in float64, so identities that hold in real arithmetic hold bit for bit."""
+    """Log-probs that are multiples of 2**-20 in [-2**10, 0]: every sum and difference of a few
+    of them, and +1, is exact in float64, so identities that hold in real arithmetic hold bit
+    for bit."""
 
     @st.composite
     def _draw(draw):

@@ -1,4 +1,5 @@
-"""The JS-IUPO reachability analysis (closed forms and a brute-force check), loss gradients, relative errors."""
+"""The JS-IUPO reachability analysis (closed forms and a brute-force check), loss gradients,
+relative errors."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def test_threshold_closed_forms(beta):
 
 
 def test_threshold_at_the_papers_betas():
-    # The numbers notebook 3 states: -4.99, -2.41, -0.54 nats; and c* = 0 exactly at beta = 1/(2 log 2).
+    # The numbers notebook 3 states: -4.99, -2.41, -0.54 nats; and c* = 0 exactly at
+    # beta = 1/(2 log 2).
     assert [round(paper_reachability_threshold(b, JS), 2) for b in (0.1, 0.2, 0.5)] == [
         -4.99,
         -2.41,
@@ -64,7 +66,8 @@ def test_threshold_at_the_papers_betas():
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("div", BOUNDED, ids=lambda d: repr(d))
 def test_threshold_agrees_with_brute_force(div, beta):
-    """Scan c, and for each c find sup_a Uh by evaluating the paper-form Uh itself at a huge policy log-ratio."""
+    """Scan c, and for each c find sup_a Uh by evaluating the paper-form Uh itself at a huge
+    policy log-ratio."""
     T = 1 / (2 * beta)
     c_star = paper_reachability_threshold(beta, div)
     c = torch.arange(-60.0, 60.0, GRID, dtype=torch.float64)
@@ -128,7 +131,10 @@ def test_unreachable_push_decays_like_the_probability_ratio(c):
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
-    """log(1 + e^x), exact for these |x| <= 30. (torch's F.softplus returns x itself beyond x = 20.)"""
+    """log(1 + e^x), exact for these |x| <= 30.
+
+    (torch's F.softplus returns x itself beyond x = 20.)
+    """
     return torch.log1p(torch.exp(x))
 
 
@@ -139,7 +145,7 @@ def test_paper_uh_supremum_is_softplus_for_js():
     torch.testing.assert_close(paper_uh_supremum(c, JS), softplus(-c), rtol=4 * eps, atol=4 * eps)
 
 
-# --- loss_and_gradients, relative_error ------------------------------------------------------------
+# --- loss_and_gradients, relative_error ----------------------------------------------------------
 def test_loss_and_gradients_hand_values_for_dpo_and_ipo():
     pc, pr, rc, rr = (
         t64(-1.0, -3.0),

@@ -1,4 +1,5 @@
-"""Each divergence: f(1) = 0, convexity, f' = d f/du, (f')^{-1}, the stable log-space f', limits, errors."""
+"""Each divergence: f(1) = 0, convexity, f' = d f/du, (f')^{-1}, the stable log-space f',
+limits, errors."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from strategies import ADMISSIBLE_NAMES, F32_RTOL, F64_RTOL, divergence_of, dive
 from upo_ref.divergences import DIVERGENCE_NAMES, AlphaDivergence, get_divergence
 
 EPS64 = torch.finfo(torch.float64).eps
-# Evaluating a formula that subtracts terms of size O(1) leaves an absolute error of a few ulps of 1.
+# Evaluating a formula that subtracts terms of size O(1) leaves an absolute error of a few ulps
+# of 1.
 ROUNDING_ATOL = 16 * EPS64
 
 ratios = st.floats(min_value=1e-4, max_value=1e4)
@@ -174,7 +176,7 @@ def _check_stability(name: str, alpha: float, xs: list[float], dtype: torch.dtyp
     (grad,) = torch.autograd.grad(value.sum(), x)
     assert not torch.isnan(value).any(), f"{name}: NaN value"
     assert not torch.isnan(grad).any(), f"{name}: NaN gradient"
-    for xi, vi, gi in zip(x.detach().tolist(), value.detach().tolist(), grad.tolist()):
+    for xi, vi, gi in zip(x.detach().tolist(), value.detach().tolist(), grad.tolist(), strict=True):
         ref, dref = reference_f_prime_of_log(name, xi, alpha)
         _check_gradient(name, xi, gi, dref, finfo, dtype)
         representable = abs(ref) <= Decimal(finfo.max)
@@ -188,7 +190,8 @@ def _check_stability(name: str, alpha: float, xs: list[float], dtype: torch.dtyp
         )
         err = abs(Decimal(vi) - ref)
         assert err <= Decimal(STABILITY[dtype]) * abs(ref) + Decimal(finfo.tiny), (
-            f"{name}({xi!r}) [{dtype}] = {vi!r}, reference {ref:.17e}, relative error {err / max(abs(ref), Decimal(finfo.tiny)):.2e}"
+            f"{name}({xi!r}) [{dtype}] = {vi!r}, reference {ref:.17e}, "
+            f"relative error {err / max(abs(ref), Decimal(finfo.tiny)):.2e}"
         )
 
 
@@ -234,7 +237,8 @@ def test_f_prime_of_log_is_stable_on_random_log_ratios(dtype, name, alpha, xs):
 def test_alpha_divergence_tends_to_reverse_kl_as_alpha_goes_to_zero(u, alpha):
     a, rkl = AlphaDivergence(alpha), get_divergence("reverse_kl")
     L = math.log(u)
-    # Taylor: |(1 - e^{-z})/alpha - L| = |1 - z - e^{-z}| / alpha <= z^2 e^{|z|} / (2 alpha), z = alpha L.
+    # Taylor: |(1 - e^{-z})/alpha - L| = |1 - z - e^{-z}| / alpha <= z^2 e^{|z|} / (2 alpha),
+    # z = alpha L.
     bound = alpha * L * L * math.exp(alpha * abs(L)) / 2 + ROUNDING_ATOL * (1 + abs(L))
     assert (
         abs(a.f_prime(t64(u)).item() - (rkl.f_prime(t64(u)).item() - 1)) <= bound + F64_RTOL / alpha
@@ -257,7 +261,7 @@ def test_alpha_divergence_tends_to_forward_kl_plus_one_as_alpha_goes_to_one(u, d
     )
 
 
-# --- admissibility, ranges and errors ---------------------------------------------------------------
+# --- admissibility, ranges and errors ------------------------------------------------------------
 def test_admissibility_is_zero_not_in_dom_f_prime():
     for name in DIVERGENCE_NAMES:
         div = divergence_of(name)
@@ -365,7 +369,8 @@ def test_custom_gradients_compose_with_torch_func(name):
 
 
 def test_alpha_accepts_what_beta_accepts():
-    """alpha, like beta, may be a NumPy scalar or a one-element tensor; a bool or a vector may not."""
+    """alpha, like beta, may be a NumPy scalar or a one-element tensor; a bool or a vector may
+    not."""
     import numpy as np
 
     for alpha in (0.5, np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):

@@ -1,4 +1,5 @@
-"""The losses: hand-computed values, f-DPO -> DPO, Prop. 4.1 (IUPO -> IPO), gradient signs, errors."""
+"""The losses: hand-computed values, f-DPO -> DPO, Prop. 4.1 (IUPO -> IPO), gradient signs,
+errors."""
 
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ def test_the_two_iupo_forms_differ_under_jensen_shannon_on_random_pairs():
     assert (diff > 1e-6).double().mean().item() > 0.99
 
 
-# --- gradient signs ---------------------------------------------------------------------------------
+# --- gradient signs ------------------------------------------------------------------------------
 def _grads(loss_fn, logps):
     leaves = [x.clone().requires_grad_(True) for x in logps]
     loss_fn(*leaves).sum().backward()
@@ -227,7 +228,7 @@ def test_ipo_gradient_is_the_regression_residual():
     assert g_c.item() == -8.0 and g_r.item() == 8.0
 
 
-# --- metrics -----------------------------------------------------------------------------------------
+# --- metrics -------------------------------------------------------------------------------------
 def test_preference_metrics_by_hand():
     pc, pr, rc, rr = t64(-1.0, -4.0), t64(-2.0, -1.0), t64(-1.5, -3.0), t64(-1.5, -3.0)
     m = preference_metrics(pc, pr, rc, rr, 0.5, JS)
@@ -256,7 +257,7 @@ def test_reverse_kl_scores_are_rewards_plus_beta_and_accuracy_is_margin_sign(log
     assert not m["rewards/chosen"].requires_grad
 
 
-# --- PreferenceLoss ----------------------------------------------------------------------------------
+# --- PreferenceLoss ------------------------------------------------------------------------------
 @given(logps=logp_batches(), beta=betas)
 def test_preference_loss_dispatches_to_the_functions(logps, beta):
     assert torch.equal(PreferenceLoss("dpo")(*logps, beta), dpo_loss(*logps, beta))
@@ -285,7 +286,7 @@ def test_preference_loss_labels_and_bad_combinations():
         PreferenceLoss("fdpo", "jensen_shannon", form="kkt")
 
 
-# --- bad input ---------------------------------------------------------------------------------------
+# --- bad input -----------------------------------------------------------------------------------
 ALL_LOSSES = [
     ("dpo", lambda *a, beta: dpo_loss(*a, beta)),
     ("ipo", lambda *a, beta: ipo_loss(*a, beta)),
@@ -324,7 +325,8 @@ def test_shape_and_type_errors(name, fn):
     pc, pr, rc, rr = GOOD
     with pytest.raises(
         ValueError,
-        match="reference_rejected_logps has shape \\(3,\\) but policy_chosen_logps has shape \\(2,\\)",
+        match="reference_rejected_logps has shape \\(3,\\) "
+        "but policy_chosen_logps has shape \\(2,\\)",
     ):
         fn(pc, pr, rc, t64(-1.0, -1.0, -1.0), beta=0.1)
     with pytest.raises(ValueError, match="policy_rejected_logps must be 1-D of shape \\(B,\\)"):
@@ -381,7 +383,8 @@ def test_paper_form_overflow_is_an_error_not_a_nan(name):
 
 
 def test_preference_metrics_count_a_tie_as_half():
-    # Pair 0: chosen ahead; pair 1: a tie (equal implicit rewards, unequal log-probs); pair 2: behind.
+    # Pair 0: chosen ahead; pair 1: a tie (equal implicit rewards, unequal log-probs);
+    # pair 2: behind.
     pc, pr = t64(-1.0, -3.0, -4.0), t64(-2.0, -5.0, -1.0)
     rc, rr = t64(-1.5, -2.0, -3.0), t64(-1.5, -4.0, -3.0)
     m = preference_metrics(pc, pr, rc, rr, 0.5)

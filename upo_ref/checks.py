@@ -49,16 +49,19 @@ def check_finite(x: Tensor, name: str) -> None:
         bad = (~finite).nonzero()
         first = tuple(bad[0].tolist())
         raise ValueError(
-            f"{name} has {bad.shape[0]} non-finite value(s), the first {x[first].item()!r} at index "
-            f"{first if len(first) > 1 else first[0]}; log-probs must be finite: look for a -inf from a "
-            f"token of probability 0 or a NaN/inf from an overflow upstream (nothing is clipped here)"
+            f"{name} has {bad.shape[0]} non-finite value(s), the first {x[first].item()!r} at "
+            f"index "
+            f"{first if len(first) > 1 else first[0]}; log-probs must be finite: look for a -inf "
+            f"from a "
+            f"token of probability 0 or a NaN/inf from an overflow upstream (nothing is clipped "
+            f"here)"
         )
 
 
 def check_logps(*logps: Tensor, names: tuple[str, ...] = LOGP_NAMES) -> None:
     """The log-prob arguments of a loss: floating tensors of one shape (B,), all finite."""
     first = logps[0]
-    for x, name in zip(logps, names):
+    for x, name in zip(logps, names, strict=False):  # names may list more than are given
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of shape (B,), got {type(x).__name__}")
         if not x.is_floating_point():
@@ -75,6 +78,7 @@ def check_logps(*logps: Tensor, names: tuple[str, ...] = LOGP_NAMES) -> None:
             )
         if x.dtype != first.dtype:
             raise ValueError(
-                f"{name} has dtype {x.dtype} but {names[0]} has {first.dtype}: cast them to one dtype"
+                f"{name} has dtype {x.dtype} but {names[0]} has {first.dtype}: cast them to one "
+                f"dtype"
             )
         check_finite(x, name)

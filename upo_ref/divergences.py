@@ -46,7 +46,8 @@ __all__ = [
 
 LOG_2 = math.log(2.0)
 
-# Jensen-Shannon's stable f' switches formula at log_u = _JS_SWITCH (see JensenShannon.f_prime_of_log).
+# Jensen-Shannon's stable f' switches formula at log_u = _JS_SWITCH (see
+# JensenShannon.f_prime_of_log).
 # Any value in about [-3, -0.5] works: the expm1 form is exact near 0 and the logsigmoid form has no
 # cancellation below it; -1 keeps both branches well inside their accurate regions.
 _JS_SWITCH = -1.0
@@ -65,7 +66,8 @@ class Divergence:
 
     Attributes:
         name: registry name, e.g. ``"jensen_shannon"``.
-        f_prime_range: (inf f', sup f') over u in (0, inf); (f')^{-1} is defined on this open interval.
+        f_prime_range: (inf f', sup f') over u in (0, inf); (f')^{-1} is defined on this open
+        interval.
         f_prime_at_zero: lim_{u->0+} f'(u); ``-inf`` exactly when 0 is not in dom f'.
     """
 
@@ -102,7 +104,8 @@ class Divergence:
         raise NotImplementedError
 
     def _f_prime_of_log_vjp(self, x: Tensor, grad: Tensor) -> Tensor:
-        """grad * d/dx f'(e^x), accurate to a few ulps wherever the true product is a normal number."""
+        """grad * d/dx f'(e^x), accurate to a few ulps wherever the true product is a normal
+        number."""
         raise NotImplementedError
 
     def f_prime_inverse(self, t: Tensor) -> Tensor:
@@ -158,7 +161,8 @@ class Divergence:
 
 
 class _FPrimeOfLog(torch.autograd.Function):
-    """f'(exp(x)) of a divergence with its hand-written derivative; see Divergence.f_prime_of_log."""
+    """f'(exp(x)) of a divergence with its hand-written derivative; see
+    Divergence.f_prime_of_log."""
 
     generate_vmap_rule = True  # forward and backward are plain torch ops, so torch.func.vmap works
 
@@ -322,7 +326,8 @@ class AlphaDivergence(Divergence):
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
             raise ValueError(
                 f"alpha must be a number strictly between 0 and 1 for the alpha-divergence, got "
-                f"{alpha!r}; alpha -> 0 approaches reverse KL (use 'reverse_kl'), alpha -> 1 forward "
+                f"{alpha!r}; alpha -> 0 approaches reverse KL (use 'reverse_kl'), alpha -> 1 "
+                f"forward "
                 f"KL (use 'forward_kl')"
             )
         self.alpha = float(alpha)
@@ -386,7 +391,8 @@ class ChiSquared(Divergence):
 
 
 class TotalVariation(Divergence):
-    r"""Total variation: f(u) = |u - 1| / 2, f'(u) = sign(u - 1) / 2. NOT admissible, not invertible.
+    r"""Total variation: f(u) = |u - 1| / 2, f'(u) = sign(u - 1) / 2. NOT admissible, not
+    invertible.
 
     f is not differentiable at u = 1 (f' here is the subgradient 0 there) and f' is a step
     function taking the values -1/2, 0, +1/2, so (f')^{-1} does not exist and Theorem 3.1's
@@ -414,7 +420,8 @@ class TotalVariation(Divergence):
     def f_prime_inverse(self, t):
         raise ValueError(
             "total_variation: f'(u) = sign(u - 1) / 2 is a step function, so (f')^{-1} does not "
-            "exist and Theorem 3.1's closed form pi* = pi_ref (f')^{-1}((r - lambda) / beta) cannot be "
+            "exist and Theorem 3.1's closed form pi* = pi_ref (f')^{-1}((r - lambda) / beta) "
+            "cannot be "
             "used; pick an admissible divergence (reverse_kl, forward_kl, jensen_shannon, alpha)"
         )
 

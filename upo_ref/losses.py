@@ -9,7 +9,8 @@ Every loss takes the same four tensors, each of shape (B,), one entry per prefer
 * ``reference_rejected_logps`` log pi_ref(y_l | x)
 
 and returns the per-example loss, shape (B,); average it yourself. Summed log-probs are the
-default everywhere in upo_ref, as in the DPO reference code; ``upo_ref.lm.logprobs`` can average over
+default everywhere in upo_ref, as in the DPO reference code; ``upo_ref.lm.logprobs`` can average
+over
 response tokens instead (``average=True``), which changes what beta means and is therefore an
 explicit option, never a silent default. Nothing here needs log-probs to be <= 0: only differences
 enter.
@@ -68,7 +69,8 @@ __all__ = [
 
 IUPO_FORMS = ("paper", "kkt")
 
-# torch's softplus returns x itself above its default threshold of 20, an error of log1p(e^-20) ~ 2e-9.
+# torch's softplus returns x itself above its default threshold of 20, an error of log1p(e^-20) ~
+# 2e-9.
 # Above 40, log1p(e^-x) < 5e-18 is below float64 rounding of x, so returning x is exact there.
 SOFTPLUS_THRESHOLD = 40.0
 
@@ -84,7 +86,8 @@ def h_pi(
     reference_chosen_logps: Tensor,
     reference_rejected_logps: Tensor,
 ) -> Tensor:
-    r"""IPO's h_pi(x, y_w, y_l), eq. (9): log(pi(y_w)/pi(y_l)) - log(pi_ref(y_w)/pi_ref(y_l)). (B,)"""
+    r"""IPO's h_pi(x, y_w, y_l), eq. (9): log(pi(y_w)/pi(y_l)) - log(pi_ref(y_w)/pi_ref(y_l)).
+    (B,)"""
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = reference_chosen_logps - reference_rejected_logps
     return pi_logratios - ref_logratios
@@ -102,21 +105,25 @@ def uh_pi(
 
     ``form="paper"``, eq. (23) as printed: f' of the chosen/rejected ratio *within* each model,
 
-    .. math:: Uh = f'\!\left(\frac{\pi(y_w)}{\pi(y_l)}\right) - f'\!\left(\frac{\pi_{ref}(y_w)}{\pi_{ref}(y_l)}\right).
+    .. math:: Uh = f'\!\left(\frac{\pi(y_w)}{\pi(y_l)}\right) -
+       f'\!\left(\frac{\pi_{ref}(y_w)}{\pi_{ref}(y_l)}\right).
 
     ``form="kkt"``, the form eq. (17) implies: f' of each response's policy/reference ratio,
 
-    .. math:: Uh^{kkt} = f'\!\left(\frac{\pi(y_w)}{\pi_{ref}(y_w)}\right) - f'\!\left(\frac{\pi(y_l)}{\pi_{ref}(y_l)}\right).
+    .. math:: Uh^{kkt} = f'\!\left(\frac{\pi(y_w)}{\pi_{ref}(y_w)}\right) -
+       f'\!\left(\frac{\pi(y_l)}{\pi_{ref}(y_l)}\right).
 
     Why they differ: eq. (23) is obtained "by induction" from IPO's h, which can be grouped either
     way only because log turns a ratio of ratios into a difference of logs:
     log(a/b) - log(c/d) = log(a/c) - log(b/d). For any other f' that regrouping is false, and only
     the kkt form is what the KKT condition (17) says the optimum satisfies. Under reverse KL
-    (f' = log + 1) both forms equal h (Prop. 4.1); under Jensen-Shannon they differ (tests pin both).
+    (f' = log + 1) both forms equal h (Prop. 4.1); under Jensen-Shannon they differ (tests pin
+    both).
     """
     if form not in IUPO_FORMS:
         raise ValueError(
-            f"form must be one of {IUPO_FORMS} (eq. 23 as printed, or the eq. 17 form), got {form!r}"
+            f"form must be one of {IUPO_FORMS} (eq. 23 as printed, or the eq. 17 form), got "
+            f"{form!r}"
         )
     f_prime_of_log = as_divergence(divergence).f_prime_of_log
     if form == "paper":
@@ -142,12 +149,16 @@ def _check_representable(loss: Tensor, divergence: Divergence | str, what: str) 
             )
         else:
             cause = (
-                f"{name}'s f' grows exponentially in the log-ratio, so f' (or the loss built from it) exceeds "
-                f"the dtype; use float64, the 'kkt' form (whose log-ratios are policy vs reference, not "
-                f"chosen vs rejected), or a divergence whose f' grows linearly (reverse_kl, jensen_shannon)"
+                f"{name}'s f' grows exponentially in the log-ratio, so f' (or the loss built from "
+                f"it) exceeds "
+                f"the dtype; use float64, the 'kkt' form (whose log-ratios are policy vs "
+                f"reference, not "
+                f"chosen vs rejected), or a divergence whose f' grows linearly (reverse_kl, "
+                f"jensen_shannon)"
             )
         raise ValueError(
-            f"{what}: the loss is not representable in {loss.dtype} for {int((~finite).sum())} pair(s), "
+            f"{what}: the loss is not representable in {loss.dtype} for {int((~finite).sum())} "
+            f"pair(s), "
             f"the first at index {i}. {cause}"
         )
     return loss
@@ -160,7 +171,8 @@ def dpo_loss(
     reference_rejected_logps: Tensor,
     beta: float,
 ) -> Tensor:
-    r"""DPO, eq. (4): -log sigma(beta log(pi(y_w)/pi_ref(y_w)) - beta log(pi(y_l)/pi_ref(y_l))). (B,)
+    r"""DPO, eq. (4): -log sigma(beta log(pi(y_w)/pi_ref(y_w)) - beta log(pi(y_l)/pi_ref(y_l))).
+    (B,)
 
     Written as softplus(-beta h) = -log sigma(beta h), which is finite for every finite beta h
     (:func:`softplus`, exact to rounding also above torch's default threshold); where beta h itself
@@ -211,7 +223,8 @@ def fdpo_loss(
 ) -> Tensor:
     r"""f-DPO, eq. (5) (and eq. 21, Prop. 3.2): (B,)
 
-    .. math:: -\log\sigma\!\left(\beta f'\!\left(\frac{\pi(y_w)}{\pi_{ref}(y_w)}\right) - \beta f'\!\left(\frac{\pi(y_l)}{\pi_{ref}(y_l)}\right)\right)
+    .. math:: -\log\sigma\!\left(\beta f'\!\left(\frac{\pi(y_w)}{\pi_{ref}(y_w)}\right) - \beta
+       f'\!\left(\frac{\pi(y_l)}{\pi_{ref}(y_l)}\right)\right)
 
     With reverse KL, f' = log + 1 and the +1 cancels: f-DPO is DPO (section 2.4). Shift
     invariance: (a) of the module docstring only (a constant added to one response's policy and
@@ -247,7 +260,8 @@ def iupo_loss(
     Under reverse KL both forms reduce to IPO (Prop. 4.1). With Jensen-Shannon (eq. 26) f' < log 2,
     so in the paper form Uh < log 2 - f'(pi_ref(y_w)/pi_ref(y_l)) and the target 1/(2 beta) can be
     reached only by pairs whose reference log-ratio log(pi_ref(y_w)/pi_ref(y_l)) is below
-    log(e^{log 2 - 1/(2 beta)} / (2 - e^{log 2 - 1/(2 beta)})), about -5.0 nats at beta = 0.1. On all
+    log(e^{log 2 - 1/(2 beta)} / (2 - e^{log 2 - 1/(2 beta)})), about -5.0 nats at beta = 0.1. On
+    all
     other pairs the loss keeps pushing pi(y_w)/pi(y_l) up without bound, with a gradient that decays
     like (pi(y_l)/pi(y_w)): the regularisation IPO gets from its finite target is lost. In the kkt
     form the target is always reachable (pushing pi(y_l) down makes f'(u_l) -> -inf).
@@ -294,7 +308,8 @@ def preference_metrics(
     (pi = pi_ref: every margin is 0) scores exactly 0.5, chance, and the mean is an unbiased
     estimate of P(margin > 0) + P(margin = 0) / 2.
 
-    ``scores/*`` are the loss's own reward model, beta f'(pi(y)/pi_ref(y)) (eq. 18-19), for the given
+    ``scores/*`` are the loss's own reward model, beta f'(pi(y)/pi_ref(y)) (eq. 18-19), for the
+    given
     divergence (reverse KL when None, where scores = rewards + beta): ``scores/chosen``,
     ``scores/rejected``, ``scores/margins``. Since f' is increasing, scores and rewards rank the
     two responses alike whenever f' is strictly increasing.
@@ -326,9 +341,11 @@ LOSS_NAMES = ("dpo", "ipo", "fdpo", "iupo")
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """A loss chosen by name, as a value: ``PreferenceLoss("iupo", "jensen_shannon")(pc, pr, rc, rr, beta)``.
+    """A loss chosen by name, as a value: ``PreferenceLoss("iupo", "jensen_shannon")(pc, pr, rc,
+    rr, beta)``.
 
-    ``name`` is one of ``LOSS_NAMES``; ``divergence`` is required by ``fdpo`` and ``iupo`` and refused
+    ``name`` is one of ``LOSS_NAMES``; ``divergence`` is required by ``fdpo`` and ``iupo`` and
+    refused
     by ``dpo`` and ``ipo`` (which are reverse KL by definition); ``form`` is IUPO's (``"paper"`` or
     ``"kkt"``). Used by the trainer and the bandit experiments so that a run is described by data.
     """
@@ -348,7 +365,8 @@ class PreferenceLoss:
         if self.name in ("fdpo", "iupo"):
             if self.divergence is None:
                 raise ValueError(
-                    f"{self.name} needs a divergence, e.g. PreferenceLoss({self.name!r}, 'jensen_shannon')"
+                    f"{self.name} needs a divergence, e.g. PreferenceLoss({self.name!r}, "
+                    f"'jensen_shannon')"
                 )
             object.__setattr__(self, "divergence", as_divergence(self.divergence))
         if self.form not in IUPO_FORMS:

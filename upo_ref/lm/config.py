@@ -263,7 +263,7 @@ class ExperimentConfig:
 
 
 def _quick() -> ExperimentConfig:
-    # Sized for the 20-minute budget on 2 CPU cores. A model this small, trained from scratch,
+    # Runs in about 8 minutes on 2 CPU cores. A model this small, trained from scratch,
     # spends most of its time in the output softmax: with GPT-2's 50,257 ids it is ~5x the 4-layer
     # body. The compact vocabulary (``data.CompactVocab``: the 4,094 most frequent training tokens,
     # EOS, UNK) removes that cost, and the time saved goes into data: SFT on 16,384 targets and one

@@ -87,7 +87,8 @@ def upo_ref_dependencies(sources: list[str]) -> list[Path]:
 
 
 def source_hash(nb) -> str:
-    """SHA-256 (hex) of the notebook's code cells and the upo_ref modules they import (module doc)."""
+    """SHA-256 (hex) of the notebook's code cells and the upo_ref modules they import (module
+    doc)."""
     sources = code_sources(nb)
     digest = hashlib.sha256()
     for source in sources:

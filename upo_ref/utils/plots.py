@@ -19,7 +19,8 @@ FIGURE_DPI = 110
 
 
 def save_figure(fig: plt.Figure, name: str) -> Path:
-    """Save ``fig`` as ``figures_dir() / name`` (e.g. ``"01_f_prime.png"``) at 110 dpi; return the path."""
+    """Save ``fig`` as ``figures_dir() / name`` (e.g. ``"01_f_prime.png"``) at 110 dpi; return the
+    path."""
     path = figures_dir() / name
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
@@ -29,9 +30,11 @@ def save_figure(fig: plt.Figure, name: str) -> Path:
 def plot_mean_band(
     ax: plt.Axes, steps: Tensor, x: Tensor, label: str, color=None, level: float = 0.95, **kwargs
 ):
-    """Plot the mean over seeds of ``x`` (T, S) against ``steps`` (T,), with its ``level`` confidence band.
+    """Plot the mean over seeds of ``x`` (T, S) against ``steps`` (T,), with its ``level``
+    confidence band.
 
-    The band is the Student-t interval of :func:`upo_ref.utils.stats.mean_interval`. Returns the line.
+    The band is the Student-t interval of :func:`upo_ref.utils.stats.mean_interval`. Returns the
+    line.
     """
     mean, lo, hi = mean_interval(x, dim=1, level=level)
     (line,) = ax.plot(steps, mean, label=label, color=color, **kwargs)
