@@ -135,11 +135,13 @@ def figure1(
 def redraw(results_dir: str | Path, path: str | Path) -> Path:
     """Redraw the figure of a finished ``python -m upo_ref.reproduce`` run from its results folder
     (``summary.json``, ``metrics/<run>.jsonl``), with the title the command gives it."""
+    from ..lm.experiment import run_name  # the pipeline's folder names, imported only here
+
     results_dir = Path(results_dir)
     summary = json.loads((results_dir / "summary.json").read_text(encoding="utf-8"))
     runs = {}
     for r in summary["runs"]:
-        name = f"{r['label'].lower()}_beta{r['beta']:g}.jsonl"
+        name = f"{run_name(r['label'], r['beta'])}.jsonl"
         lines = (results_dir / "metrics" / name).read_text(encoding="utf-8").splitlines()
         runs[r["label"], r["beta"]] = [json.loads(line) for line in lines if line.strip()]
     n_evals = {r["n_eval_pairs"] for r in summary["runs"]}
