@@ -22,8 +22,10 @@ from upo_ref import reproduce
 from upo_ref.lm.config import PhaseConfig, get_preset
 from upo_ref.lm.experiment import prepare_data
 from upo_ref.lm.models import build_model
+from upo_ref.lm.runfiles import LOCK
 from upo_ref.lm.train import (
     CHECKPOINT,
+    FINAL_EVAL,
     METRICS,
     PreferencePhase,
     read_metrics,
@@ -184,7 +186,10 @@ def test_two_processes_make_the_run_of_one(tmp_path):
     assert [r["examples_seen"] for r in straight if r["split"] == "eval"] == [0, 32, 64, 96]
     ckpt = torch.load(tmp_path / "two" / "resumed" / CHECKPOINT, weights_only=False)
     assert ckpt["examples_seen"] == PHASE.n_examples
-    assert sorted(p.name for p in (tmp_path / "two" / "resumed").iterdir()) == [CHECKPOINT, METRICS]
+    # the finished run's files, each written by the main process only (no per-process copies)
+    assert sorted(p.name for p in (tmp_path / "two" / "resumed").iterdir()) == sorted(
+        [CHECKPOINT, FINAL_EVAL, LOCK, METRICS]
+    )
 
 
 if __name__ == "__main__":

@@ -344,7 +344,8 @@ def test_runs_and_betas_select_part_of_the_grid():
     assert runs("--runs", "js-iupo-kkt_beta0.1,ipo_beta0.5") == [
         ("JS-IUPO (kkt)", 0.1), ("IPO", 0.5)
     ]  # fmt: skip
-    with pytest.raises(SystemExit, match="no run"):
+    # config_from_args raises ValueError; the command turns it into a usage error (exit 2)
+    with pytest.raises(ValueError, match="no run"):
         runs("--runs", "ipo_beta0.3")
-    with pytest.raises(SystemExit, match="no run at these betas"):
+    with pytest.raises(ValueError, match="no run at these betas"):
         runs("--betas", "0.3")
