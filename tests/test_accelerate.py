@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from upo_ref import reproduce
-from upo_ref.lm.config import PhaseConfig, get_preset
+from upo_ref.lm.config import PhaseConfig
 from upo_ref.lm.experiment import prepare_data
 from upo_ref.lm.models import build_model
+from upo_ref.lm.presets import get_preset
 from upo_ref.lm.runfiles import LOCK
 from upo_ref.lm.train import (
     CHECKPOINT,

@@ -224,8 +224,8 @@ def test_reachable_fraction_rejects_bad_log_ratios():
 
 
 def test_reference_logratios_are_the_trainers_reference_log_probs(tmp_path):
-    from upo_ref.lm.config import get_preset, smoke
     from upo_ref.lm.experiment import load_experiment_data, prepare_reference
+    from upo_ref.lm.presets import get_preset, smoke
 
     cfg = smoke(get_preset("quick"))
     c = reference_logratios(cfg, tmp_path)
@@ -234,3 +234,19 @@ def test_reference_logratios_are_the_trainers_reference_log_probs(tmp_path):
     rc, rr = ref.reference["train"]
     assert torch.equal(c["summed"], rc - rr) and len(c["summed"]) == cfg.data.n_train_pairs
     assert c["averaged"].shape == c["summed"].shape and not torch.equal(c["averaged"], c["summed"])
+
+
+def test_reference_logratios_of_a_partially_fine_tuned_preset_use_the_cached_trunk(tmp_path):
+    from upo_ref.lm.experiment import load_experiment_data, prepare_reference
+    from upo_ref.lm.presets import get_preset, smoke
+
+    cfg = smoke(get_preset("smol"))  # a tiny random Llama, its top layer trained from the cache
+    c = reference_logratios(cfg, tmp_path)
+    _, data = load_experiment_data(cfg)
+    ref = prepare_reference(cfg, data, tmp_path, torch.device("cpu"), progress=False)
+    rc, rr = ref.reference["train"]
+    assert torch.equal(c["summed"], rc - rr)
+    # The per-token mean is the same sum divided by each response's token count.
+    n_w = torch.tensor([len(p.chosen) for p in ref.pairs["train"]], dtype=torch.float32)
+    n_l = torch.tensor([len(p.rejected) for p in ref.pairs["train"]], dtype=torch.float32)
+    torch.testing.assert_close(c["averaged"], rc / n_w - rr / n_l, rtol=1e-6, atol=1e-6)

@@ -30,10 +30,11 @@ from upo_ref.auxiliary.scoring import (
     shorter_response_agreement,
 )
 from upo_ref.auxiliary.values import fit_prompt_values, prompt_features
-from upo_ref.lm.config import TINY_GPT2, DataConfig, ModelConfig, PhaseConfig, get_preset
+from upo_ref.lm.config import TINY_GPT2, DataConfig, ModelConfig, PhaseConfig
 from upo_ref.lm.experiment import LogpSettings, prepare_data
 from upo_ref.lm.logprobs import IGNORE_INDEX
 from upo_ref.lm.models import build_model
+from upo_ref.lm.presets import get_preset
 from upo_ref.lm.tokenize import TokenizedPair
 from upo_ref.lm.train import PreferencePhase, read_metrics, reference_logps, train
 from upo_ref.losses import PreferenceLoss
@@ -364,8 +365,7 @@ def test_preference_agreement_and_text_reward_closed_forms():
     assert a["ties"] == 1 and a["n"] == 4
     assert a["p_se"] == pytest.approx(torch.tensor([1, 0.5, 0, 1.0]).std().item() / 2)
     # Pair 0: the chosen (R 1 > 0) is the shorter: 1. Pair 1: equal R, left out. Pair 2: the
-    # rejected has
-    # the higher R and is longer: 0. Pair 3: equal lengths: 1/2.
+    # rejected has the higher R and is longer: 0. Pair 3: equal lengths: 1/2.
     pairs = [
         TokenizedPair((1,), (2,), (3, 3)),
         TokenizedPair((1,), (2,), (3,)),

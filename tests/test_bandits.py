@@ -119,8 +119,7 @@ def test_closed_form_target_refuses_d3_and_logit_on_d1():
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 1.0, 3.0])
 def test_ipo_population_minimiser_is_azars_closed_form(beta):
-    # pi* proportional to pi_ref exp(P_hat(y > mu) / beta), with P_hat(y > mu) = (5/6, 1/2, 1/6) on
-    # D1
+    # pi* proportional to pi_ref exp(P_hat(y > mu) / beta); on D1, P_hat(y > mu) = (5/6, 1/2, 1/6)
     azar = torch.softmax(t64(5 / 6, 1 / 2, 1 / 6) / beta, 0)
     torch.testing.assert_close(
         closed_form_target(D1, UNIFORM, beta, "reverse_kl"), azar, rtol=1e-13, atol=0
@@ -256,8 +255,7 @@ def test_train_bandit_is_reproducible_and_seeds_differ():
 
 
 def test_train_bandit_weighted_data_and_sgd_follow_the_population_gradient():
-    # One pair, batch 1, plain gradient descent: theta moves by exactly -lr * grad of the pair's
-    # loss.
+    # One pair, batch 1, plain gradient descent: theta moves by exactly -lr * grad of its loss.
     pair = PreferenceData("one pair", ((0, 1),), n_actions=2, weights=(1.0,))
     config = BanditConfig(steps=1, seeds=2, batch_size=1, lr=0.1, optimizer="sgd", record_every=1)
     pi_ref = t64(0.25, 0.75)

@@ -3,11 +3,19 @@ FLOP count behind MFU matches torch's own count, and the loss bench covers every
 
 import copy
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from upo_ref.bench import loss_zoo, random_pair_batch, reference_logps_of, step_flops, step_fn
+from upo_ref.bench import (
+    loss_zoo,
+    random_pair_batch,
+    reference_logps_of,
+    step_flops,
+    step_fn,
+    time_losses,
+)
 from upo_ref.divergences import DIVERGENCE_NAMES
 from upo_ref.losses import LOSS_NAMES, PreferenceLoss
 
@@ -66,8 +74,7 @@ def test_step_flops_matches_torchs_flop_counter():
         fast()
     ours = step_flops(TINY["n_layer"], TINY["n_embd"], TINY["vocab_size"], B, T, T - P)
     # The head scores positions prompt-1 .. T-2 (each predicts the next token): T - P positions per
-    # row,
-    # exactly what step_flops counts; torch counts every matmul of forward and backward.
+    # row, exactly what step_flops counts; torch counts every matmul of forward and backward.
     assert counter.get_total_flops() == ours
 
 
@@ -80,3 +87,19 @@ def test_loss_bench_covers_every_loss_and_divergence():
     for div in DIVERGENCE_NAMES:
         assert {("fdpo", div, "paper"), ("iupo", div, "paper"), ("iupo", div, "kkt")} <= named
     assert zoo[0] == PreferenceLoss("dpo")  # the baseline the ratios are taken against
+
+
+def test_loss_bench_ratios_are_per_round_and_their_median():
+    rows = time_losses(pairs=64, repeats=2, rounds=3)
+    assert [r.label for r in rows] == [loss.label for loss in loss_zoo()]
+    for row in rows:
+        assert len(row.seconds) == len(row.ratios) == 3
+        for s, ratio, dpo in zip(row.seconds, row.ratios, rows[0].seconds, strict=True):
+            assert ratio == s / dpo  # each round's ratio is taken against that round's DPO time
+        assert row.ratio_to_dpo == sorted(row.ratios)[1]
+    assert rows[0].ratios == [1.0, 1.0, 1.0]
+
+
+def test_loss_bench_rejects_zero_rounds():
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        time_losses(pairs=8, repeats=1, rounds=0)

@@ -23,12 +23,11 @@ from upo_ref.lm.data import (
     download_hh,
     load_hh,
     load_hh_file,
-    load_shp,
-    load_trl,
     read_jsonl,
-    shp_files,
     split_prompt,
 )
+from upo_ref.lm.data_shp import load_shp, shp_files
+from upo_ref.lm.data_trl import load_trl
 from upo_ref.lm.logprobs import IGNORE_INDEX
 from upo_ref.lm.models import load_tokenizer
 from upo_ref.lm.split import sft_examples, split_by_prompt_hash
@@ -264,8 +263,7 @@ def test_download_hh_fetches_missing_files_only(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 # Pinned: the 7 rows of the local files whose rejected text does not start with the chosen's prompt,
-# and the sizes of the prompt-hash split at eval_fraction 0.1. A change to either is a change of
-# data.
+# and the sizes of the prompt-hash split at eval_fraction 0.1. A change to either changes the data.
 LOCAL_MISMATCHED = [
     ("harmless-base", 1255),
     ("harmless-base", 1689),
@@ -420,8 +418,7 @@ def test_truncation_prompt_keep_end_and_keep_start():
 
 
 def test_truncation_is_decided_by_the_longer_response():
-    # The chosen response alone would fit (10 + 2 <= 12), the rejected does not: both see the cut
-    # prompt.
+    # The chosen alone would fit (10 + 2 <= 12), the rejected does not: both see the cut prompt.
     prompt, (chosen, rejected) = truncate(P, [(1, 2), (3, 4, 5)], 12, 6, "keep_end")
     assert prompt == P[-6:] and chosen == (1, 2) and rejected == (3, 4, 5)
 

@@ -16,8 +16,7 @@ from strategies import ADMISSIBLE_NAMES, F32_RTOL, F64_RTOL, divergence_of, dive
 from upo_ref.divergences import DIVERGENCE_NAMES, AlphaDivergence, get_divergence
 
 EPS64 = torch.finfo(torch.float64).eps
-# Evaluating a formula that subtracts terms of size O(1) leaves an absolute error of a few ulps
-# of 1.
+# A formula that subtracts terms of size O(1) leaves an absolute error of a few ulps of 1.
 ROUNDING_ATOL = 16 * EPS64
 
 ratios = st.floats(min_value=1e-4, max_value=1e4)

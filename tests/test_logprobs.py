@@ -88,8 +88,7 @@ def test_prompt_and_padding_tokens_contribute_nothing(model):
             torch.testing.assert_close(
                 sequence_logps(model, ids, mask, labels)[0], ref, atol=LOGP_ATOL, rtol=0
             )
-    # Only the response's own labels count: labels (B, T) with the prompt unmasked give a different
-    # sum.
+    # Only the response's own labels count: labels (B, T) with the prompt unmasked give another sum.
     leaky = base["labels"].clone()
     leaky[0, 1:4] = base["input_ids"][0, 1:4]
     with torch.no_grad():

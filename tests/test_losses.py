@@ -26,9 +26,9 @@ from upo_ref.losses import (
     h_pi,
     ipo_loss,
     iupo_loss,
-    preference_metrics,
     uh_pi,
 )
+from upo_ref.metrics import preference_metrics
 
 EPS64 = torch.finfo(torch.float64).eps
 RKL, JS = get_divergence("reverse_kl"), get_divergence("jensen_shannon")

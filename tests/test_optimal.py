@@ -226,8 +226,7 @@ def test_eq_7_logit_of_bradley_terry_is_reward_plus_constant(r, seed):
     r = torch.from_numpy(r)
     g = torch.Generator().manual_seed(seed)
     mu = torch.softmax(torch.randn(len(r), generator=g, dtype=torch.float64), 0)
-    # logit(sigma(d)) recovers d only to ~eps e^{|d|}: 1 - sigma(d) ~ e^{-d} is stored relative to
-    # 1.
+    # logit(sigma(d)) recovers d only to ~eps e^{|d|}: 1 - sigma(d) ~ e^{-d} is stored next to 1.
     roundtrip = 4 * torch.finfo(torch.float64).eps * (1 + math.exp(r.max().item() - r.min().item()))
     torch.testing.assert_close(
         expected_psi(preference_matrix(r), mu, psi_logit),

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from upo_ref.lm.config import get_preset, smoke
 from upo_ref.lm.experiment_data import _first, _first_and_rest, prepare_data
 from upo_ref.lm.models import load_tokenizer
+from upo_ref.lm.presets import get_preset, smoke
 from upo_ref.lm.train import read_metrics
 from upo_ref.overlap import GROUPS, format_overlap, main, overlap_check
 from upo_ref.reproduce import main as reproduce_main

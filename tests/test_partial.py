@@ -16,12 +16,13 @@ import torch
 from upo_ref.evaluate import main as evaluate_main
 from upo_ref.evaluate import score_run
 from upo_ref.lm import trunk_cache
-from upo_ref.lm.config import TINY_LLAMA, ModelConfig, PhaseConfig, get_preset, smoke
+from upo_ref.lm.config import TINY_LLAMA, ModelConfig, PhaseConfig
 from upo_ref.lm.data import load_hh
 from upo_ref.lm.experiment_data import _first
 from upo_ref.lm.logprobs import concatenated_logps
 from upo_ref.lm.models import build_model
 from upo_ref.lm.partial import split_model, trainable_parameters
+from upo_ref.lm.presets import get_preset, smoke
 from upo_ref.lm.split import split_by_prompt_hash
 from upo_ref.lm.tokenize import TokenizedPair, collate_pairs
 from upo_ref.lm.train import CHECKPOINT, FINAL_EVAL, read_metrics, reference_logps, train
@@ -291,6 +292,11 @@ def test_evaluate_rescores_a_finished_run_and_refuses_what_it_cannot_reproduce(t
     assert got["pairs"] == cfg.data.n_eval_pairs
     assert got["accuracy"] == pytest.approx(final["rewards/accuracies"], abs=1e-12)
     assert got["margin"] == pytest.approx(final["rewards/margins"], abs=1e-6)
+    hh = ["--hh-dir", str(tmp_path / "hh"), "--subsets", "helpful-base"]
+    same = evaluate_main([str(run), *hh, "--precision", "float32", "--against", "float32"])
+    assert same["agreement"]["sign_agreement"] == 1.0 and same["agreement"]["difference_std"] == 0
+    with pytest.raises(ValueError, match="precision must be one of"):
+        score_run(run, tmp_path / "hh", ("helpful-base",), precision="float16")
     state = torch.load(run / CHECKPOINT, weights_only=False)
     for change, message in (
         (lambda s: s["identity"].update(weights="0" * 64), "other weights"),
@@ -349,3 +355,37 @@ def test_runs_and_betas_select_part_of_the_grid():
         runs("--runs", "ipo_beta0.3")
     with pytest.raises(ValueError, match="no run at these betas"):
         runs("--betas", "0.3")
+
+
+def test_the_trunk_runs_in_its_own_precision_and_the_top_in_the_phases(tmp_path, monkeypatch):
+    import dataclasses
+
+    from upo_ref.lm.experiment import load_experiment_data, prepare_reference
+
+    seen = []
+    real = trunk_cache.trunk_states
+
+    def spy(trunk, sequences, pad_id, batch_size, device, precision="auto", dtype=None):
+        seen.append(precision)
+        return real(trunk, sequences, pad_id, batch_size, device, precision, dtype)
+
+    monkeypatch.setattr(trunk_cache, "trunk_states", spy)
+    cfg = smoke(get_preset("smol"))
+    cfg = dataclasses.replace(cfg, precision="float32", trunk_precision="bfloat16")
+    _, data = load_experiment_data(cfg)
+    ref = prepare_reference(cfg, data, tmp_path, CPU, progress=False)
+    assert seen == ["bfloat16", "bfloat16"]  # the train and the eval split's trunk states
+    assert ref.logps.precision == "float32" and ref.identity["trunk_precision"] == "bfloat16"
+    with pytest.raises(ValueError, match="trunk_precision must be None"):
+        dataclasses.replace(cfg, trunk_precision="float16")
+
+
+def test_compare_margins_by_hand():
+    from upo_ref.evaluate import compare_margins
+
+    a, b = torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.tensor([2.0, 1.0, 0.0, -1.0])
+    out = compare_margins(a, b)
+    assert out["sign_agreement"] == 0.5  # pairs 0 and 2 (a zero margin matches a zero)
+    assert out["difference_std"] == pytest.approx(torch.tensor([-1.0, -2.0, 0.0, 3.0]).std().item())
+    with pytest.raises(ValueError, match="two \\(N,\\) margin tensors"):
+        compare_margins(a, b[:3])

@@ -13,10 +13,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from upo_ref.experiments.figure1 import trailing_mean
-from upo_ref.lm.config import HH_SUBSETS, TINY_GPT2, ModelConfig, get_preset, smoke
+from upo_ref.lm.config import HH_SUBSETS, TINY_GPT2, ModelConfig
 from upo_ref.lm.data import ASSISTANT_TAG, DataError
 from upo_ref.lm.experiment import RunResult, prepare_data
 from upo_ref.lm.models import build_model, load_tokenizer
+from upo_ref.lm.presets import get_preset, smoke
 from upo_ref.lm.runfiles import RunLockedError, run_lock
 from upo_ref.lm.train import read_metrics
 from upo_ref.reproduce import _parser, config_from_args, format_table, main
@@ -55,8 +56,8 @@ def check_outputs(out, name: str, eval_points: list[int]):
         records = read_metrics(out / "results" / "metrics" / f"{label.lower()}_beta{beta:g}.jsonl")
         evals = [r for r in records if r["split"] == "eval"]
         assert [r["examples_seen"] for r in evals] == eval_points
-        # Step 0: pi = pi_ref exactly, so h = Uh = 0 and both losses equal (0 - 1/(2 beta))^2 = 1/(4
-        # beta^2).
+        # Step 0: pi = pi_ref exactly, so h = Uh = 0 and both losses equal (0 - 1/(2 beta))^2,
+        # i.e. 1/(4 beta^2).
         assert evals[0]["rewards/margins"] == 0.0
         assert evals[0]["loss"] == pytest.approx(1 / (4 * beta**2), rel=1e-12)
         assert (

@@ -94,8 +94,8 @@ def test_flesch_worked_by_hand():
     assert text_stats(s) == TextStats(1, 6, 6)
     assert flesch_reading_ease(s) == pytest.approx(206.835 - 1.015 * 6 - 84.6 * 1, rel=F64_RTOL)
     assert flesch_kincaid_grade(s) == pytest.approx(0.39 * 6 + 11.8 * 1 - 15.59, rel=F64_RTOL)
-    # Readability(5) matters(2). Simple(2) words(1) help(1) readers(2).: 2 sentences, 6 words, 13
-    # syllables.
+    # Readability(5) matters(2). Simple(2) words(1) help(1) readers(2).
+    # 2 sentences, 6 words, 13 syllables.
     t = "Readability matters. Simple words help readers."
     assert text_stats(t) == TextStats(2, 6, 13)
     assert flesch_reading_ease(t) == pytest.approx(

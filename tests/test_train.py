@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from upo_ref.lm.config import DataConfig, ModelConfig, PhaseConfig, get_preset
+from upo_ref.lm.config import DataConfig, ModelConfig, PhaseConfig
 from upo_ref.lm.experiment import prepare_data
 from upo_ref.lm.models import build_model
+from upo_ref.lm.presets import get_preset
 from upo_ref.lm.train import (
     CHECKPOINT,
     NonFiniteLossError,
@@ -86,7 +87,7 @@ def test_synthetic_task_is_learnt(synthetic, tmp_path, name, divergence):
     )
     evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
     # Step 0: pi = pi_ref, evaluated in the same batches as pi_ref's log-probs, so every margin is
-    # exactly 0: every pair is a tie, and a tie counts half (losses.preference_metrics).
+    # exactly 0: every pair is a tie, and a tie counts half (metrics.preference_metrics).
     assert evals[0]["examples_seen"] == 0
     assert evals[0]["rewards/margins"] == 0.0 and evals[0]["rewards/accuracies"] == 0.5
     assert final["rewards/accuracies"] >= MIN_HELD_OUT_ACCURACY
@@ -487,3 +488,13 @@ def test_tiny_model_is_seeded_and_leaves_the_global_rng_alone():
         a.lm_head.weight, c.lm_head.weight
     )
     assert all(m.p == 0.0 for m in a.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_training_flushes_subnormals_on_the_cpu_and_restores_the_default():
+    from upo_ref.lm.train import subnormals_flushed
+
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32
+    assert (tiny * 1.0).item() != 0.0
+    with subnormals_flushed(torch.device("cpu")):
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0

@@ -20,7 +20,7 @@ from upo_ref.bench import loss_zoo
 from upo_ref.divergences import get_divergence
 from upo_ref.integrations.synthetic_text import synthetic_dataset, synthetic_tokenizer
 from upo_ref.integrations.trl import UPOTrainer, check_dataset
-from upo_ref.lm.config import get_preset
+from upo_ref.lm.presets import get_preset
 from upo_ref.lm.synthetic import SyntheticTask
 from upo_ref.lm.train import PreferencePhase, reference_logps
 from upo_ref.losses import PreferenceLoss

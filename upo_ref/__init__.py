@@ -1,7 +1,8 @@
 """upo_ref: a reference implementation of Unified Preference Optimization.
 
 Layers, each importing only from those before it: the mathematics at the top of the package
-(``divergences`` -> ``losses`` -> ``optimal``, with ``checks``); ``utils`` (standard errors,
+(``divergences`` -> ``losses`` and ``metrics`` -> ``optimal``, with ``checks`` and the
+``objective`` interface); ``utils`` (standard errors,
 paths, plot styling); ``lm`` (the language-model pipeline); ``auxiliary`` (auxiliary-objective
 UPO) and ``experiments``; the commands ``reproduce``, ``overlap`` and ``bench``. Importing
 ``upo_ref`` loads only the mathematics: no downloads, no global torch settings, no printing.
@@ -16,9 +17,9 @@ from .losses import (
     h_pi,
     ipo_loss,
     iupo_loss,
-    preference_metrics,
     uh_pi,
 )
+from .metrics import preference_metrics
 
 __version__ = "0.1.0"
 

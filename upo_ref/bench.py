@@ -3,8 +3,9 @@
 ``python -m upo_ref.bench losses``: forward+backward time of every loss and divergence. Each
 timing is the median of ``--repeats`` runs (after warm-up) of: four leaf tensors of ``--pairs``
 float32 log-probs -> per-example loss -> ``.mean().backward()``, on the CPU. The input checks every
-loss performs are included, as they are in training. The last column is the ratio to
-``dpo_loss``; the target is <= 3 for every loss.
+loss performs are included, as they are in training. The whole zoo is timed ``--rounds`` times;
+each round gives every loss a ratio to ``dpo_loss``'s time in that round, and the last column is
+the median of those ratios; the target is <= 3 for every loss.
 
 ``python -m upo_ref.bench trl``: one DPO training step of upo_ref's trainer, of TRL's
 ``DPOTrainer`` and of TRL with upo_ref's loss, same model, pairs and precision, in the same run
@@ -34,9 +35,15 @@ from .losses import PreferenceLoss
 
 @dataclass
 class LossTiming:
+    """One loss's median seconds in each round, its ratio to DPO's in each, and their median."""
+
     label: str
-    seconds: float
-    ratio_to_dpo: float
+    seconds: list[float]
+    ratios: list[float]
+
+    @property
+    def ratio_to_dpo(self) -> float:
+        return statistics.median(self.ratios)
 
 
 def loss_zoo() -> list[PreferenceLoss]:
@@ -52,48 +59,78 @@ def loss_zoo() -> list[PreferenceLoss]:
     return zoo
 
 
-def time_losses(
-    pairs: int = 65536, repeats: int = 50, beta: float = 0.1, seed: int = 0
-) -> list[LossTiming]:
-    """Median forward+backward seconds per loss on float32 log-probs of ``pairs`` pairs."""
+def bench_inputs(pairs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy, reference) log-probs, each (2, pairs) float32: row 0 chosen, row 1 rejected.
+
+    Summed log-probs: reference chosen in [-300, 0], rejected within +-20 nats of it (so that the
+    paper-form IUPO of forward KL / alpha, f'(e^{pc - pr}) ~ e^{|pc - pr|}, stays inside float32),
+    policy within +-5 nats of the reference.
+    """
     g = torch.Generator().manual_seed(seed)
-    # Summed log-probs: reference chosen in [-300, 0], rejected within +-20 nats of it (so that the
-    # paper-form IUPO of forward KL / alpha, f'(e^{pc - pr}) ~ e^{|pc - pr|}, stays inside float32),
-    # policy within +-5 nats of the reference.
     ref_chosen = -300 * torch.rand(pairs, generator=g)
     ref = torch.stack([ref_chosen, ref_chosen + 40 * torch.rand(pairs, generator=g) - 20])
     pol = ref + 10 * torch.rand(2, pairs, generator=g) - 5
-    timings = []
-    for loss in loss_zoo():
-        runs = []
-        for i in range(repeats + 5):
-            leaves = [x.clone().requires_grad_(True) for x in (pol[0], pol[1], ref[0], ref[1])]
-            start = time.perf_counter()
-            loss(*leaves, beta).mean().backward()
-            if i >= 5:  # warm-up
-                runs.append(time.perf_counter() - start)
-        timings.append((loss.label, statistics.median(runs)))
-    dpo = timings[0][1]
-    return [LossTiming(label, s, s / dpo) for label, s in timings]
+    return pol, ref
+
+
+def _median_seconds(loss: PreferenceLoss, pol, ref, beta: float, repeats: int) -> float:
+    runs = []
+    for i in range(repeats + 5):
+        leaves = [x.clone().requires_grad_(True) for x in (pol[0], pol[1], ref[0], ref[1])]
+        start = time.perf_counter()
+        loss(*leaves, beta).mean().backward()
+        if i >= 5:  # warm-up
+            runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def time_losses(
+    pairs: int = 65536, repeats: int = 50, rounds: int = 3, beta: float = 0.1, seed: int = 0
+) -> list[LossTiming]:
+    """Every loss of :func:`loss_zoo` timed in ``rounds`` rounds; in each round, each loss's median
+    forward+backward seconds over ``repeats`` runs and its ratio to DPO's median of that round.
+
+    The ratio of a round compares timings taken a few seconds apart, so a change of machine load
+    between rounds cancels out of it; :attr:`LossTiming.ratio_to_dpo` is the median over rounds.
+    """
+    if rounds < 1 or repeats < 1 or pairs < 1:
+        raise ValueError(
+            f"pairs, repeats and rounds must be >= 1, got {pairs}, {repeats}, {rounds}"
+        )
+    pol, ref = bench_inputs(pairs, seed)
+    zoo = loss_zoo()
+    seconds = [[] for _ in zoo]  # seconds[loss][round]
+    for _ in range(rounds):
+        for j, loss in enumerate(zoo):
+            seconds[j].append(_median_seconds(loss, pol, ref, beta, repeats))
+    dpo = seconds[0]
+    return [
+        LossTiming(loss.label, s, [x / d for x, d in zip(s, dpo, strict=True)])
+        for loss, s in zip(zoo, seconds, strict=True)
+    ]
 
 
 def _losses_main(args) -> None:
-    rows = time_losses(args.pairs, args.repeats)
+    rows = time_losses(args.pairs, args.repeats, args.rounds)
     print(
-        f"forward+backward, {args.pairs} pairs, float32, CPU, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats}"
+        f"forward+backward, {args.pairs} pairs, float32, CPU, {torch.get_num_threads()} threads; "
+        f"{args.rounds} rounds, each the median of {args.repeats} runs per loss"
     )
-    print(f"{'loss':<28}{'ms':>10}{'x DPO':>8}")
+    print(f"{'loss':<28}{'ms (median round)':>18}{'x DPO per round':>24}{'x DPO median':>14}")
     for row in rows:
-        print(f"{row.label:<28}{row.seconds * 1e3:>10.3f}{row.ratio_to_dpo:>8.2f}")
+        per_round = " ".join(f"{r:.2f}" for r in row.ratios)
+        ms = statistics.median(row.seconds) * 1e3
+        print(f"{row.label:<28}{ms:>18.3f}{per_round:>24}{row.ratio_to_dpo:>14.2f}")
     worst = max(rows, key=lambda r: r.ratio_to_dpo)
-    print(f"slowest relative to DPO: {worst.label} at {worst.ratio_to_dpo:.2f}x (target <= 3x)")
+    print(
+        f"slowest relative to DPO: {worst.label} at {worst.ratio_to_dpo:.2f}x, the median of "
+        f"{args.rounds} per-round ratios (target <= 3x)"
+    )
 
 
 # --- one preference-training step ---------------------------------------------------------------
 # Dense bf16 tensor-core peaks (TFLOP/s) by device name, from the vendors' data sheets; override
-# with
-# --peak-tflops. MFU is only as meaningful as this number.
+# with --peak-tflops. MFU is only as meaningful as this number.
 BF16_PEAK_TFLOPS = {
     "H100 80GB HBM3": 989.4,
     "H100 SXM": 989.4,
@@ -337,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("losses", help="forward+backward time of every loss and divergence")
     p.add_argument("--pairs", type=int, default=65536)
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=50, help="timed runs per loss per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the whole zoo (ratio median)")
     p.set_defaults(func=_losses_main)
     q = sub.add_parser("step", help="one preference-training step, upo_ref's way and the naive way")
     _add_step_args(q)

@@ -50,11 +50,9 @@ def check_finite(x: Tensor, name: str) -> None:
         first = tuple(bad[0].tolist())
         raise ValueError(
             f"{name} has {bad.shape[0]} non-finite value(s), the first {x[first].item()!r} at "
-            f"index "
-            f"{first if len(first) > 1 else first[0]}; log-probs must be finite: look for a -inf "
-            f"from a "
-            f"token of probability 0 or a NaN/inf from an overflow upstream (nothing is clipped "
-            f"here)"
+            f"index {first if len(first) > 1 else first[0]}; log-probs must be finite: look for a "
+            "-inf from a token of probability 0 or a NaN/inf from an overflow upstream (nothing "
+            "is clipped here)"
         )
 
 
@@ -68,8 +66,8 @@ def check_logps(*logps: Tensor, names: tuple[str, ...] = LOGP_NAMES) -> None:
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() != 1:
             raise ValueError(
-                f"{name} must be 1-D of shape (B,) (one summed log-prob per sequence), got shape "
-                f"{tuple(x.shape)}"
+                f"{name} must be 1-D of shape (B,) (one summed log-prob per sequence), got "
+                f"shape {tuple(x.shape)}"
             )
         if x.shape != first.shape:
             raise ValueError(
@@ -78,7 +76,7 @@ def check_logps(*logps: Tensor, names: tuple[str, ...] = LOGP_NAMES) -> None:
             )
         if x.dtype != first.dtype:
             raise ValueError(
-                f"{name} has dtype {x.dtype} but {names[0]} has {first.dtype}: cast them to one "
-                f"dtype"
+                f"{name} has dtype {x.dtype} but {names[0]} has {first.dtype}: cast them to "
+                "one dtype"
             )
         check_finite(x, name)

@@ -1,6 +1,7 @@
 r"""Score the final policy of a finished run on any HH-format preference files.
 
-``python -m upo_ref.evaluate RUN_DIR [--hh-dir DIR] [--subsets a,b] [--split test] [--part all]``
+``python -m upo_ref.evaluate RUN_DIR [--hh-dir DIR] [--subsets a,b] [--split test] [--part all]
+[--precision P] [--against P]``
 
 RUN_DIR is one preference run of the main job (e.g. ``runs/smol/ipo_beta0.1``). Its checkpoint
 stores what the run was made with (model, data and phase config, loss, beta, and for a partially
@@ -8,8 +9,11 @@ fine-tuned model the SHA-256 of the starting weights); from that the command reb
 policy pi_ref (the model as built, or the run's SFT model), tokenizes the pairs of
 ``<hh-dir>/<subset>/<split>.jsonl.gz`` with the run's truncation, and prints the number of pairs
 scored, the implicit-reward accuracy P(h > 0) with its binomial standard error, and the mean
-margin beta * h, where h is the log-ratio difference of eq. (10) (``losses.preference_metrics``,
+margin beta * h, where h is the log-ratio difference of eq. (10) (``metrics.preference_metrics``,
 what the trainer logs). ``--part eval``/``train`` keeps one side of the prompt-hash split.
+``--precision`` scores in another precision than the run's; ``--against P`` scores a second time in
+precision P and prints how the two agree pair by pair (the sign of each margin, the spread of their
+difference): how much a bf16 forward pass changes the verdict on each pair.
 
 It refuses a run it cannot reproduce: an unfinished run, a checkpoint without the identity, a
 model file whose weights differ from those the run started from, a compact-vocabulary model (its
@@ -25,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from .lm.command import command
 from .lm.config import HH_LOCAL_SUBSETS, DataConfig, ModelConfig, PhaseConfig
 from .lm.data import load_hh
 from .lm.experiment import TRUNCATION
 from .lm.logprobs import head_is_linear_readout
 from .lm.models import build_model, load_tokenizer
+from .lm.phases import PRECISIONS
 from .lm.split import split_by_prompt_hash
 from .lm.tokenize import tokenize_pairs
 from .lm.train import CHECKPOINT, PreferencePhase, evaluate, reference_logps
@@ -98,8 +104,8 @@ def _starting_policy(model, identity: dict, run_dir: Path, tokens, pad: int, bat
         pad,
         batch,
         device,
-        identity.get("precision", "auto"),
-        identity.get("cache_dtype", "float16"),
+        precision=identity.get("trunk_precision", identity.get("precision", "auto")),
+        cache_dtype=identity.get("cache_dtype", "float16"),
     )
     return top, cached["pairs"], CachedPreferencePhase
 
@@ -110,8 +116,11 @@ def score_run(
     subsets=HH_LOCAL_SUBSETS,
     split: str = "test",
     part: str = "all",
+    precision: str | None = None,
 ) -> dict:
-    """Pairs scored, accuracy, its SE and mean margin of the final policy of ``run_dir``."""
+    """Pairs scored, accuracy, its SE and mean margin of the final policy of ``run_dir``, and every
+    pair's margin (``"margins"``, (N,) float64). ``precision`` replaces the run's own for the
+    forward passes of pi and pi_ref (``phases.autocast``; the trunk cache keeps its own)."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     run_dir = Path(run_dir)
@@ -123,7 +132,9 @@ def score_run(
             f"{run_dir} used a compact vocabulary built from its training data: its policy cannot "
             f"score other files"
         )
-    precision = identity.get("precision", "auto")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    precision = precision or identity.get("precision", "auto")
     pref = _config(PhaseConfig, identity["cfg"])
     keep = data_cfg.keep_identical
     pairs, _ = load_hh(hh or hh_dir(), split, subsets, drop_mismatched=True, keep_identical=keep)
@@ -150,17 +161,20 @@ def score_run(
     )  # fmt: skip
     model.load_state_dict(state["model"])
     phase = phase_cls(_loss(identity["loss"]), identity["beta"], {"eval": ref}, **common)
-    metrics = evaluate(model, phase, tokens, pref.eval_batch_size, device)
+    metrics, every = evaluate(model, phase, tokens, pref.eval_batch_size, device, per_example=True)
     acc, n = metrics["rewards/accuracies"], len(tokens)
     return {
         "run": str(run_dir),
         "pairs": n,
+        "precision": precision,
         "accuracy": acc,
         "se": binomial_se(acc, n),
         "margin": metrics["rewards/margins"],
+        "margins": every["rewards/margins"],
     }
 
 
+@command
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         prog="python -m upo_ref.evaluate", description=__doc__.split("\n\n")[0]
@@ -174,17 +188,50 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--part", choices=PARTS, default="all", help="which side of the prompt-hash split"
     )
+    p.add_argument("--precision", choices=PRECISIONS, help="forward passes' (default: the run's)")
+    p.add_argument(
+        "--against",
+        choices=PRECISIONS,
+        help="score again in this precision and compare the two, pair by pair",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     subsets = tuple(s for s in args.subsets.split(",") if s)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = score_run(args.run_dir, args.hh_dir, subsets, args.split, args.part)
-    print(
-        f"{out['run']}: {out['pairs']} pairs scored, accuracy {out['accuracy']:.4f} +- "
-        f"{out['se']:.4f}, mean margin {out['margin']:.4f}"
-    )
+    out = score_run(args.run_dir, args.hh_dir, subsets, args.split, args.part, args.precision)
+    runs = [out]
+    if args.against:
+        runs.append(
+            score_run(args.run_dir, args.hh_dir, subsets, args.split, args.part, args.against)
+        )
+    for r in runs:
+        print(
+            f"{r['run']} ({r['precision']}): {r['pairs']} pairs scored, accuracy "
+            f"{r['accuracy']:.4f} +- {r['se']:.4f}, mean margin {r['margin']:.4f}"
+        )
+    if args.against:
+        out["agreement"] = compare_margins(runs[0]["margins"], runs[1]["margins"])
+        a = out["agreement"]
+        print(
+            f"{runs[0]['precision']} against {runs[1]['precision']}: the margin's sign agrees on "
+            f"{a['sign_agreement']:.4f} of the pairs; std of the margin difference "
+            f"{a['difference_std']:.4g}, of the margins {a['std_a']:.4g} and {a['std_b']:.4g}"
+        )
     return out
+
+
+def compare_margins(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How two scorings of the same pairs agree: the fraction of pairs whose margins have the same
+    sign (a zero margin is its own sign), the standard deviation of a - b, and of each."""
+    if a.shape != b.shape or a.dim() != 1 or not len(a):
+        raise ValueError(f"need two (N,) margin tensors of one shape, got {a.shape}, {b.shape}")
+    return {
+        "sign_agreement": (torch.sign(a) == torch.sign(b)).double().mean().item(),
+        "difference_std": (a - b).std().item() if len(a) > 1 else 0.0,
+        "std_a": a.std().item() if len(a) > 1 else 0.0,
+        "std_b": b.std().item() if len(b) > 1 else 0.0,
+    }
 
 
 if __name__ == "__main__":

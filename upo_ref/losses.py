@@ -10,10 +10,9 @@ Every loss takes the same four tensors, each of shape (B,), one entry per prefer
 
 and returns the per-example loss, shape (B,); average it yourself. Summed log-probs are the
 default everywhere in upo_ref, as in the DPO reference code; ``upo_ref.lm.logprobs`` can average
-over
-response tokens instead (``average=True``), which changes what beta means and is therefore an
-explicit option, never a silent default. Nothing here needs log-probs to be <= 0: only differences
-enter.
+over response tokens instead (``average=True``), which changes what beta means and is therefore
+an explicit option, never a silent default. Nothing here needs log-probs to be <= 0: only
+differences enter.
 
 The divergence enters only through f' of a density ratio, always evaluated from its logarithm by
 ``Divergence.f_prime_of_log``, so no ratio exp(log_u) is ever formed and no loss overflows.
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_beta, check_logps
-from .divergences import Divergence, ReverseKL, as_divergence
+from .divergences import Divergence, as_divergence
 
 __all__ = [
     "h_pi",
@@ -61,7 +60,6 @@ __all__ = [
     "fdpo_loss",
     "iupo_loss",
     "IUPO_FORMS",
-    "preference_metrics",
     "PreferenceLoss",
     "LOSS_NAMES",
     "softplus",
@@ -69,9 +67,8 @@ __all__ = [
 
 IUPO_FORMS = ("paper", "kkt")
 
-# torch's softplus returns x itself above its default threshold of 20, an error of log1p(e^-20) ~
-# 2e-9.
-# Above 40, log1p(e^-x) < 5e-18 is below float64 rounding of x, so returning x is exact there.
+# torch's softplus returns x itself above its default threshold of 20, an error of log1p(e^-20),
+# about 2e-9. Above 40, log1p(e^-x) < 5e-18 is below float64 rounding of x: returning x is exact.
 SOFTPLUS_THRESHOLD = 40.0
 
 
@@ -86,8 +83,8 @@ def h_pi(
     reference_chosen_logps: Tensor,
     reference_rejected_logps: Tensor,
 ) -> Tensor:
-    r"""IPO's h_pi(x, y_w, y_l), eq. (9): log(pi(y_w)/pi(y_l)) - log(pi_ref(y_w)/pi_ref(y_l)).
-    (B,)"""
+    r"""IPO's h_pi(x, y_w, y_l), eq. (9), shape (B,):
+    log(pi(y_w)/pi(y_l)) - log(pi_ref(y_w)/pi_ref(y_l))."""
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = reference_chosen_logps - reference_rejected_logps
     return pi_logratios - ref_logratios
@@ -122,8 +119,8 @@ def uh_pi(
     """
     if form not in IUPO_FORMS:
         raise ValueError(
-            f"form must be one of {IUPO_FORMS} (eq. 23 as printed, or the eq. 17 form), got "
-            f"{form!r}"
+            f"form must be one of {IUPO_FORMS} (eq. 23 as printed, or the eq. 17 form), "
+            f"got {form!r}"
         )
     f_prime_of_log = as_divergence(divergence).f_prime_of_log
     if form == "paper":
@@ -140,26 +137,23 @@ def _check_representable(loss: Tensor, divergence: Divergence | str, what: str) 
     finite = torch.isfinite(loss)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0, 0])
-        name = as_divergence(divergence).name
-        if name in ("reverse_kl", "jensen_shannon", "total_variation"):
+        div = as_divergence(divergence)
+        if not div.f_prime_grows_exponentially:
             cause = (
-                f"{name}'s f' grows at most linearly in the log-ratio, so only a diverged run "
-                f"(log-ratios near the dtype's limit, or a squared margin beyond float16's 65504) "
-                f"gets here; look at the log-probs of that pair, or compute the loss in float32"
+                f"{div.name}'s f' grows at most linearly in the log-ratio, so only a diverged run "
+                "(log-ratios near the dtype's limit, or a squared margin beyond float16's 65504) "
+                "gets here; look at the log-probs of that pair, or compute the loss in float32"
             )
         else:
             cause = (
-                f"{name}'s f' grows exponentially in the log-ratio, so f' (or the loss built from "
-                f"it) exceeds "
-                f"the dtype; use float64, the 'kkt' form (whose log-ratios are policy vs "
-                f"reference, not "
-                f"chosen vs rejected), or a divergence whose f' grows linearly (reverse_kl, "
-                f"jensen_shannon)"
+                f"{div.name}'s f' grows exponentially in the log-ratio, so f' (or the loss built "
+                "from it) exceeds the dtype; use float64, the 'kkt' form (whose log-ratios are "
+                "policy vs reference, not chosen vs rejected), or a divergence whose f' grows "
+                "linearly (reverse_kl, jensen_shannon)"
             )
         raise ValueError(
             f"{what}: the loss is not representable in {loss.dtype} for {int((~finite).sum())} "
-            f"pair(s), "
-            f"the first at index {i}. {cause}"
+            f"pair(s), the first at index {i}. {cause}"
         )
     return loss
 
@@ -171,8 +165,8 @@ def dpo_loss(
     reference_rejected_logps: Tensor,
     beta: float,
 ) -> Tensor:
-    r"""DPO, eq. (4): -log sigma(beta log(pi(y_w)/pi_ref(y_w)) - beta log(pi(y_l)/pi_ref(y_l))).
-    (B,)
+    r"""DPO, eq. (4), shape (B,):
+    -log sigma(beta log(pi(y_w)/pi_ref(y_w)) - beta log(pi(y_l)/pi_ref(y_l))).
 
     Written as softplus(-beta h) = -log sigma(beta h), which is finite for every finite beta h
     (:func:`softplus`, exact to rounding also above torch's default threshold); where beta h itself
@@ -261,10 +255,9 @@ def iupo_loss(
     so in the paper form Uh < log 2 - f'(pi_ref(y_w)/pi_ref(y_l)) and the target 1/(2 beta) can be
     reached only by pairs whose reference log-ratio log(pi_ref(y_w)/pi_ref(y_l)) is below
     log(e^{log 2 - 1/(2 beta)} / (2 - e^{log 2 - 1/(2 beta)})), about -5.0 nats at beta = 0.1. On
-    all
-    other pairs the loss keeps pushing pi(y_w)/pi(y_l) up without bound, with a gradient that decays
-    like (pi(y_l)/pi(y_w)): the regularisation IPO gets from its finite target is lost. In the kkt
-    form the target is always reachable (pushing pi(y_l) down makes f'(u_l) -> -inf).
+    all other pairs the loss keeps pushing pi(y_w)/pi(y_l) up without bound, with a gradient that
+    decays like (pi(y_l)/pi(y_w)): the regularisation IPO gets from its finite target is lost. In
+    the kkt form the target is always reachable (pushing pi(y_l) down makes f'(u_l) -> -inf).
     ``notebooks/03_loss_zoo.ipynb`` works this out and plots it.
 
     Overflow: the paper form takes f' of log(pi(y_w)/pi(y_l)), which for summed log-probs of long
@@ -289,53 +282,6 @@ def iupo_loss(
     return _check_representable((uh - 1 / (2 * beta)) ** 2, divergence, "iupo_loss")
 
 
-@torch.no_grad()
-def preference_metrics(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-    beta: float,
-    divergence: Divergence | str | None = None,
-) -> dict[str, Tensor]:
-    r"""Implicit rewards and the metrics people log, each a (B,) tensor (average them yourself).
-
-    ``rewards/*`` are DPO's implicit rewards beta log(pi(y)/pi_ref(y)), the same for every loss, so
-    curves of different losses are comparable (the paper's "evaluation margin reward"):
-    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (chosen - rejected),
-    ``rewards/accuracies`` (1.0 where chosen > rejected, 0.5 on a tie, 0.0 otherwise) and
-    ``rewards/ties`` (1.0 where chosen == rejected). A tie counts half, so an indifferent policy
-    (pi = pi_ref: every margin is 0) scores exactly 0.5, chance, and the mean is an unbiased
-    estimate of P(margin > 0) + P(margin = 0) / 2.
-
-    ``scores/*`` are the loss's own reward model, beta f'(pi(y)/pi_ref(y)) (eq. 18-19), for the
-    given
-    divergence (reverse KL when None, where scores = rewards + beta): ``scores/chosen``,
-    ``scores/rejected``, ``scores/margins``. Since f' is increasing, scores and rewards rank the
-    two responses alike whenever f' is strictly increasing.
-    """
-    check_logps(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
-    )
-    beta = check_beta(beta)
-    div = ReverseKL() if divergence is None else as_divergence(divergence)
-    log_u_w = policy_chosen_logps - reference_chosen_logps
-    log_u_l = policy_rejected_logps - reference_rejected_logps
-    chosen, rejected = beta * log_u_w, beta * log_u_l
-    score_w, score_l = beta * div.f_prime_of_log(log_u_w), beta * div.f_prime_of_log(log_u_l)
-    tie = (chosen == rejected).to(chosen.dtype)
-    return {
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
-        "rewards/accuracies": (chosen > rejected).to(chosen.dtype) + 0.5 * tie,
-        "rewards/ties": tie,
-        "scores/chosen": score_w,
-        "scores/rejected": score_l,
-        "scores/margins": score_w - score_l,
-    }
-
-
 LOSS_NAMES = ("dpo", "ipo", "fdpo", "iupo")
 
 
@@ -345,9 +291,9 @@ class PreferenceLoss:
     rr, beta)``.
 
     ``name`` is one of ``LOSS_NAMES``; ``divergence`` is required by ``fdpo`` and ``iupo`` and
-    refused
-    by ``dpo`` and ``ipo`` (which are reverse KL by definition); ``form`` is IUPO's (``"paper"`` or
-    ``"kkt"``). Used by the trainer and the bandit experiments so that a run is described by data.
+    refused by ``dpo`` and ``ipo`` (which are reverse KL by definition); ``form`` is IUPO's
+    (``"paper"`` or ``"kkt"``). Used by the trainer and the bandit experiments so that a run is
+    described by data.
     """
 
     name: str
@@ -403,15 +349,6 @@ class PreferenceLoss:
         base = {"dpo": "DPO", "ipo": "IPO", "fdpo": "f-DPO", "iupo": "IUPO"}[self.name]
         if self.divergence is None:
             return base
-        d = self.divergence
-        short = {
-            "reverse_kl": "RKL",
-            "forward_kl": "FKL",
-            "jensen_shannon": "JS",
-            "chi_squared": "chi2",
-            "total_variation": "TV",
-        }.get(d.name, d.name)
-        if d.name == "alpha":
-            short = f"alpha={d.alpha:g}"
+        short = self.divergence.short_label
         out = f"f-DPO ({short})" if self.name == "fdpo" else f"{short}-IUPO"
         return out + (" (kkt)" if self.form == "kkt" else "")

@@ -14,7 +14,7 @@ preferences.
 * ``unused``: training-split pairs it did *not* use (their chosen responses were SFT targets too),
 * ``eval``: the held-out pairs (no response of theirs was trained on),
 
-the implicit-reward accuracy and margin of each policy (``losses.preference_metrics``: what the
+the implicit-reward accuracy and margin of each policy (``metrics.preference_metrics``: what the
 trainer logs) and pi_ref's own ranking, P(log pi_ref(y_w|x) > log pi_ref(y_l|x)). If the policies
 rank ``unused`` pairs as well as ``trained`` ones and ``eval`` pairs at chance, what training
 picked up is the SFT overlap, not the preferences.
@@ -29,12 +29,15 @@ from pathlib import Path
 
 import torch
 
-from .lm.config import PRESETS, ExperimentConfig, get_preset, smoke
+from .lm.command import command
+from .lm.config import ExperimentConfig
 from .lm.experiment import load_experiment_data, run_name
 from .lm.logprobs import head_is_linear_readout
 from .lm.models import build_model
+from .lm.presets import PRESETS, get_preset, smoke
 from .lm.train import CHECKPOINT, reference_logps
-from .losses import PreferenceLoss, preference_metrics
+from .losses import PreferenceLoss
+from .metrics import preference_metrics
 from .utils.paths import REPO_ROOT
 from .utils.stats import binomial_se
 
@@ -170,6 +173,7 @@ def format_overlap(rows: list[GroupStats]) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> list[GroupStats]:
     p = argparse.ArgumentParser(
         prog="python -m upo_ref.overlap", description=__doc__.split("\n\n")[0]

@@ -37,10 +37,12 @@ import torch
 
 from .experiments.grid_report import format_comparisons, format_table, paired_comparisons
 from .experiments.grid_report import write_outputs as _write_outputs
-from .lm.config import HH_LOCAL_SUBSETS, PRESETS, ExperimentConfig, get_preset, smoke
+from .lm.command import command
+from .lm.config import HH_LOCAL_SUBSETS, ExperimentConfig
 from .lm.distributed import data_parallel
 from .lm.experiment import RunResult, run_experiment, run_name
 from .lm.models import resolve_device
+from .lm.presets import PRESETS, get_preset, smoke
 from .lm.runfiles import CHECKPOINT, METRICS, run_lock
 from .utils.paths import REPO_ROOT, figures_dir
 
@@ -57,6 +59,8 @@ __all__ = [
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line (long: one ``add_argument`` per option, all in one place, in --help's
+    order, so that this reads as the command's reference)."""
     p = argparse.ArgumentParser(
         prog="python -m upo_ref.reproduce",
         description=__doc__.split("\n\n")[0],
@@ -240,6 +244,7 @@ def start_runs_over(out_dir: Path, runs: list[str]) -> None:
                 (out_dir / name / file).unlink(missing_ok=True)
 
 
+@command
 def main(argv: list[str] | None = None) -> list[RunResult]:
     parser = _parser()
     args = parser.parse_args(argv)

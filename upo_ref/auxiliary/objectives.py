@@ -52,8 +52,8 @@ __all__ = [
 # The per-pair inputs of UPO and MODPO: R(x, y_w), R(x, y_l), V(x), each (B,).
 EXTRA_KEYS = ("chosen_rewards", "rejected_rewards", "values")
 # KTO's mismatched pairs: log pi and log pi_ref of another example's chosen / rejected response
-# under this pair's prompt, each (B,); the batch's mean log-ratio over them estimates KL(pi ||
-# pi_ref).
+# under this pair's prompt, each (B,); the batch's mean log-ratio over them estimates
+# KL(pi || pi_ref).
 KL_KEYS = ("kl_policy_chosen", "kl_policy_rejected", "kl_reference_chosen", "kl_reference_rejected")
 
 

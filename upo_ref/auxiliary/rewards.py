@@ -78,8 +78,7 @@ __all__ = [
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")  # words are runs of letters, with inner apostrophes
 _SENTENCE_END = re.compile(r"[.!?]+")
 _VOWELS = frozenset("aeiouy")
-# "-es" is its own syllable after these (boxes, wishes, churches; places, judges); silent otherwise
-# (makes).
+# After these "-es" is its own syllable (boxes, wishes, churches; places, judges); else silent.
 _SYLLABIC_ES_AFTER = ("s", "x", "z", "ch", "sh")  # ... + "es"
 _SYLLABIC_S_AFTER = ("ce", "ge")  # ... + "s"
 

@@ -26,6 +26,7 @@ log-probs) and :func:`reference_logratios` computes them for an experiment confi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -107,8 +108,7 @@ def paper_reachability_threshold(beta: float, divergence: Divergence | str) -> f
     forward KL -log T, alpha -log(alpha T) / alpha, with T = 1/(2 beta).
 
     Computed in float64 as log((f')^{-1}(sup f' - T)); for Jensen-Shannon this is exact to a few
-    ulps
-    while e^{-T} is representable, i.e. for beta > 1/1490.
+    ulps while e^{-T} is representable, i.e. for beta > 1/1490.
     """
     div = as_divergence(divergence)
     lo, hi = div.f_prime_range
@@ -158,15 +158,19 @@ def reachable_fraction(
 def reference_logratios(cfg, out_dir, device: torch.device | None = None) -> dict[str, Tensor]:
     """c = log pi_ref(y_w) - log pi_ref(y_l) of every preference-training pair of the experiment
     config ``cfg`` (``upo_ref.lm.config``), under its reference model: the SFT model the main job
-    trains (checkpoints under ``out_dir/sft``, resumed when present), or the model as built when the
-    config has no SFT phase. Returns {"summed": (N,), "averaged": (N,)} float32, from summed and
-    from per-token-averaged response log-probs of the same model."""
+    trains (checkpoints under ``out_dir/sft``, resumed when present), the model as built when the
+    config has no SFT phase, or for a partially fine-tuned model its top run on the cached trunk
+    states (``out_dir/trunk_cache``, computed when absent). Returns {"summed": (N,), "averaged":
+    (N,)} float32, from summed and from per-token-averaged response log-probs of the same model."""
     from ..lm.experiment import load_experiment_data, prepare_reference  # the LM stack, lazily
     from ..lm.train import reference_logps
+    from ..lm.trunk_cache import collate_cached
 
     device = device or torch.device("cpu")
     _, data = load_experiment_data(cfg)
     ref = prepare_reference(cfg, data, out_dir, device, progress=False)
+    partial = cfg.model.train_layers is not None
+    collate = functools.partial(collate_cached, pad_id=data.pad_id) if partial else None
     out = {}
     for name, average in (("summed", False), ("averaged", True)):
         if average == cfg.average_logps:  # the kind the experiment itself uses: already computed
@@ -174,12 +178,14 @@ def reference_logratios(cfg, out_dir, device: torch.device | None = None) -> dic
         else:
             rc, rr = reference_logps(
                 ref.model,
-                data.pref_train,
+                ref.pairs["train"],
                 cfg.pref.eval_batch_size,
                 data.pad_id,
                 device,
                 average,
                 ref.logps.response_only,
+                collate=collate,
+                precision=ref.logps.precision,
             )
         out[name] = rc - rr  # (N,)
     return out

@@ -10,7 +10,7 @@ One column per beta, one line per loss (IPO vs JS-IUPO in the paper). Rows:
   number of eval pairs is given: differences smaller than the band are noise;
 * eval reward margin.
 
-The accuracy and margin are DPO's implicit-reward ones (``losses.preference_metrics``:
+The accuracy and margin are DPO's implicit-reward ones (``metrics.preference_metrics``:
 ``rewards/*``), the same for every loss, so those lines are comparable. At step 0 the policy *is*
 pi_ref, every implicit-reward margin is exactly 0 and every pair is a tie, so the accuracy is 0.5 by
 the tie convention, not by measurement: the accuracy row starts at the first evaluation after step

@@ -41,7 +41,8 @@ from trl import DPOConfig, DPOTrainer
 
 from ..divergences import Divergence
 from ..lm.logprobs import IGNORE_INDEX
-from ..losses import PreferenceLoss, preference_metrics
+from ..losses import PreferenceLoss
+from ..metrics import preference_metrics
 
 __all__ = ["UPOTrainer", "TRL_DIVERGENCE_NAMES", "check_config", "check_dataset"]
 

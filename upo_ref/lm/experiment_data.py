@@ -11,7 +11,9 @@ from pathlib import Path
 
 from ..utils.paths import hh_dir
 from .config import ExperimentConfig
-from .data import LoadReport, download_hh, load_hh, load_shp, load_trl, shp_files
+from .data import LoadReport, download_hh, load_hh
+from .data_shp import load_shp, shp_files
+from .data_trl import load_trl
 from .split import sft_examples, split_by_prompt_hash
 from .synthetic import SyntheticTask
 from .tokenize import CompactVocab, TokenizedPair, tokenize_pairs, tokenize_sft

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..divergences import Divergence
-from ..losses import preference_metrics
+from ..metrics import preference_metrics
 from ..objective import Objective, as_objective, check_extras
 from .logprobs import IGNORE_INDEX, concatenated_logps, sequence_logps
 from .tokenize import TokenizedPair, collate_pairs, collate_sequences, fingerprint

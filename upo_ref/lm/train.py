@@ -24,10 +24,10 @@ Every resume error names the file and the fix (start that run over).
 
 A non-finite loss or gradient norm stops the run *before* the optimiser step, with
 :class:`NonFiniteLossError`; the checkpoint on disk is the last good one. The log-probs are checked
-where they enter the loss (the public losses and ``preference_metrics`` check their inputs), the
-loss once per step here. Precision: the model's weights must be float32 (a bf16/fp16 model is
-refused, not silently trained in half precision); on CUDA, forward passes run under bf16 autocast
-(a phase whose ``precision`` is ``"bfloat16"`` asks for it on the CPU too), and the log-softmax,
+where they enter the loss (the public losses and ``metrics.preference_metrics`` check their inputs),
+the loss once per step here. Precision: the model's weights must be float32 (a bf16/fp16 model is
+refused, not silently trained in half precision); on CUDA, forward passes run under bf16 autocast (a
+phase whose ``precision`` is ``"bfloat16"`` asks for it on the CPU too), and the log-softmax,
 log-probs and losses are computed in float32. The final evaluation also writes every eval example's
 metrics to ``final_eval.json`` (for paired comparisons of runs on the same eval set).
 """
@@ -35,11 +35,12 @@ metrics to ``final_eval.json`` (for paired comparisons of runs on the same eval 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -90,6 +91,8 @@ __all__ = [
     "evaluate",
     "train",
     "read_metrics",
+    "subnormals_flushed",
+    "flush_subnormals",
 ]
 
 
@@ -258,7 +261,8 @@ def train(
     dp = data_parallel()  # None unless launched as several processes (accelerate launch)
     if dp is not None:
         device = dp.check_device(device)
-    with run_lock(out_dir) if dp is None or dp.is_main else nullcontext():
+    lock = run_lock(out_dir) if dp is None or dp.is_main else nullcontext()
+    with lock, subnormals_flushed(device):
         return _train_in_folder(
             model,
             phase,
@@ -275,11 +279,85 @@ def train(
         )
 
 
+@contextmanager
+def subnormals_flushed(device: torch.device):
+    """On the CPU, flush subnormal floats to zero while training (``torch.set_flush_denormal``),
+    then switch that off again (torch's default).
+
+    Losses whose gradient decays exponentially in a log-ratio (JS-IUPO's paper form:
+    sigma(-a) for a = log pi(y_w)/pi(y_l), hundreds of nats on summed log-probs) send gradients
+    below float32's smallest normal number, 1.2e-38, back through the model, and x86 CPUs compute
+    on subnormals about a hundred times slower. Flushed, those contributions are exactly 0 instead
+    of below 1.2e-38. The flag is per thread: torch's worker threads inherit it only when they are
+    started after it is set, which is why the commands (``reproduce``, ``overlap``, ``evaluate``)
+    call :func:`flush_subnormals` first thing. GPUs keep their own setting."""
+    if device.type != "cpu" or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def flush_subnormals() -> bool:
+    """Flush subnormal floats to zero in this process from now on, in every torch thread started
+    after the call (see :func:`subnormals_flushed`); a command calls it before any tensor work.
+    False where the CPU cannot."""
+    return torch.set_flush_denormal(True)
+
+
+def _evaluate_and_save(
+    model, phase, eval_set, cfg, out_dir, optimizer, identity, main, dp, device, examples_seen, step
+) -> dict:
+    """Evaluate on the whole eval set, log the record, checkpoint; the final evaluation also writes
+    every eval pair's metrics (``FINAL_EVAL``). Under a launch every process evaluates (the models
+    are equal) and only the main one writes. Step 0 of a phase that starts at pi_ref is evaluated
+    from its reference log-probs."""
+    t0 = time.perf_counter()
+    at_reference = examples_seen == 0 and getattr(phase, "starts_at_reference", False)
+    eval_phase = dataclasses.replace(phase, policy_is_reference=True) if at_reference else phase
+    metrics, every = _evaluate(model, eval_phase, eval_set, cfg.eval_batch_size, device, True)
+    record = {"split": "eval", "examples_seen": examples_seen, "step": step, **metrics}
+    if main:
+        append_record(out_dir / METRICS, {**record, "time/eval_s": time.perf_counter() - t0})
+        if examples_seen == cfg.n_examples:  # the final policy, pair by pair
+            final = {k: v.tolist() for k, v in every.items()}
+            (out_dir / FINAL_EVAL).write_text(json.dumps(final) + "\n", encoding="utf-8")
+        save_state(out_dir / CHECKPOINT, model, optimizer, examples_seen, step, identity)
+    if dp is not None:
+        dp.barrier()
+    return record
+
+
+def _start_or_resume(out_dir, model, optimizer, identity, device, resume, main, dp, seed, evaluate):
+    """(examples_seen, step, last eval record) of a run about to train: resumed from its checkpoint,
+    or started afresh (an empty metrics file, the evaluation at step 0)."""
+    resuming = resume and (out_dir / CHECKPOINT).exists()
+    if dp is not None:
+        dp.barrier()  # every process has looked before the main one writes
+    if not resuming:
+        if resume and main:
+            check_no_orphan_metrics(out_dir)
+        if main:
+            write_metrics(out_dir / METRICS, [])
+        torch.manual_seed(seed)  # dropout, if any
+        return 0, 0, evaluate(0, 0)
+    # The main process cuts the metrics file back first; then the others find it cut and leave it
+    # as it is (write_metrics does not rewrite an equal file).
+    for turn in (True, False) if dp is not None else (True,):
+        if main == turn:
+            state = resume_state(out_dir, model, optimizer, identity, device)
+        if dp is not None:
+            dp.barrier()
+    return state
+
+
 def _train_in_folder(
     model, phase, train_set, eval_set, cfg, out_dir, device, resume, progress, desc, identity, dp
 ) -> dict[str, float]:
-    """The loop of :func:`train`, run while holding the folder's lock (one function, read in one go:
-    start or resume, then step, log, evaluate and checkpoint until ``cfg.n_examples``)."""
+    """The loop of :func:`train`, run while holding the folder's lock: start or resume, then step,
+    log, evaluate and checkpoint until ``cfg.n_examples``."""
     model.to(device)
     model.train()
     if dp is not None:
@@ -288,54 +366,15 @@ def _train_in_folder(
     optimizer = _make_optimizer(model, cfg)
     ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
 
-    def evaluate_and_save() -> dict:
-        # Under a launch every process evaluates the whole eval set (the models are equal). Step 0
-        # of a phase that starts at pi_ref is evaluated from its reference log-probs.
-        t0 = time.perf_counter()
-        at_reference = examples_seen == 0 and getattr(phase, "starts_at_reference", False)
-        eval_phase = dataclasses.replace(phase, policy_is_reference=True) if at_reference else phase
-        metrics, every = _evaluate(model, eval_phase, eval_set, cfg.eval_batch_size, device, True)
-        record = {"split": "eval", "examples_seen": examples_seen, "step": step, **metrics}
-        if main:
-            append_record(metrics_path, {**record, "time/eval_s": time.perf_counter() - t0})
-            if examples_seen == cfg.n_examples:  # the final policy, pair by pair
-                final = {k: v.tolist() for k, v in every.items()}
-                (out_dir / FINAL_EVAL).write_text(json.dumps(final) + "\n", encoding="utf-8")
-            save_state(ckpt_path, model, optimizer, examples_seen, step, identity)
-        if dp is not None:
-            dp.barrier()
-        return record
+    where = (out_dir, optimizer, identity, main, dp, device)  # what _evaluate_and_save writes to
+    evaluate_and_save = functools.partial(_evaluate_and_save, model, phase, eval_set, cfg, *where)
 
-    resuming = resume and ckpt_path.exists()
-    if dp is not None:
-        dp.barrier()  # every process has looked before the main one writes
-    if resuming:
-        # The main process cuts the metrics file back first; then the others find it cut and
-        # leave it as it is (write_metrics does not rewrite an equal file).
-        for turn in (True, False) if dp is not None else (True,):
-            if main == turn:
-                examples_seen, step, last_eval = resume_state(
-                    out_dir, model, optimizer, identity, device
-                )
-            if dp is not None:
-                dp.barrier()
-    else:
-        if resume and main:
-            check_no_orphan_metrics(out_dir)
-        examples_seen, step = 0, 0
-        if main:
-            write_metrics(metrics_path, [])
-        torch.manual_seed(cfg.seed)  # dropout, if any
-        last_eval = evaluate_and_save()
-
-    name = desc or phase.name
-    bar = tqdm(
-        total=cfg.n_examples,
-        initial=examples_seen,
-        unit="ex",
-        desc=name,
-        disable=not progress or not main,
+    examples_seen, step, last_eval = _start_or_resume(
+        out_dir, model, optimizer, identity, device, resume, main, dp, cfg.seed, evaluate_and_save
     )
+    name = desc or phase.name
+    shown = progress and main
+    bar = tqdm(total=cfg.n_examples, initial=examples_seen, unit="ex", desc=name, disable=not shown)
     try:
         while examples_seen < cfg.n_examples:
             indices = example_indices(len(train_set), cfg.seed, examples_seen, cfg.batch_size)
@@ -365,7 +404,7 @@ def _train_in_folder(
                 examples_seen // cfg.eval_every > (examples_seen - cfg.batch_size) // cfg.eval_every
             )
             if crossed or examples_seen == cfg.n_examples:
-                last_eval = evaluate_and_save()
+                last_eval = evaluate_and_save(examples_seen, step)
                 key = "rewards/accuracies" if "rewards/accuracies" in last_eval else "loss"
                 short = f"eval_{key.split('/')[-1]}"
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", **{short: f"{last_eval[key]:.3g}"})

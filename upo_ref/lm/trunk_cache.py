@@ -192,25 +192,19 @@ class CachedPreferencePhase(PreferencePhase):
 
 
 def cache_trunk(
-    model,
-    k: int,
-    splits: dict[str, Sequence[TokenizedPair]],
-    cache_dir: str | Path,
-    pad_id: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "auto",
-    cache_dtype: str = "float16",
+    model, k: int, splits: dict, cache_dir, pad_id, batch_size, device, **options
 ) -> tuple[torch.nn.Module, dict[str, list[CachedPair]]]:
     """Split ``model`` at its top ``k`` layers (``partial.split_model``) and attach the trunk's
-    cached states to the pairs of every split; returns (the top of the model, the cached splits).
-    The trunk is dropped afterwards: nothing but the cache needs it."""
+    cached states to the pairs of every split (name -> TokenizedPairs); returns (the top of the
+    model, the cached splits). The other arguments, and ``options`` (``precision``,
+    ``cache_dtype``), are those of :func:`cached_pairs`. The trunk is dropped afterwards: nothing
+    but the cache needs it."""
     trunk, top = split_model(model, k)
     trunk.to(device)
     trunk_id = model_fingerprint(trunk)
     cached = {
         name: cached_pairs(
-            trunk, pairs, cache_dir, pad_id, batch_size, device, precision, cache_dtype, trunk_id
+            trunk, pairs, cache_dir, pad_id, batch_size, device, trunk_id=trunk_id, **options
         )
         for name, pairs in splits.items()
     }
