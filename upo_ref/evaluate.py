@@ -24,6 +24,7 @@ cached beside the run (``<run>/../trunk_cache``), so a second scoring of the sam
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from .losses import PreferenceLoss
 from .utils.paths import hh_dir
 from .utils.stats import binomial_se
 
-__all__ = ["score_run", "main"]
+__all__ = ["score_run", "score_run_in", "compare_margins", "main"]
 
 PARTS = ("all", "train", "eval")
 
@@ -121,8 +122,24 @@ def score_run(
     """Pairs scored, accuracy, its SE and mean margin of the final policy of ``run_dir``, and every
     pair's margin (``"margins"``, (N,) float64). ``precision`` replaces the run's own for the
     forward passes of pi and pi_ref (``phases.autocast``; the trunk cache keeps its own)."""
+    return score_run_in(run_dir, (precision,), hh, subsets, split, part)[0]
+
+
+def score_run_in(
+    run_dir: str | Path,
+    precisions: tuple[str | None, ...],
+    hh: str | Path | None = None,
+    subsets=HH_LOCAL_SUBSETS,
+    split: str = "test",
+    part: str = "all",
+) -> list[dict]:
+    """:func:`score_run` once per precision (None: the run's own), the data, model and trunk cache
+    prepared once for all of them."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    for precision in precisions:
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
     run_dir = Path(run_dir)
     state, identity = _identity(run_dir)
     model_cfg = _config(ModelConfig, identity["model"])
@@ -132,9 +149,6 @@ def score_run(
             f"{run_dir} used a compact vocabulary built from its training data: its policy cannot "
             f"score other files"
         )
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
-    precision = precision or identity.get("precision", "auto")
     pref = _config(PhaseConfig, identity["cfg"])
     keep = data_cfg.keep_identical
     pairs, _ = load_hh(hh or hh_dir(), split, subsets, drop_mismatched=True, keep_identical=keep)
@@ -151,27 +165,37 @@ def score_run(
     model, tokens, phase_cls = _starting_policy(
         model, identity, run_dir, tokens, pad, pref.eval_batch_size, device
     )
-    common = dict(pad_id=pad, average=identity.get("average_logps", False))
-    common.update(response_only=response_only, precision=precision)
+    starting = copy.deepcopy(model.state_dict())  # pi_ref's weights
     partial = model_cfg.train_layers is not None
     collate = functools.partial(collate_cached, pad_id=pad) if partial else None
-    ref = reference_logps(
-        model, tokens, pref.eval_batch_size, pad, device, collate=collate, precision=precision,
-        average=common["average"], response_only=response_only,
-    )  # fmt: skip
-    model.load_state_dict(state["model"])
-    phase = phase_cls(_loss(identity["loss"]), identity["beta"], {"eval": ref}, **common)
-    metrics, every = evaluate(model, phase, tokens, pref.eval_batch_size, device, per_example=True)
-    acc, n = metrics["rewards/accuracies"], len(tokens)
-    return {
-        "run": str(run_dir),
-        "pairs": n,
-        "precision": precision,
-        "accuracy": acc,
-        "se": binomial_se(acc, n),
-        "margin": metrics["rewards/margins"],
-        "margins": every["rewards/margins"],
-    }
+    average = identity.get("average_logps", False)
+    results = []
+    for precision in precisions:
+        precision = precision or identity.get("precision", "auto")
+        model.load_state_dict(starting)
+        ref = reference_logps(
+            model, tokens, pref.eval_batch_size, pad, device, collate=collate, precision=precision,
+            average=average, response_only=response_only,
+        )  # fmt: skip
+        model.load_state_dict(state["model"])
+        common = dict(pad_id=pad, average=average, response_only=response_only, precision=precision)
+        phase = phase_cls(_loss(identity["loss"]), identity["beta"], {"eval": ref}, **common)
+        metrics, every = evaluate(
+            model, phase, tokens, pref.eval_batch_size, device, per_example=True
+        )
+        acc, n = metrics["rewards/accuracies"], len(tokens)
+        results.append(
+            {
+                "run": str(run_dir),
+                "pairs": n,
+                "precision": precision,
+                "accuracy": acc,
+                "se": binomial_se(acc, n),
+                "margin": metrics["rewards/margins"],
+                "margins": every["rewards/margins"],
+            }
+        )
+    return results
 
 
 @command
@@ -199,12 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     subsets = tuple(s for s in args.subsets.split(",") if s)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = score_run(args.run_dir, args.hh_dir, subsets, args.split, args.part, args.precision)
-    runs = [out]
-    if args.against:
-        runs.append(
-            score_run(args.run_dir, args.hh_dir, subsets, args.split, args.part, args.against)
-        )
+    precisions = (args.precision, args.against) if args.against else (args.precision,)
+    runs = score_run_in(args.run_dir, precisions, args.hh_dir, subsets, args.split, args.part)
+    out = runs[0]
     for r in runs:
         print(
             f"{r['run']} ({r['precision']}): {r['pairs']} pairs scored, accuracy "
