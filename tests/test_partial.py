@@ -6,6 +6,7 @@ files."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gzip
 import json
@@ -13,14 +14,14 @@ import json
 import pytest
 import torch
 
+from upo_ref.evaluate import longer_response_rule, score_run
 from upo_ref.evaluate import main as evaluate_main
-from upo_ref.evaluate import score_run
 from upo_ref.lm import trunk_cache
 from upo_ref.lm.config import TINY_LLAMA, ModelConfig, PhaseConfig
 from upo_ref.lm.data import load_hh
-from upo_ref.lm.experiment_data import _first
+from upo_ref.lm.experiment_data import _first, prepare_data
 from upo_ref.lm.logprobs import concatenated_logps
-from upo_ref.lm.models import build_model
+from upo_ref.lm.models import build_model, load_tokenizer
 from upo_ref.lm.partial import split_model, trainable_parameters
 from upo_ref.lm.presets import get_preset, smoke
 from upo_ref.lm.split import split_by_prompt_hash
@@ -35,6 +36,7 @@ from upo_ref.lm.trunk_cache import (
 from upo_ref.losses import PreferenceLoss
 from upo_ref.reproduce import main
 from upo_ref.utils.paths import REPO_ROOT, hh_dir
+from upo_ref.utils.stats import paired_difference
 
 CPU = torch.device("cpu")
 VOCAB = 97
@@ -292,7 +294,22 @@ def test_evaluate_rescores_a_finished_run_and_refuses_what_it_cannot_reproduce(t
     assert got["pairs"] == cfg.data.n_eval_pairs
     assert got["accuracy"] == pytest.approx(final["rewards/accuracies"], abs=1e-12)
     assert got["margin"] == pytest.approx(final["rewards/margins"], abs=1e-6)
+    # The length rule on the same pairs, tokenized by the experiment's own pipeline.
+    tokens = prepare_data(cfg, load_tokenizer(cfg.model)).pref_eval
+    rule = sum(
+        (len(p.chosen) > len(p.rejected)) + (len(p.chosen) == len(p.rejected)) / 2 for p in tokens
+    )
+    assert got["longer_accuracy"] == pytest.approx(rule / len(tokens), abs=1e-12)
+    assert got["minus_longer"][0] == pytest.approx(got["accuracy"] - rule / len(tokens), abs=1e-12)
+    # Pair by pair: the trainer's per-pair final eval (same pairs, same order) against the rule.
+    per_pair = json.loads((run / FINAL_EVAL).read_text())["rewards/accuracies"]
+    expected = paired_difference(per_pair, longer_response_rule(tokens))
+    assert got["minus_longer"] == pytest.approx(expected, abs=1e-12)
     hh = ["--hh-dir", str(tmp_path / "hh"), "--subsets", "helpful-base"]
+    with pytest.raises(ValueError, match="no pairs to score"):
+        # Every row's two responses identical: all are dropped (and listed), none is left.
+        write_hh(tmp_path / "same", [dataclasses.replace(p, rejected=p.chosen) for p in held_out])
+        score_run(run, tmp_path / "same", ("helpful-base",))
     same = evaluate_main([str(run), *hh, "--precision", "float32", "--against", "float32"])
     assert same["agreement"]["sign_agreement"] == 1.0 and same["agreement"]["difference_std"] == 0
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -389,3 +406,14 @@ def test_compare_margins_by_hand():
     assert out["difference_std"] == pytest.approx(torch.tensor([-1.0, -2.0, 0.0, 3.0]).std().item())
     with pytest.raises(ValueError, match="two \\(N,\\) margin tensors"):
         compare_margins(a, b[:3])
+
+
+def test_longer_response_rule_scores_each_pair_by_its_response_lengths():
+    pairs = [
+        TokenizedPair((1,), (2, 3, 4), (5, 6)),  # chosen longer: right
+        TokenizedPair((1,), (2,), (5, 6)),  # chosen shorter: wrong
+        TokenizedPair((1, 2), (3, 4), (5, 6)),  # as long: half
+    ]
+    assert longer_response_rule(pairs).tolist() == [1.0, 0.0, 0.5]
+    with pytest.raises(ValueError, match="no pairs"):
+        longer_response_rule([])

@@ -19,6 +19,10 @@ It refuses a run it cannot reproduce: an unfinished run, a checkpoint without th
 model file whose weights differ from those the run started from, a compact-vocabulary model (its
 vocabulary was built from the training data). The trunk states of a partially fine-tuned model are
 cached beside the run (``<run>/../trunk_cache``), so a second scoring of the same files is fast.
+That cache is keyed by the pairs in the order scored here (the files' order), not the run's, so
+the trunk runs again with other batches, and a bf16 trunk rounds a little differently with the
+batch: the run's own eval pairs, rescored, give its final accuracy to within a few pairs, not bit
+for bit (README, "The pretrained grid", measures it).
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ from .lm.train import CHECKPOINT, PreferencePhase, evaluate, reference_logps
 from .lm.trunk_cache import CachedPreferencePhase, cache_trunk, collate_cached, model_fingerprint
 from .losses import PreferenceLoss
 from .utils.paths import hh_dir
-from .utils.stats import binomial_se
+from .utils.stats import binomial_se, paired_difference
 
-__all__ = ["score_run", "score_run_in", "compare_margins", "main"]
+__all__ = ["score_run", "score_run_in", "compare_margins", "longer_response_rule", "main"]
 
 PARTS = ("all", "train", "eval")
 
@@ -159,6 +163,11 @@ def score_run_in(
     tokens = tokenize_pairs(
         pairs, tokenizer, **lengths, truncation_mode=TRUNCATION["hh"], keep_identical=keep
     )
+    if not tokens:
+        raise ValueError(
+            f"no pairs to score in {subsets} of {hh or hh_dir()} ({split}, part {part!r}): check "
+            f"--hh-dir, --subsets, --split and --part"
+        )
     model = build_model(model_cfg, len(tokenizer), data_cfg.max_length, tokenizer.pad_token_id)
     response_only = head_is_linear_readout(model, len(tokenizer))
     device, pad = torch.device("cpu"), tokenizer.pad_token_id
@@ -169,6 +178,7 @@ def score_run_in(
     partial = model_cfg.train_layers is not None
     collate = functools.partial(collate_cached, pad_id=pad) if partial else None
     average = identity.get("average_logps", False)
+    longer = longer_response_rule(tokens)  # (N,) in the order the policy's pairs are scored
     results = []
     for precision in precisions:
         precision = precision or identity.get("precision", "auto")
@@ -184,6 +194,7 @@ def score_run_in(
             model, phase, tokens, pref.eval_batch_size, device, per_example=True
         )
         acc, n = metrics["rewards/accuracies"], len(tokens)
+        correct = torch.as_tensor(every["rewards/accuracies"], dtype=torch.float64)  # (N,)
         results.append(
             {
                 "run": str(run_dir),
@@ -193,6 +204,8 @@ def score_run_in(
                 "se": binomial_se(acc, n),
                 "margin": metrics["rewards/margins"],
                 "margins": every["rewards/margins"],
+                "longer_accuracy": longer.mean().item(),
+                "minus_longer": paired_difference(correct, longer),
             }
         )
     return results
@@ -231,6 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['run']} ({r['precision']}): {r['pairs']} pairs scored, accuracy "
             f"{r['accuracy']:.4f} +- {r['se']:.4f}, mean margin {r['margin']:.4f}"
         )
+    d, se = out["minus_longer"]
+    print(
+        f"the longer response is the chosen one in {out['longer_accuracy']:.4f} +- "
+        f"{binomial_se(out['longer_accuracy'], out['pairs']):.4f} of the pairs; the policy's "
+        f"accuracy minus that, paired: {d:+.4f} +- {se:.4f}"
+    )
     if args.against:
         out["agreement"] = compare_margins(runs[0]["margins"], runs[1]["margins"])
         a = out["agreement"]
@@ -240,6 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"{a['difference_std']:.4g}, of the margins {a['std_a']:.4g} and {a['std_b']:.4g}"
         )
     return out
+
+
+def longer_response_rule(pairs) -> torch.Tensor:
+    """(N,) float64: per pair 1 if its chosen response has more tokens than its rejected one, 0 if
+    fewer, 1/2 if as many (a tie counts half, as in ``metrics.preference_metrics``). Its mean is
+    the accuracy of "the longer response is preferred"."""
+    lengths = torch.tensor([[len(p.chosen), len(p.rejected)] for p in pairs], dtype=torch.float64)
+    if not len(lengths):
+        raise ValueError("no pairs to score")
+    return (torch.sign(lengths[:, 0] - lengths[:, 1]) + 1) / 2
 
 
 def compare_margins(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
