@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from upo_ref.experiments.figure1 import accuracy_band  # noqa: E402
+from upo_ref.experiments.figure1 import accuracy_band, draw_figure1  # noqa: E402
 from upo_ref.utils.plots import FIGURE_DPI, plot_mean_band, save_figure  # noqa: E402
 from upo_ref.utils.stats import mean_interval  # noqa: E402
 
@@ -50,3 +50,28 @@ def test_figure1_accuracy_band_is_one_binomial_standard_error():
     assert high == pytest.approx([0.55, 0.93, 1.0], abs=1e-15)
     with pytest.raises(ValueError, match="n_eval must be the number of eval pairs"):
         accuracy_band([0.5], 0)
+
+
+def test_figure1_leaves_the_panel_of_a_loss_not_run_at_a_beta_blank_and_says_so():
+    def records(loss):
+        rows = [{"split": "train", "examples_seen": 16 * i, "loss": loss} for i in range(1, 5)]
+        evals = [
+            {"split": "eval", "examples_seen": n, "loss": loss, "rewards/accuracies": 0.5 + n / 1e3,
+             "rewards/margins": n / 1e4}
+            for n in (0, 32, 64)
+        ]  # fmt: skip
+        return rows + evals
+
+    runs = {("IPO", 0.1): records(25.0), ("IPO", 0.5): records(1.0), ("DPO", 0.1): records(0.69)}
+    fig = draw_figure1(runs, n_eval=100)
+    axes = fig.axes  # row-major: IPO loss, DPO loss, accuracy, margin; columns beta 0.1, 0.5
+    assert len(axes) == 8
+    dpo_at_05 = axes[3]
+    assert not dpo_at_05.axison and [t.get_text() for t in dpo_at_05.texts] == [
+        "no DPO run at β = 0.5"
+    ]
+    assert all(ax.axison for i, ax in enumerate(axes) if i != 3)
+    # the accuracy row: both runs at beta 0.1 drawn, the y-range leaves the legend room above 0.6
+    accuracy = axes[4]
+    assert [line.get_label() for line in accuracy.get_lines()][:2] == ["IPO", "DPO"]
+    assert accuracy.get_ylim()[1] > 0.6

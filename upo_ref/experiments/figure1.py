@@ -30,7 +30,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["FIGURE_DPI", "trailing_mean", "accuracy_band", "figure1", "redraw"]
+__all__ = ["FIGURE_DPI", "trailing_mean", "accuracy_band", "figure1", "draw_figure1", "redraw"]
 
 FIGURE_DPI = 110  # the notebooks' figures use the same
 # (metric key, y-axis label) of the rows below the loss rows, all eval
@@ -72,12 +72,28 @@ def figure1(
     smooth: int | None = None,
     n_eval: int | None = None,
 ) -> Path:
-    """Draw the grid and save it to ``path`` (PNG at ``FIGURE_DPI``). Returns the path.
+    """Draw the grid (:func:`draw_figure1`) and save it to ``path`` (PNG at ``FIGURE_DPI``).
+    Returns the path."""
+    fig = draw_figure1(runs, title, smooth, n_eval)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=FIGURE_DPI)
+    return path
+
+
+def draw_figure1(
+    runs: Mapping[tuple[str, float], Sequence[dict]],
+    title: str = "",
+    smooth: int | None = None,
+    n_eval: int | None = None,
+):
+    """The grid as a matplotlib ``Figure``.
 
     ``runs[(label, beta)]`` is a run's metric records (``train.read_metrics``): dicts with
     ``split``, ``examples_seen``, ``loss`` and the keys of ``EVAL_ROWS``. ``smooth``: the
     train-loss window in steps (default: a tenth of the run's steps). ``n_eval``: the number of
-    eval pairs; with it the accuracy is drawn with its standard-error band.
+    eval pairs; with it the accuracy is drawn with its standard-error band. A loss with no run at
+    a beta leaves its panel blank, saying so.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 
@@ -91,6 +107,11 @@ def figure1(
     for col, beta in enumerate(betas):
         for row, label in enumerate(labels):  # one loss per row: its own y-axis
             ax, records = axes[row][col], runs.get((label, beta), ())
+            if not records:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"no {label} run at β = {beta:g}", ha="center", va="center",
+                        transform=ax.transAxes, color="grey")  # fmt: skip
+                continue
             x, y = _curve(records, "train", "loss")
             if x:
                 y = trailing_mean(y, smooth or max(1, len(y) // 10))
@@ -111,12 +132,14 @@ def figure1(
             if key == "rewards/accuracies":  # chance, and a y-range of at least 0.4..0.6
                 ax.axhline(0.5, color="grey", ls="--", lw=1)
                 low, high = ax.get_ylim()
-                ax.set_ylim(min(low, 0.4), max(high, 0.6))
+                low, high = min(low, 0.4), max(high, 0.6)
+                ax.set_ylim(low, high + 0.4 * (high - low))  # headroom: the legend sits above
                 if col == 0:
                     band = " (band: +- 1 s.e.)" if n_eval else ""
                     ax.legend(
-                        fontsize=8, title=f"{n_eval or '?'} eval pairs{band}", title_fontsize=8
-                    )
+                        fontsize=8, title=f"{n_eval or '?'} eval pairs{band}", title_fontsize=8,
+                        loc="upper left", ncol=2,
+                    )  # fmt: skip
             if col == 0:
                 ax.set_ylabel(ylabel)
         axes[0][col].set_title(f"β = {beta:g}")
@@ -126,10 +149,7 @@ def figure1(
     if title:
         fig.suptitle(textwrap.fill(title, int(10 * width)))  # about 10 characters per inch
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=FIGURE_DPI)
-    return path
+    return fig
 
 
 def redraw(results_dir: str | Path, path: str | Path) -> Path:
