@@ -498,3 +498,14 @@ def test_training_flushes_subnormals_on_the_cpu_and_restores_the_default():
     with subnormals_flushed(torch.device("cpu")):
         assert (tiny * 1.0).item() == 0.0
     assert (tiny * 1.0).item() != 0.0
+    # Inside a command (flush_subnormals for the whole process) a training run leaves it on.
+    from upo_ref.lm.train import flush_subnormals
+
+    assert flush_subnormals()
+    try:
+        with subnormals_flushed(torch.device("cpu")):
+            assert (tiny * 1.0).item() == 0.0
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        flush_subnormals(False)
+    assert (tiny * 1.0).item() != 0.0

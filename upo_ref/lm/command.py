@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from .train import flush_subnormals
 
 __all__ = ["command"]
@@ -22,6 +20,6 @@ def command(main):
         try:
             return main(argv)
         finally:
-            torch.set_flush_denormal(False)
+            flush_subnormals(False)
 
     return run

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from ..losses import PreferenceLoss
 
 __all__ = [
+    "PRECISIONS",
+    "CACHE_DTYPE_NAMES",
     "HH_SUBSETS",
     "HH_LOCAL_SUBSETS",
     "TINY_GPT2",
@@ -24,6 +26,11 @@ __all__ = [
     "PhaseConfig",
     "ExperimentConfig",
 ]
+
+# The forward passes' precisions (``phases.autocast``) and the trunk cache's storage dtypes
+# (``trunk_cache.CACHE_DTYPES``): named here, where a config is checked, and used there.
+PRECISIONS = ("auto", "float32", "bfloat16")
+CACHE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 # The four preference subsets of Anthropic/hh-rlhf (what
 # ``datasets.load_dataset("Anthropic/hh-rlhf")`` concatenates); red-team-attempts has no pairs. Only
@@ -222,17 +229,16 @@ class ExperimentConfig:
     trunk_precision: str | None = None
 
     def __post_init__(self):
-        precisions = ("auto", "float32", "bfloat16")
-        if self.precision not in precisions:
-            raise ValueError(f"precision must be one of {precisions}, got {self.precision!r}")
-        if self.trunk_precision not in (None, *precisions):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.trunk_precision not in (None, *PRECISIONS):
             raise ValueError(
-                f"trunk_precision must be None (the same as precision) or one of {precisions}, "
+                f"trunk_precision must be None (the same as precision) or one of {PRECISIONS}, "
                 f"got {self.trunk_precision!r}"
             )
-        if self.cache_dtype not in ("float16", "bfloat16", "float32"):
+        if self.cache_dtype not in CACHE_DTYPE_NAMES:
             raise ValueError(
-                f"cache_dtype must be 'float16', 'bfloat16' or 'float32', got {self.cache_dtype!r}"
+                f"cache_dtype must be one of {CACHE_DTYPE_NAMES}, got {self.cache_dtype!r}"
             )
         if self.model.train_layers is not None and self.sft.n_examples:
             raise ValueError(

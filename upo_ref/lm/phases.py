@@ -32,6 +32,7 @@ from torch import Tensor
 from ..divergences import Divergence
 from ..metrics import preference_metrics
 from ..objective import Objective, as_objective, check_extras
+from .config import PRECISIONS
 from .logprobs import IGNORE_INDEX, concatenated_logps, sequence_logps
 from .tokenize import TokenizedPair, collate_pairs, collate_sequences, fingerprint
 
@@ -48,9 +49,6 @@ __all__ = [
 
 class NonFiniteLossError(RuntimeError):
     """Training met a NaN/inf loss or gradient norm and stopped before updating the model."""
-
-
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def autocast(device: torch.device, precision: str = "auto"):

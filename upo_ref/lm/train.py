@@ -282,7 +282,8 @@ def train(
 @contextmanager
 def subnormals_flushed(device: torch.device):
     """On the CPU, flush subnormal floats to zero while training (``torch.set_flush_denormal``),
-    then switch that off again (torch's default).
+    then switch that off again (torch's default), unless :func:`flush_subnormals` had switched it on
+    for the whole process: then it stays on.
 
     Losses whose gradient decays exponentially in a log-ratio (JS-IUPO's paper form:
     sigma(-a) for a = log pi(y_w)/pi(y_l), hundreds of nats on summed log-probs) send gradients
@@ -291,7 +292,7 @@ def subnormals_flushed(device: torch.device):
     of below 1.2e-38. The flag is per thread: torch's worker threads inherit it only when they are
     started after it is set, which is why the commands (``reproduce``, ``overlap``, ``evaluate``)
     call :func:`flush_subnormals` first thing. GPUs keep their own setting."""
-    if device.type != "cpu" or not torch.set_flush_denormal(True):
+    if device.type != "cpu" or _process_flushes or not torch.set_flush_denormal(True):
         yield
         return
     try:
@@ -300,11 +301,17 @@ def subnormals_flushed(device: torch.device):
         torch.set_flush_denormal(False)
 
 
-def flush_subnormals() -> bool:
-    """Flush subnormal floats to zero in this process from now on, in every torch thread started
-    after the call (see :func:`subnormals_flushed`); a command calls it before any tensor work.
-    False where the CPU cannot."""
-    return torch.set_flush_denormal(True)
+_process_flushes = False  # set by flush_subnormals: on for the whole of a command
+
+
+def flush_subnormals(on: bool = True) -> bool:
+    """Flush subnormal floats to zero in this process from now on (``on=False``: stop), in every
+    torch thread started after the call (see :func:`subnormals_flushed`); a command calls it before
+    any tensor work and with False at its end. False where the CPU cannot."""
+    global _process_flushes
+    done = torch.set_flush_denormal(on)
+    _process_flushes = on and done
+    return done
 
 
 def _evaluate_and_save(

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .config import CACHE_DTYPE_NAMES
 from .partial import split_model
 from .phases import PreferencePhase, autocast
 from .tokenize import TokenizedPair, collate_pairs
@@ -46,7 +47,7 @@ __all__ = [
     "cache_trunk",
 ]
 
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CACHE_DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}
 
 
 @dataclass(frozen=True, eq=False)
