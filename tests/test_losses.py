@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from strategies import (
     ADMISSIBLE_NAMES,
     admissible_divergences,
@@ -226,6 +228,67 @@ def test_ipo_gradient_is_the_regression_residual():
     # dL/dpc = 2 (h - 1/(2 beta)); at pc=-1, pr=-2, rc=rr: h = 1, beta=0.1 -> 2 (1 - 5) = -8.
     g_c, g_r = _grads(lambda *a: ipo_loss(*a, 0.1), CASE)
     assert g_c.item() == -8.0 and g_r.item() == 8.0
+
+
+# --- JS-IUPO (paper form) at the sequence log-ratios of real pairs -------------------------------
+# With a = log pi(y_w)/pi(y_l) and a_ref its reference value: Uh_JS = log sig(a) - log sig(a_ref).
+# Summed log-probs of two different responses differ by tens of nats, where log sigma is either the
+# identity or 0: JS-IUPO is then IPO on pairs the reference ranks the wrong way and inert on the
+# others (experiments/by_reference.py measures what this does to a trained policy).
+FAR = 40.0  # nats from 0: softplus(-FAR) = e^-FAR = 4.2e-18
+
+
+def _pairs_with_log_ratios(base, a, a_ref):
+    """(pc, pr, rc, rr) <= 0 with pc - pr = a and rc - rr = a_ref: the larger of each two is
+    ``base``."""
+    pc, pr = torch.minimum(base, base + a), torch.minimum(base - a, base)
+    rc, rr = torch.minimum(base, base + a_ref), torch.minimum(base - a_ref, base)
+    return pc, pr, rc, rr
+
+
+def _far(sign):
+    return arrays(np.float64, (8,), elements=st.floats(FAR, 400.0)).map(
+        lambda x: sign * torch.from_numpy(x)
+    )
+
+
+_bases = arrays(np.float64, (8,), elements=st.floats(-100.0, 0.0)).map(torch.from_numpy)
+
+
+@given(base=_bases, a=_far(-1), a_ref=_far(-1), beta=betas)
+def test_js_iupo_is_ipo_where_both_log_ratios_are_far_below_zero(base, a, a_ref, beta):
+    logps = _pairs_with_log_ratios(base, a, a_ref)
+    h, c = h_pi(*logps), 1 / (2 * beta)
+    # |Uh_JS - h| = |softplus(a) - softplus(a_ref)| <= e^-FAR, plus the four-term sum's rounding
+    d = 8 * EPS64 * (sum(x.abs() for x in logps) + 2) + math.exp(-FAR)
+    js, ipo = iupo_loss(*logps, beta, JS), ipo_loss(*logps, beta)
+    assert ((js - ipo).abs() <= 2 * (h - c).abs() * d + d * d).all()
+    # dL/dpc = 2 (Uh - c) sigma(-a) against IPO's 2 (h - c); sigma(a) <= e^-FAR
+    g_js, g_ipo = (
+        _grads(lambda *x: iupo_loss(*x, beta, JS), logps),
+        _grads(lambda *x: ipo_loss(*x, beta), logps),
+    )
+    bound = 2 * d + 2 * (h - c).abs() * (math.exp(-FAR) + 4 * EPS64)
+    for gj, gi in zip(g_js, g_ipo, strict=True):
+        assert ((gj - gi).abs() <= bound).all()
+
+
+@given(base=_bases, a=_far(1), a_ref=_far(1), beta=betas)
+def test_js_iupo_is_inert_where_both_log_ratios_are_far_above_zero(base, a, a_ref, beta):
+    logps = _pairs_with_log_ratios(base, a, a_ref)
+    c = 1 / (2 * beta)
+    # |Uh_JS| <= softplus(-a) + softplus(-a_ref) <= 2 e^-FAR: the loss sits at its starting value
+    # c^2, and its gradient 2 (Uh - c) sigma(-a) is at most 2 (c + 2 e^-FAR) e^-FAR.
+    e = math.exp(-FAR)
+    js = iupo_loss(*logps, beta, JS)
+    assert ((js - c * c).abs() <= 4 * c * e + 4 * e * e + 4 * EPS64 * c * c).all()
+    # (a itself is rounded, by up to 4 eps (|pc| + |pr|) nats: a relative error of e^-a)
+    slack = 1 + 16 * EPS64 * (logps[0].abs() + logps[1].abs() + 1)
+    for g in _grads(lambda *x: iupo_loss(*x, beta, JS), logps):
+        assert (g.abs() <= 2 * (c + 2 * e) * e * slack).all()
+    # IPO on the same pairs pushes with its full residual: 2 |h - c|, not near 0.
+    g_ipo = _grads(lambda *x: ipo_loss(*x, beta), logps)[0]
+    assert torch.equal(g_ipo.abs(), 2 * (h_pi(*logps) - c).abs())
 
 
 # --- metrics -------------------------------------------------------------------------------------

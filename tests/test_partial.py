@@ -16,6 +16,11 @@ import torch
 
 from upo_ref.evaluate import longer_response_rule, score_run
 from upo_ref.evaluate import main as evaluate_main
+from upo_ref.experiments.by_reference import (
+    by_reference_of_results,
+    render_by_reference,
+    split_by_reference,
+)
 from upo_ref.lm import trunk_cache
 from upo_ref.lm.config import TINY_LLAMA, ModelConfig, PhaseConfig
 from upo_ref.lm.data import load_hh
@@ -258,6 +263,7 @@ def test_smol_smoke_end_to_end_writes_only_under_its_run_folder(tmp_path):
     comparisons = {(c["b"], c["a"], c["beta"]) for c in summary["paired_comparisons"]}
     assert ("JS-IUPO", "IPO", 0.1) in comparisons and ("DPO", "IPO", 0.1) in comparisons
     assert set(summary["seconds"]) == {"trunk_s", "reference_s", "training_s", "evaluation_s"}
+    splits = []
     for r in results:
         final = json.loads((r.metrics_path.parent / FINAL_EVAL).read_text())
         evals = [m for m in read_metrics(r.metrics_path) if m["split"] == "eval"]
@@ -265,6 +271,10 @@ def test_smol_smoke_end_to_end_writes_only_under_its_run_folder(tmp_path):
         assert sum(final["rewards/accuracies"]) / n == pytest.approx(
             evals[-1]["rewards/accuracies"], abs=1e-12
         )
+        splits.append(split_by_reference(r.label, r.beta, final))
+    # The grid writes the split of every run, as the command computes it from its results.
+    assert (out / "results" / "by_reference.md").read_text() == render_by_reference(splits)
+    assert by_reference_of_results(out / "results") == splits
     assert len(list((out / "trunk_cache").glob("*.pt"))) == 2  # train and eval, computed once
     again = main(args)  # resumes: the cache and the finished runs are reused
     assert [r.final for r in again] == [r.final for r in results]

@@ -20,6 +20,7 @@ from ..lm.runfiles import read_metrics
 from ..lm.train import FINAL_EVAL
 from ..utils.paths import REPO_ROOT
 from ..utils.stats import binomial_se, paired_difference
+from .by_reference import split_by_reference, write_by_reference
 from .figure1 import figure1
 
 __all__ = [
@@ -124,7 +125,8 @@ def write_outputs(
     command: str,
     wall_s: float,
 ) -> str:
-    """Write the figure, ``summary.json``, ``summary.md`` and the metrics copies; return the
+    """Write the figure, ``summary.json``, ``summary.md``, ``by_reference.md`` (the final accuracy
+    split by pi_ref's preference, ``experiments.by_reference``) and the metrics copies; return the
     tables (and the time split) as printed."""
     n_evals = {r.n_eval for r in results}
     n_eval = n_evals.pop() if len(n_evals) == 1 else None
@@ -143,11 +145,14 @@ def write_outputs(
     (results_dir / "metrics").mkdir(parents=True, exist_ok=True)
     if cfg.sft.n_examples:
         shutil.copyfile(out_dir / "sft" / "metrics.jsonl", results_dir / "metrics" / "sft.jsonl")
+    splits = []
     for r in results:
         shutil.copyfile(r.metrics_path, results_dir / "metrics" / f"{r.name}.jsonl")
-        shutil.copyfile(
-            r.metrics_path.parent / FINAL_EVAL, results_dir / "metrics" / f"{r.name}.final.json"
-        )
+        final_path = r.metrics_path.parent / FINAL_EVAL
+        shutil.copyfile(final_path, results_dir / "metrics" / f"{r.name}.final.json")
+        final = json.loads(final_path.read_text(encoding="utf-8"))
+        splits.append(split_by_reference(r.label, r.beta, final))
+    write_by_reference(splits, results_dir)
     summary = {
         "command": command,
         "wall_seconds": round(wall_s, 1),
