@@ -251,6 +251,14 @@ def test_smol_preset_is_the_grid_of_the_issue():
     assert smoke(cfg).model.name_or_path == TINY_LLAMA
 
 
+def test_smol_average_is_smols_ipo_and_js_iupo_at_beta_0_1_on_mean_log_probs():
+    smol, average = get_preset("smol"), get_preset("smol-average")
+    assert [(f.label, b) for f, b in average.runs()] == [("IPO", 0.1), ("JS-IUPO", 0.1)]
+    assert average.average_logps and not smol.average_logps
+    same = ("model", "data", "sft", "pref", "precision", "trunk_precision", "cache_dtype")
+    assert all(getattr(average, k) == getattr(smol, k) for k in same)  # the same trunk cache
+
+
 def test_smol_smoke_end_to_end_writes_only_under_its_run_folder(tmp_path):
     out = tmp_path / "run"
     tracked = sorted((REPO_ROOT / "results").rglob("*")) + sorted((REPO_ROOT / "figures").glob("*"))
@@ -279,6 +287,18 @@ def test_smol_smoke_end_to_end_writes_only_under_its_run_folder(tmp_path):
     again = main(args)  # resumes: the cache and the finished runs are reused
     assert [r.final for r in again] == [r.final for r in results]
     assert len(list((out / "trunk_cache").glob("*.pt"))) == 2
+    # smol-average has smol's model, data and precision: --trunk-cache shares smol's cache.
+    cache = {p: p.stat().st_mtime_ns for p in (out / "trunk_cache").glob("*.pt")}
+    shared = ["--preset", "smol-average", "--smoke", "--out", str(tmp_path / "average")]
+    main(shared + ["--trunk-cache", str(out / "trunk_cache"), "--no-progress", "--device", "cpu"])
+    assert {p: p.stat().st_mtime_ns for p in (out / "trunk_cache").glob("*.pt")} == cache
+    assert not (tmp_path / "average" / "trunk_cache").exists()
+
+
+def test_trunk_cache_is_refused_for_a_preset_that_caches_no_trunk(capsys):
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--trunk-cache", "somewhere", "--no-progress"])
+    assert "--trunk-cache: preset quick-smoke trains the whole model" in capsys.readouterr().err
 
 
 def write_hh(root, pairs, subset="helpful-base"):

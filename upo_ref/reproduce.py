@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="run folder for checkpoints and metrics (default runs/<preset>)")
     p.add_argument(
+        "--trunk-cache",
+        metavar="DIR",
+        help="folder of the frozen trunk's cached states, for a partially fine-tuned preset "
+        "(default <out>/trunk_cache); presets with the same model, data and precision can share "
+        "one, e.g. smol-average reads runs/smol/trunk_cache",
+    )
+    p.add_argument(
         "--results", help="folder for summary.md/json and metrics copies (default <out>/results)"
     )
     p.add_argument(
@@ -255,6 +262,11 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         restart = fresh_runs(cfg, args.fresh_run)
         if args.publish and args.smoke:
             raise ValueError("--publish writes the committed results: not with --smoke")
+        if args.trunk_cache and cfg.model.train_layers is None:
+            raise ValueError(
+                f"--trunk-cache: preset {cfg.name} trains the whole model and caches no trunk; "
+                f"it applies to a partially fine-tuned preset (smol, smol-average)"
+            )
     except ValueError as err:
         parser.error(str(err))
     threads = torch.get_num_threads()
@@ -289,7 +301,12 @@ def _main(args, cfg, device: torch.device, restart: list[str], command: str) -> 
             dp.barrier()
         t0 = time.perf_counter()
         sft_final, results, timings = run_experiment(
-            cfg, out_dir, device, resume=not args.fresh, progress=not args.no_progress
+            cfg,
+            out_dir,
+            device,
+            resume=not args.fresh,
+            progress=not args.no_progress,
+            cache_dir=args.trunk_cache,
         )
     wall_s = time.perf_counter() - t0
     if dp is not None and not dp.is_main:

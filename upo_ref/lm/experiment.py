@@ -238,13 +238,15 @@ def run_experiment(
     device: torch.device | None = None,
     resume: bool = True,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> tuple[dict[str, float], list[RunResult], dict[str, float]]:
     """SFT once, then every run of ``cfg.runs()``; returns (final SFT eval metrics, the runs'
-    results, the seconds spent on the trunk cache and the reference log-probs)."""
+    results, the seconds spent on the trunk cache and the reference log-probs). ``cache_dir``:
+    where a partially fine-tuned model's trunk cache lives (``prepare_reference``)."""
     out_dir = Path(out_dir)
     device = device if device is not None else default_device()
     _, data = load_experiment_data(cfg)
-    ref = prepare_reference(cfg, data, out_dir, device, resume, progress)
+    ref = prepare_reference(cfg, data, out_dir, device, resume, progress, cache_dir)
     pref_config = cfg.to_dict()["pref"]
     results = []
     for loss_fn, beta in cfg.runs():

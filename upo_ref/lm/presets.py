@@ -17,6 +17,8 @@ Presets:
   fine-tuned (``ModelConfig.train_layers``: the bottom layers frozen, their output cached on
   disk, the top trained) with IPO and JS-IUPO at beta 0.1, 0.2, 0.5, JS-IUPO's kkt form and DPO
   at 0.1; no SFT (the model is instruction-tuned already).
+* ``smol-average``: ``smol``'s IPO and JS-IUPO at beta 0.1 on per-token mean log-probs instead of
+  sums, the ablation for JS-IUPO's switch (``experiments.by_reference``).
 """
 
 from __future__ import annotations
@@ -178,12 +180,24 @@ def _smol() -> ExperimentConfig:
     )
 
 
+def _smol_average() -> ExperimentConfig:
+    # smol with per-token mean log-probs: JS-IUPO's paper form weighs a pair by sigma(-a), a the
+    # policy's log-ratio of its two responses, which summed log-probs put tens of nats from 0 (a
+    # weight of 0 or 1: experiments/by_reference.py); a mean over tokens puts it within a few nats.
+    # beta means something else on means, and no SFT changes; IPO and JS-IUPO at beta 0.1 only.
+    s = _smol()
+    return dataclasses.replace(
+        s, name="smol-average", average_logps=True, betas=(0.1,), extra_runs=()
+    )
+
+
 PRESETS = {
     "quick": _quick,
     "paper": _paper,
     "synthetic": _synthetic,
     "quick-sft-disjoint": _quick_sft_disjoint,
     "smol": _smol,
+    "smol-average": _smol_average,
 }
 
 
