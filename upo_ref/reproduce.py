@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder of the frozen trunk's cached states, for a partially fine-tuned preset "
         "(default <out>/trunk_cache); presets with the same model, data and precision can share "
-        "one, e.g. smol-average reads runs/smol/trunk_cache",
+        "one: --preset smol-average --trunk-cache runs/smol/trunk_cache reuses smol's",
     )
     p.add_argument(
         "--results", help="folder for summary.md/json and metrics copies (default <out>/results)"

@@ -107,6 +107,8 @@ def split_by_reference(label: str, beta: float, final: dict) -> ReferenceSplit:
     """:class:`ReferenceSplit` of one run from its per-pair final evaluation; accuracy is the mean
     of ``rewards/accuracies`` (1, 1/2 on a tie, 0 per pair)."""
     a_ref = reference_log_ratios(final, beta)
+    if "rewards/accuracies" not in final:
+        raise ValueError("the per-pair final evaluation lacks ['rewards/accuracies']")
     correct = final["rewards/accuracies"]
     if len(correct) != len(a_ref):
         raise ValueError("the per-pair final evaluation's lists differ in length")

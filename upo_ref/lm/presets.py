@@ -184,7 +184,8 @@ def _smol_average() -> ExperimentConfig:
     # smol with per-token mean log-probs: JS-IUPO's paper form weighs a pair by sigma(-a), a the
     # policy's log-ratio of its two responses, which summed log-probs put tens of nats from 0 (a
     # weight of 0 or 1: experiments/by_reference.py); a mean over tokens puts it within a few nats.
-    # beta means something else on means, and no SFT changes; IPO and JS-IUPO at beta 0.1 only.
+    # Only IPO and JS-IUPO at beta 0.1 (on means beta has another scale); the rest is smol's, so
+    # the trunk cache is too (reproduce --trunk-cache runs/smol/trunk_cache).
     s = _smol()
     return dataclasses.replace(
         s, name="smol-average", average_logps=True, betas=(0.1,), extra_runs=()
