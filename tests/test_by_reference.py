@@ -81,6 +81,8 @@ def test_an_empty_half_is_shown_as_such_and_bad_input_is_refused():
     del final["rewards/accuracies"]
     with pytest.raises(ValueError, match=r"lacks \['rewards/accuracies'\]"):
         split_by_reference("X", 0.1, final)
+    with pytest.raises(ValueError, match="no runs to tabulate"):
+        format_by_reference([])
     with pytest.raises(ValueError, match="has no pairs"):
         split_by_reference("X", 0.1, {k: [] for k in final_of(rc, rr, rc, rr, 0.1)})
 

@@ -141,7 +141,10 @@ def _cell(acc: float, se: float) -> str:
 
 
 def format_by_reference(splits: list[ReferenceSplit]) -> str:
-    """Markdown: the share of pairs on each side and near 0, then one row per run."""
+    """Markdown: the share of pairs on each side and near 0 (the runs share their eval pairs and
+    reference: the first run's), then one row per run."""
+    if not splits:
+        raise ValueError("no runs to tabulate: give the split of at least one run")
     first = splits[0]
     n = first.n_below + first.n_above + first.n_equal
     lines = [
