@@ -25,6 +25,7 @@ from .figure1 import figure1
 
 __all__ = [
     "format_table",
+    "read_final_evals",
     "paired_comparisons",
     "format_comparisons",
     "time_split",
@@ -63,14 +64,20 @@ def format_table(
     return "\n".join(lines)
 
 
-def paired_comparisons(results: list[RunResult]) -> list[dict]:
+def read_final_evals(results: list[RunResult]) -> dict[str, dict]:
+    """Each run's per-pair final evaluation (``final_eval.json``, beside its metrics) by name."""
+    return {
+        r.name: json.loads((r.metrics_path.parent / FINAL_EVAL).read_text(encoding="utf-8"))
+        for r in results
+    }
+
+
+def paired_comparisons(results: list[RunResult], finals: dict[str, dict]) -> list[dict]:
     """Every two runs at the same beta: accuracy of the later minus the earlier, its paired SE and
-    the unpaired SE for contrast, from the runs' per-pair final evaluations
-    (``final_eval.json``)."""
-    correct = {}
-    for r in results:
-        final = json.loads((r.metrics_path.parent / FINAL_EVAL).read_text(encoding="utf-8"))
-        correct[r.name] = final["rewards/accuracies"]  # (N,) 1, 1/2 (a tie) or 0 per eval pair
+    the unpaired SE for contrast, from the runs' per-pair final evaluations (``finals``, as
+    :func:`read_final_evals` gives them)."""
+    # (N,) per run: 1, 1/2 (a tie) or 0 per eval pair
+    correct = {r.name: finals[r.name]["rewards/accuracies"] for r in results}
     rows = []
     for i, a in enumerate(results):
         for b in results[i + 1 :]:
@@ -131,7 +138,8 @@ def write_outputs(
     n_evals = {r.n_eval for r in results}
     n_eval = n_evals.pop() if len(n_evals) == 1 else None
     table = format_table(results, sft_final, n_eval)
-    comparisons = paired_comparisons(results)
+    finals = read_final_evals(results)
+    comparisons = paired_comparisons(results, finals)
     split = time_split(results, timings)
     runs = {(r.label, r.beta): read_metrics(r.metrics_path) for r in results}
     labels = " vs ".join(dict.fromkeys(r.label for r in results))
@@ -145,13 +153,12 @@ def write_outputs(
     (results_dir / "metrics").mkdir(parents=True, exist_ok=True)
     if cfg.sft.n_examples:
         shutil.copyfile(out_dir / "sft" / "metrics.jsonl", results_dir / "metrics" / "sft.jsonl")
-    splits = []
     for r in results:
         shutil.copyfile(r.metrics_path, results_dir / "metrics" / f"{r.name}.jsonl")
-        final_path = r.metrics_path.parent / FINAL_EVAL
-        shutil.copyfile(final_path, results_dir / "metrics" / f"{r.name}.final.json")
-        final = json.loads(final_path.read_text(encoding="utf-8"))
-        splits.append(split_by_reference(r.label, r.beta, final))
+        shutil.copyfile(
+            r.metrics_path.parent / FINAL_EVAL, results_dir / "metrics" / f"{r.name}.final.json"
+        )
+    splits = [split_by_reference(r.label, r.beta, finals[r.name]) for r in results]
     write_by_reference(splits, results_dir)
     summary = {
         "command": command,
