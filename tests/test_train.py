@@ -509,3 +509,73 @@ def test_training_flushes_subnormals_on_the_cpu_and_restores_the_default():
     finally:
         flush_subnormals(False)
     assert (tiny * 1.0).item() != 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision: "bfloat16-matmul"
+# ------------------------------------------------------------------------------------------------
+
+# float32 accumulation over K products, relative to sum |x_k w_k| (K * 2^-24, with room)
+F32_ACCUMULATION = 96 * 2.0**-24 * 4
+
+
+def test_bfloat16_matmul_rounds_the_inputs_only_and_restores_the_setting():
+    """Inside the block a float32 matmul is the float32-accumulated product of the bf16-rounded
+    inputs (where oneDNN has bf16; elsewhere it stays the float32 product), with a float32 output;
+    after the block, even one left by an exception, the previous setting is back."""
+    from upo_ref.lm.phases import autocast
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 96, generator=g), torch.randn(96, 80, generator=g)  # K = 96
+    scale = (x.abs().double() @ w.abs().double()).max().item()
+    exact = x.double() @ w.double()
+    of_rounded = x.bfloat16().double() @ w.bfloat16().double()
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with autocast(CPU, "bfloat16-matmul"):
+        y = x @ w
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert y.dtype == torch.float32
+    target = of_rounded if torch.ops.mkldnn._is_mkldnn_bf16_supported() else exact
+    assert (y.double() - target).abs().max().item() <= F32_ACCUMULATION * scale
+    # the rounding of the inputs is visible: far above float32's own error
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert (y.double() - exact).abs().max().item() > 10 * F32_ACCUMULATION * scale
+    with pytest.raises(RuntimeError, match="inside"):
+        with autocast(CPU, "bfloat16-matmul"):
+            raise RuntimeError("inside")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_bfloat16_matmul_is_refused_off_the_cpu():
+    from upo_ref.lm.phases import autocast
+
+    with pytest.raises(ValueError, match=r'"bfloat16-matmul" is a CPU mode .* use "auto"'):
+        with autocast(torch.device("cuda"), "bfloat16-matmul"):
+            pass
+
+
+def test_bfloat16_matmul_covers_the_backward_pass_of_a_training_step(synthetic, tmp_path):
+    """The gradients of a step are computed under the same matmul precision as its forward pass
+    (a backward outside the block would run in full float32), and training leaves the setting as
+    it found it."""
+    cfg, data, new_model, reference = synthetic
+    model = new_model()
+    seen = []
+    param = next(p for p in model.parameters() if p.requires_grad)
+    param.register_hook(lambda grad: seen.append(torch.backends.mkldnn.matmul.fp32_precision))
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    phase = PreferencePhase(
+        PreferenceLoss("ipo"), 0.1, reference, data.pad_id, precision="bfloat16-matmul"
+    )
+    train(
+        model,
+        phase,
+        data.pref_train,
+        data.pref_eval,
+        small_phase(n_examples=48, eval_every=48),
+        tmp_path,
+        CPU,
+        progress=False,
+    )
+    assert seen == ["bf16"] * 3  # one backward per step of 16
+    assert torch.backends.mkldnn.matmul.fp32_precision == before

@@ -13,7 +13,8 @@ margin beta * h, where h is the log-ratio difference of eq. (10) (``metrics.pref
 what the trainer logs). ``--part eval``/``train`` keeps one side of the prompt-hash split.
 ``--precision`` scores in another precision than the run's; ``--against P`` scores a second time in
 precision P and prints how the two agree pair by pair (the sign of each margin, the spread of their
-difference): how much a bf16 forward pass changes the verdict on each pair.
+difference): how much a bf16 forward pass (``bfloat16`` autocast, or ``bfloat16-matmul``) changes
+the verdict on each pair.
 
 It refuses a run it cannot reproduce: an unfinished run, a checkpoint without the identity, a
 model file whose weights differ from those the run started from, a compact-vocabulary model (its

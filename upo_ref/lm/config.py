@@ -29,7 +29,7 @@ __all__ = [
 
 # The forward passes' precisions (``phases.autocast``) and the trunk cache's storage dtypes
 # (``trunk_cache.CACHE_DTYPES``): named here, where a config is checked, and used there.
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "bfloat16-matmul")
 CACHE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 
 # The four preference subsets of Anthropic/hh-rlhf (what
@@ -206,12 +206,15 @@ class ExperimentConfig:
     further (name, divergence, form, beta) runs (e.g. JS-IUPO's kkt form at one beta), after those.
     ``average_logps``: per-token mean log-probs instead of sums (changes the meaning of beta). An
     ``sft.n_examples`` of 0 skips SFT: pi_ref is the model as built. ``precision``: the forward
-    passes' (``train.autocast``: "auto" is bf16 on CUDA and float32 on the CPU). ``cache_dtype``:
-    how the trunk states of a partially fine-tuned model are stored (``lm.trunk_cache``), and
-    ``trunk_precision`` the precision the frozen trunk runs in, once (None: ``precision``). The
-    trunk's rounding is shared by pi and pi_ref, which both read its cached states, so it cancels in
-    their log-ratios; the trained top's does not: in bf16, pi and pi_ref round differently once
-    their weights differ, and that rounding enters every log-ratio pi / pi_ref.
+    passes' (``phases.autocast``: "auto" is bf16 on CUDA and float32 on the CPU; "bfloat16-matmul"
+    keeps float32 but rounds the CPU matmuls' inputs to bf16, forward and backward).
+    ``cache_dtype``: how the trunk states of a partially fine-tuned model are stored
+    (``lm.trunk_cache``), and ``trunk_precision`` the precision the frozen trunk runs in, once
+    (None: ``precision``). The trunk's rounding is shared by pi and pi_ref, which both read its
+    cached states, so it cancels in their log-ratios; the trained top's does not: pi and pi_ref
+    round differently once their weights differ, and that rounding enters every log-ratio
+    pi / pi_ref (most under bf16 autocast, which rounds every logit to 8 significant bits; less
+    under "bfloat16-matmul", whose outputs and sums are float32).
     """
 
     name: str

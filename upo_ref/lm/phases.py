@@ -40,6 +40,7 @@ __all__ = [
     "NonFiniteLossError",
     "PRECISIONS",
     "autocast",
+    "matmul_precision",
     "SFTPhase",
     "PreferencePhase",
     "ReferenceLogps",
@@ -53,13 +54,42 @@ class NonFiniteLossError(RuntimeError):
 
 def autocast(device: torch.device, precision: str = "auto"):
     """The forward passes' precision. ``"auto"``: bf16 autocast on CUDA, float32 on the CPU;
-    ``"bfloat16"``: bf16 autocast on any device (on a CPU with AMX, ~4x the float32 matmul rate);
-    ``"float32"``: no autocast."""
+    ``"bfloat16"``: bf16 autocast on any device (on a CPU with AMX, ~4x the float32 matmul rate;
+    every matmul's output is rounded to bf16); ``"bfloat16-matmul"``: float32 throughout except
+    that the CPU's float32 matmuls round their *inputs* to bf16 and accumulate and return float32
+    (:func:`matmul_precision`); ``"float32"``: no autocast."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bfloat16-matmul":
+        return matmul_precision(device, precision)
     if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, precision: str):
+    """For ``"bfloat16-matmul"``, oneDNN's float32 matmuls on the CPU take bf16-rounded inputs (8
+    significant bits) and accumulate and return float32, until the block ends (PyTorch's float32
+    matmul precision "medium", ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``; the
+    previous setting is restored). Weights, activations, softmax and losses stay float32, and
+    pi and pi_ref are computed the same way. The training step runs its backward pass in this
+    block too. Any other precision: nothing changes."""
+    if precision != "bfloat16-matmul":
+        yield
+        return
+    if device.type != "cpu":
+        raise ValueError(
+            f'precision "bfloat16-matmul" is a CPU mode (oneDNN); on {device.type} use "auto" '
+            f'(bf16 autocast) or "float32"'
+        )
+    backend = torch.backends.mkldnn.matmul
+    before = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = before
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -27,9 +27,11 @@ A non-finite loss or gradient norm stops the run *before* the optimiser step, wi
 where they enter the loss (the public losses and ``metrics.preference_metrics`` check their inputs),
 the loss once per step here. Precision: the model's weights must be float32 (a bf16/fp16 model is
 refused, not silently trained in half precision); on CUDA, forward passes run under bf16 autocast (a
-phase whose ``precision`` is ``"bfloat16"`` asks for it on the CPU too), and the log-softmax,
-log-probs and losses are computed in float32. The final evaluation also writes every eval example's
-metrics to ``final_eval.json`` (for paired comparisons of runs on the same eval set).
+phase whose ``precision`` is ``"bfloat16"`` asks for it on the CPU too; ``"bfloat16-matmul"``
+rounds only the CPU matmuls' inputs to bf16, in the forward and the backward pass:
+``phases.matmul_precision``), and the log-softmax, log-probs and losses are computed in float32.
+The final evaluation also writes every eval example's metrics to ``final_eval.json`` (for paired
+comparisons of runs on the same eval set).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from .phases import (
     SFTPhase,
     autocast,
     check_float32,
+    matmul_precision,
     reference_logps,
     to_device,
 )
@@ -211,7 +214,8 @@ def _train_step(
             losses, metrics = (dp.forward if dp else phase.losses)(model, batch, "train")
         # The gradients of the microbatches add up to those of the batch mean (DDP averages the
         # n processes' gradients, hence the factor n).
-        (losses.sum() * n / B).backward()
+        with matmul_precision(device, precision):  # the backward's matmuls as the forward's
+            (losses.sum() * n / B).backward()
         _add_sums(sums, {"loss": losses, **metrics})
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # ()
     totals = torch.stack(list(sums.values()))  # (K,)
