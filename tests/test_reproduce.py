@@ -273,6 +273,37 @@ def test_command_line_edges_are_clear_errors(monkeypatch, capsys):
     assert "--eval-data is the eval set of --data" in capsys.readouterr().err
 
 
+def test_data_seed_draws_another_training_sample_of_the_same_split(capsys):
+    parse = _parser().parse_args
+    base = config_from_args(parse(["--smoke"]))
+    assert config_from_args(parse(["--smoke", "--data-seed", "0"])) == base  # the presets' seed
+    cfg = config_from_args(parse(["--smoke", "--data-seed", "3"]))
+    assert cfg.data.shuffle_seed == 3 and cfg.name == "quick-seed3-smoke"
+    assert dataclasses.replace(cfg, name=base.name, data=base.data) == base  # nothing else moves
+    # With every eval pair kept (n_eval_pairs None, as in smol) and the tokenizer's own ids (not a
+    # compact vocabulary built from the training sample), the eval set is the same set of pairs in
+    # another order, and the training sample another draw from the same training split.
+    tokenizer = load_tokenizer(cfg.model)
+    a, b = (
+        prepare_data(
+            dataclasses.replace(
+                c, data=dataclasses.replace(c.data, n_eval_pairs=None, compact_vocab=None)
+            ),
+            tokenizer,
+        )
+        for c in (base, cfg)
+    )
+    key = lambda p: (tuple(p.prompt), tuple(p.chosen), tuple(p.rejected))  # noqa: E731
+    assert sorted(map(key, a.pref_eval)) == sorted(map(key, b.pref_eval))
+    assert [key(p) for p in a.pref_eval] != [key(p) for p in b.pref_eval]
+    assert {key(p) for p in a.pref_train} != {key(p) for p in b.pref_train}
+    assert len(a.pref_train) == len(b.pref_train) == base.data.n_train_pairs
+    for bad in ("-1", "one"):
+        with pytest.raises(SystemExit):
+            parse(["--data-seed", bad])
+        assert f"--data-seed: must be a whole number >= 0, got '{bad}'" in capsys.readouterr().err
+
+
 def write_trl(path, n: int, bad_row: str | None = None):
     rows = [
         json.dumps({"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": " No."})

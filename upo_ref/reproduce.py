@@ -17,11 +17,13 @@ Outputs: everything under ``--out`` (default ``runs/<preset>``, git-ignored): ch
 metrics, the figure ``figure1_<preset>.png`` and the table and metrics in ``results/``. Running
 the job changes no tracked file; ``--publish`` writes the figure to ``figures/`` and the table and
 metrics to ``results/<preset>/`` instead, the committed results. ``--betas`` runs only the runs at
-those betas. Re-running the same command resumes from the checkpoints there; ``--fresh-run
-NAME`` starts one run over (``sft``, or a run such as ``ipo_beta0.1``; ``sft`` restarts every
-run, since they all start from the SFT model), ``--fresh`` all of them. While it runs, the
-command holds the lock of ``--out`` (``lm.runfiles``): a second command on the same folder stops
-at once, naming the first.
+those betas. ``--data-seed N`` draws another sample of training pairs (``DataConfig.shuffle_seed``)
+into ``runs/<preset>-seed<N>`` (``results/<preset>-seed<N>`` with ``--publish``), for the spread
+between samples (``experiments.samples``). Re-running the same command resumes from the
+checkpoints there; ``--fresh-run NAME`` starts one run over (``sft``, or a run such as
+``ipo_beta0.1``; ``sft`` restarts every run, since they all start from the SFT model), ``--fresh``
+all of them. While it runs, the command holds the lock of ``--out`` (``lm.runfiles``): a second
+command on the same folder stops at once, naming the first.
 """
 
 from __future__ import annotations
@@ -123,6 +125,15 @@ def _parser() -> argparse.ArgumentParser:
         help="keep pairs whose chosen and rejected responses are identical (dropped and listed "
         "by default)",
     )
+    p.add_argument(
+        "--data-seed",
+        type=_nonnegative_int,
+        metavar="N",
+        help="seed of the shuffle that draws the training pairs and orders the eval pairs "
+        "(DataConfig.shuffle_seed; the presets use 0): another N trains on another sample of "
+        "the training split, for the spread between samples that a binomial standard error "
+        "leaves out; its runs go to runs/<preset>-seed<N> (results too, with --publish)",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads, >= 1 (default: the preset's)"
@@ -162,6 +173,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The preset named by ``args`` with the command-line overrides applied (then shrunk by
     --smoke)."""
@@ -189,6 +210,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         )
     if args.keep_identical:
         data = r(data, keep_identical=True)
+    if args.data_seed is not None and args.data_seed != data.shuffle_seed:
+        data = r(data, shuffle_seed=args.data_seed)
+        cfg = r(cfg, name=f"{cfg.name}-seed{args.data_seed}")  # its own runs/ and results/
     cfg = _only_betas(r(cfg, data=data), args.betas)
     if args.runs:
         cfg = _only_runs(cfg, args.runs.split(","))
