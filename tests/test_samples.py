@@ -107,7 +107,9 @@ def test_grids_of_other_experiments_or_the_same_seed_are_refused(tmp_path, capsy
 
 
 def test_the_committed_smol_samples_table_is_what_the_code_computes():
-    folders = [REPO_ROOT / "results" / name for name in ("smol", "smol-seed1", "smol-seed2")]
+    folders = [
+        REPO_ROOT / "results" / name for name in ("smol", "smol-seed1", "smol-seed2", "smol-seed3")
+    ]
     grids = [read_grid(f) for f in folders]
     table, missing = spreads(grids)
     committed = (REPO_ROOT / "results" / "smol" / "samples.md").read_text(encoding="utf-8")
