@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data-seed",
-        type=_nonnegative_int,
+        type=_whole_number(0),
         metavar="N",
         help="seed of the shuffle that draws the training pairs and orders the eval pairs "
         "(DataConfig.shuffle_seed; the presets use 0): another N trains on another sample of "
@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument(
-        "--threads", type=_positive_int, help="torch CPU threads, >= 1 (default: the preset's)"
+        "--threads", type=_whole_number(1), help="torch CPU threads, >= 1 (default: the preset's)"
     )
     p.add_argument(
         "--runs",
@@ -163,24 +163,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+def _whole_number(least: int):
+    """An argparse ``type``: a whole number >= ``least``, else a usage error saying so."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {text!r}")
+        return value
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return value
+    return parse
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:

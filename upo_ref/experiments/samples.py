@@ -48,8 +48,11 @@ class Spread:
     ses: tuple[float, ...]  # (S,) each grid's own standard error of its value
     mean: float
     sd: float  # between samples, Bessel's S - 1
-    se_of_mean: float  # sd / sqrt(S)
     interval: tuple[float, float]  # Student-t 95% interval of the mean
+
+    @property
+    def se_of_mean(self) -> float:
+        return self.sd / math.sqrt(len(self.values))
 
     @property
     def mean_own_se(self) -> float:
@@ -71,12 +74,15 @@ def check_comparable(grids: list[dict]) -> None:
     """ValueError unless the grids differ only in their data seed (each its own) and their runs."""
     if len(grids) < 2:
         raise ValueError(f"need the results of at least 2 grids, got {len(grids)}")
+
+    def but_seed(config: dict) -> dict:
+        return {k: v for k, v in config["data"].items() if k != "shuffle_seed"}
+
     first = grids[0]["config"]
     for g in grids[1:]:
         c = g["config"]
-        data = {k: v for k, v in c["data"].items() if k != "shuffle_seed"}
-        data0 = {k: v for k, v in first["data"].items() if k != "shuffle_seed"}
-        differ = [k for k in _SAME if c.get(k) != first.get(k)] + ["data"] * (data != data0)
+        differ = [k for k in _SAME if c.get(k) != first.get(k)]
+        differ += ["data"] * (but_seed(c) != but_seed(first))
         if differ:
             raise ValueError(
                 f"{g['dir']} and {grids[0]['dir']} differ in {differ}, not only in the data seed: "
@@ -89,18 +95,9 @@ def check_comparable(grids: list[dict]) -> None:
 
 def _spread(what: str, beta: float, values: list[float], ses: list[float]) -> Spread:
     x = torch.tensor(values, dtype=torch.float64)  # (S,)
+    mean, lo, hi = mean_interval(x, dim=0)
     sd = float(x.std(correction=1))
-    _, lo, hi = mean_interval(x[:, None], dim=0)
-    return Spread(
-        what,
-        beta,
-        tuple(values),
-        tuple(ses),
-        float(x.mean()),
-        sd,
-        sd / math.sqrt(len(values)),
-        (float(lo[0]), float(hi[0])),
-    )
+    return Spread(what, beta, tuple(values), tuple(ses), float(mean), sd, (float(lo), float(hi)))
 
 
 def _union(tables: list[dict]) -> list:
@@ -144,8 +141,8 @@ def format_spreads(grids: list[dict], table: list[Spread], missing: list[str]) -
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for s in table:
-        vals = ", ".join(f"{v:+.4f}" if " - " in s.what else f"{v:.4f}" for v in s.values)
-        fmt = "{:+.4f}" if " - " in s.what else "{:.4f}"
+        fmt = "{:+.4f}" if " - " in s.what else "{:.4f}"  # a difference carries its sign
+        vals = ", ".join(fmt.format(v) for v in s.values)
         lines.append(
             f"| {s.what} | {s.beta:g} | {vals} | {fmt.format(s.mean)} | {s.sd:.4f} | "
             f"{s.se_of_mean:.4f} ({fmt.format(s.interval[0])}, {fmt.format(s.interval[1])}) | "
