@@ -89,6 +89,17 @@ def test_quick_preset_smoke_end_to_end_and_resume(tmp_path, capsys):
     again = main(["--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert [r.final for r in again] == [r.final for r in results]
     assert {p.name: p.read_text() for p in (out / "results" / "metrics").iterdir()} == before
+    # The time split says whose time it is: the runs' training and evaluation come from their
+    # metrics (the first command's, unchanged), the reference from this command.
+    resumed = json.loads((out / "results" / "summary.json").read_text())
+    for k in ("training_s", "evaluation_s"):
+        assert resumed["seconds"][k] == summary["seconds"][k] > 0
+    own = resumed["seconds"]
+    assert (
+        f"(in this command: reference {own['reference_s'] / 60:.1f} min); the runs' own training "
+        f"{own['training_s'] / 60:.1f} min, evaluation {own['evaluation_s'] / 60:.1f} min, from "
+        "their metrics" in (out / "results" / "summary.md").read_text()
+    )
     # --fresh-run NAME retrains that run only, to the same numbers (the CPU is deterministic).
     written = {d.name: (d / "metrics.jsonl").stat().st_mtime_ns for d in out.glob("*_beta*")}
     main(["--smoke", "--out", str(out), "--no-progress", "--fresh-run", "ipo_beta0.2"])

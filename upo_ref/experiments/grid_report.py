@@ -176,9 +176,15 @@ def write_outputs(
         json.dumps(summary, indent=1) + "\n", encoding="utf-8"
     )
     times = ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min" for k, v in split.items())
+    here, own = (
+        ", ".join(f"{k.removesuffix('_s')} {split[k] / 60:.1f} min" for k in keys)
+        for keys in (timings, ("training_s", "evaluation_s"))
+    )
     (results_dir / "summary.md").write_text(
         f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: "
-        f"{wall_s / 60:.1f} min ({times})  \nFigure: `{relative(figure_path)}`\n\n"
+        f"{wall_s / 60:.1f} min (in this command: {here}); the runs' own {own}, from their "
+        "metrics (a run an earlier command finished counts that command's time)  \n"
+        f"Figure: `{relative(figure_path)}`\n\n"
         f"Final evaluation (after {cfg.pref.n_examples} preference examples per run):\n\n"
         f"{table}\n\n"
         f"Paired differences of final eval accuracy (same eval pairs, same reference):\n\n"
