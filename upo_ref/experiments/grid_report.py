@@ -175,11 +175,11 @@ def write_outputs(
     (results_dir / "summary.json").write_text(
         json.dumps(summary, indent=1) + "\n", encoding="utf-8"
     )
-    times = ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min" for k, v in split.items())
-    here, own = (
-        ", ".join(f"{k.removesuffix('_s')} {split[k] / 60:.1f} min" for k in keys)
-        for keys in (timings, ("training_s", "evaluation_s"))
-    )
+
+    def minutes(keys) -> str:
+        return ", ".join(f"{k.removesuffix('_s')} {split[k] / 60:.1f} min" for k in keys)
+
+    times, here, own = minutes(split), minutes(timings), minutes(("training_s", "evaluation_s"))
     (results_dir / "summary.md").write_text(
         f"# Results of preset `{cfg.name}`\n\nCommand: `{command}`  \nWall time: "
         f"{wall_s / 60:.1f} min (in this command: {here}); the runs' own {own}, from their "
