@@ -54,11 +54,7 @@ def test_spreads_are_the_hand_computed_mean_sd_and_t_interval(tmp_path):
         [0.55, 0.53, 0.535],
         [0.51, 0.515, 0.50],
         [-0.04, -0.015, -0.035],
-        [
-            0.013,
-            0.014,
-            0.012,
-        ],
+        [0.013, 0.014, 0.012],
     )
     folders = [grid(tmp_path, s, ipo[s], js[s], diff[s], se[s], dpo=s == 0) for s in range(3)]
     table, missing = spreads([read_grid(f) for f in folders])

@@ -30,7 +30,15 @@ import torch
 
 from ..utils.stats import binomial_se, mean_interval
 
-__all__ = ["Spread", "read_grid", "check_comparable", "spreads", "format_spreads", "main"]
+__all__ = [
+    "Spread",
+    "read_grid",
+    "data_seeds",
+    "check_comparable",
+    "spreads",
+    "format_spreads",
+    "main",
+]
 
 # What must be equal for two grids to be samples of the same experiment (the data seed and the
 # runs held may differ).
@@ -49,6 +57,10 @@ class Spread:
     mean: float
     sd: float  # between samples, Bessel's S - 1
     interval: tuple[float, float]  # Student-t 95% interval of the mean
+
+    @property
+    def is_difference(self) -> bool:
+        return " - " in self.what
 
     @property
     def se_of_mean(self) -> float:
@@ -70,6 +82,11 @@ def read_grid(results_dir: str | Path) -> dict:
     return {**json.loads(path.read_text(encoding="utf-8")), "dir": str(results_dir)}
 
 
+def data_seeds(grids: list[dict]) -> list[int]:
+    """Each grid's data seed (``DataConfig.shuffle_seed``), in the order given."""
+    return [g["config"]["data"]["shuffle_seed"] for g in grids]
+
+
 def check_comparable(grids: list[dict]) -> None:
     """ValueError unless the grids differ only in their data seed (each its own) and their runs."""
     if len(grids) < 2:
@@ -88,7 +105,7 @@ def check_comparable(grids: list[dict]) -> None:
                 f"{g['dir']} and {grids[0]['dir']} differ in {differ}, not only in the data seed: "
                 "they are not samples of one experiment"
             )
-    seeds = [g["config"]["data"]["shuffle_seed"] for g in grids]
+    seeds = data_seeds(grids)
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"two grids have the same data seed ({seeds}): the same sample twice")
 
@@ -131,7 +148,7 @@ def spreads(grids: list[dict]) -> tuple[list[Spread], list[str]]:
 
 def format_spreads(grids: list[dict], table: list[Spread], missing: list[str]) -> str:
     """The markdown table of :func:`spreads`."""
-    seeds = ", ".join(str(g["config"]["data"]["shuffle_seed"]) for g in grids)
+    seeds = ", ".join(map(str, data_seeds(grids)))
     lines = [
         f"Final eval accuracy over {len(grids)} training samples (data seeds {seeds}; "
         "`python -m upo_ref.experiments.samples`):",
@@ -141,7 +158,7 @@ def format_spreads(grids: list[dict], table: list[Spread], missing: list[str]) -
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for s in table:
-        fmt = "{:+.4f}" if " - " in s.what else "{:.4f}"  # a difference carries its sign
+        fmt = "{:+.4f}" if s.is_difference else "{:.4f}"  # a difference carries its sign
         vals = ", ".join(fmt.format(v) for v in s.values)
         lines.append(
             f"| {s.what} | {s.beta:g} | {vals} | {fmt.format(s.mean)} | {s.sd:.4f} | "
