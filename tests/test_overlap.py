@@ -97,6 +97,8 @@ def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke
         overlap_check(cfg, tmp_path / "nothing here", n_unused=8)
     with pytest.raises(ValueError, match="uses every training pair"):
         overlap_check(_all_training_pairs(cfg), out)
+    with pytest.raises(ValueError, match="trains only the top of its model"):
+        overlap_check(smoke(get_preset("smol-sft")), out)
 
 
 def test_sft_disjoint_keeps_the_preference_training_prompts_out_of_sft():

@@ -31,7 +31,14 @@ from upo_ref.lm.partial import split_model, trainable_parameters
 from upo_ref.lm.presets import get_preset, smoke
 from upo_ref.lm.split import split_by_prompt_hash
 from upo_ref.lm.tokenize import TokenizedPair, collate_pairs
-from upo_ref.lm.train import CHECKPOINT, FINAL_EVAL, read_metrics, reference_logps, train
+from upo_ref.lm.train import (
+    CHECKPOINT,
+    FINAL_EVAL,
+    SFTPhase,
+    read_metrics,
+    reference_logps,
+    train,
+)
 from upo_ref.lm.trunk_cache import (
     CachedPreferencePhase,
     cached_pairs,
@@ -47,6 +54,7 @@ CPU = torch.device("cpu")
 VOCAB = 97
 EXACT_FLOAT64 = 1e-10  # split vs whole model in float64: the same operations, reassociated at most
 FLOAT16_CACHE = 2e-2  # log-probs from float16-stored states vs float32 ones, nats per sequence
+FLOAT32_STATES = 1e-6  # relative: a float64 top fed float32-rounded trunk states (as collated)
 
 
 def tiny_llama(n_layer=3, seed=0):
@@ -187,6 +195,63 @@ def test_collate_cached_pads_states_with_zeros():
         collate_cached(pairs, [0, 1, 2], VOCAB - 1)
 
 
+def sft_targets(n: int, seed: int = 0) -> list[TokenizedPair]:
+    """SFT examples as ``tokenize_sft`` makes them: rejected = chosen = the target."""
+    return [TokenizedPair(p.prompt, p.chosen, p.chosen) for p in random_pairs(n, seed)]
+
+
+def test_sft_on_the_cached_top_is_the_whole_models_sft_loss_and_gradients():
+    examples = sft_targets(6)
+    whole = tiny_llama().double().eval()
+    trunk, top = split_model(tiny_llama().double().eval(), 1)
+    cached = []
+    for e in examples:  # the trunk's float64 states of x + y, as cached_targets attaches them
+        ids = torch.tensor([e.prompt + e.chosen])
+        with torch.no_grad():
+            h = trunk(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+        cached.append(trunk_cache.CachedPair(e.prompt, e.chosen, e.rejected, h, None))
+    ours = trunk_cache.CachedSFTPhase(pad_id=VOCAB - 1)
+    theirs = SFTPhase(pad_id=VOCAB - 1)
+    loss_top, m_top = ours.losses(top, ours.collate(cached, range(6)), "train")  # (6,)
+    loss_whole, m_whole = theirs.losses(whole, theirs.collate(examples, range(6)), "train")
+    # The collated states are float32 (as from the float16 cache), the rest float64.
+    assert torch.allclose(loss_top, loss_whole, atol=0, rtol=FLOAT32_STATES)
+    assert torch.allclose(m_top["nll_per_token"], m_whole["nll_per_token"], rtol=FLOAT32_STATES)
+    loss_top.sum().backward()
+    loss_whole.sum().backward()
+    for (name, p), q in zip(
+        whole.model.layers[2].named_parameters(), top.model.layers[0].parameters(), strict=True
+    ):
+        assert (p.grad - q.grad).abs().max() <= FLOAT32_STATES * p.grad.abs().max(), name
+    with pytest.raises(ValueError, match="trunk states"):
+        ours.collate(examples, range(6))
+
+
+def test_sft_targets_have_a_cache_of_their_own_computed_once(tmp_path, monkeypatch):
+    examples = sft_targets(5)
+    trunk, _ = trunk_of()
+    args = (tmp_path, VOCAB - 1, 4, CPU)
+    pairs = cached_pairs(trunk, examples, *args)
+    first = trunk_cache.cached_targets(trunk, examples, *args)
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # the same ids as pairs are another entry
+    assert all(c.hidden_rejected is None for c in first)  # SFT reads x + y only
+    for a, b in zip(pairs, first, strict=True):  # the same states as the pairs' chosen side
+        assert torch.equal(a.hidden_chosen, b.hidden_chosen)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the trunk ran again although its states are cached")
+
+    monkeypatch.setattr(trunk_cache, "trunk_states", must_not_run)
+    again = trunk_cache.cached_targets(trunk, examples, *args)
+    assert all(
+        torch.equal(a.hidden_chosen, b.hidden_chosen) for a, b in zip(first, again, strict=True)
+    )
+    with pytest.raises(ValueError, match="share the names"):
+        trunk_cache.cache_trunk(
+            tiny_llama(), 1, {"a": examples}, tmp_path, VOCAB - 1, 4, CPU, targets={"a": examples}
+        )
+
+
 class Interrupted(RuntimeError):
     pass
 
@@ -257,6 +322,48 @@ def test_smol_average_is_smols_ipo_and_js_iupo_at_beta_0_1_on_mean_log_probs():
     assert average.average_logps and not smol.average_logps
     same = ("model", "data", "sft", "pref", "precision", "trunk_precision", "cache_dtype")
     assert all(getattr(average, k) == getattr(smol, k) for k in same)  # the same trunk cache
+
+
+def test_smol_sft_is_smols_ipo_and_js_iupo_at_beta_0_1_from_an_sft_reference():
+    smol, sft = get_preset("smol"), get_preset("smol-sft")
+    assert [(f.label, b) for f, b in sft.runs()] == [("IPO", 0.1), ("JS-IUPO", 0.1)]
+    assert sft.sft.n_examples == sft.data.n_sft_examples == 2048 and smol.sft.n_examples == 0
+    assert sft.sft.lr == smol.pref.lr and sft.sft.batch_size == smol.pref.batch_size
+    same = ("model", "pref", "average_logps", "precision", "trunk_precision", "cache_dtype")
+    assert all(getattr(sft, k) == getattr(smol, k) for k in same)
+    assert dataclasses.replace(sft.data, n_sft_examples=smol.data.n_sft_examples) == smol.data
+
+
+def test_smol_sft_smoke_trains_the_reference_first_and_evaluate_scores_from_it(tmp_path):
+    cfg = smoke(get_preset("smol-sft"))
+    out = tmp_path / "run"
+    args = ["--preset", "smol-sft", "--smoke", "--out", str(out), "--no-progress"]
+    results = main(args + ["--device", "cpu"])
+    sft = read_metrics(out / "sft" / "metrics.jsonl")
+    assert [m["examples_seen"] for m in sft if m["split"] == "eval"] == [0, 8]
+    # train, eval and the two SFT sets, each cached once; the summary says what SFT took.
+    assert len(list((out / "trunk_cache").glob("*.pt"))) == 4
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert list(summary["seconds"])[:3] == ["trunk_s", "sft_s", "reference_s"]
+    assert summary["sft_final"]["nll_per_token"] == pytest.approx(
+        [m for m in sft if m["split"] == "eval"][-1]["nll_per_token"], abs=1e-12
+    )
+    # The runs start from the SFT model, pi_ref: their first step computes pi = pi_ref, margin 0.
+    for r in results:
+        step_1 = [m for m in read_metrics(r.metrics_path) if m["split"] == "train"][0]
+        assert step_1["step"] == 1 and step_1["rewards/ties"] == 1.0
+    # Rescoring a run's own eval pairs starts from the same SFT model, so gives its numbers.
+    pairs, _ = load_hh(hh_dir(), "test", cfg.data.hh_subsets, drop_mismatched=True)
+    held_out = split_by_prompt_hash(pairs, cfg.data.eval_fraction)[1]
+    write_hh(tmp_path / "hh", _first(held_out, cfg.data.n_eval_pairs, cfg.data.shuffle_seed, ""))
+    run = out / "ipo_beta0.1"
+    final = [m for m in read_metrics(run / "metrics.jsonl") if m["split"] == "eval"][-1]
+    got = evaluate_main([str(run), "--hh-dir", str(tmp_path / "hh"), "--subsets", "helpful-base"])
+    assert got["accuracy"] == pytest.approx(final["rewards/accuracies"], abs=1e-12)
+    assert got["margin"] == pytest.approx(final["rewards/margins"], abs=1e-6)
+    (out / "sft" / CHECKPOINT).unlink()
+    with pytest.raises(FileNotFoundError, match="started from an SFT model"):
+        score_run(run, tmp_path / "hh", ("helpful-base",))
 
 
 def test_smol_smoke_end_to_end_writes_only_under_its_run_folder(tmp_path):

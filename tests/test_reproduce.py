@@ -90,13 +90,15 @@ def test_quick_preset_smoke_end_to_end_and_resume(tmp_path, capsys):
     assert [r.final for r in again] == [r.final for r in results]
     assert {p.name: p.read_text() for p in (out / "results" / "metrics").iterdir()} == before
     # The time split says whose time it is: the runs' training and evaluation come from their
-    # metrics (the first command's, unchanged), the reference from this command.
+    # metrics (the first command's, unchanged), the SFT (resumed) and the reference from this
+    # command.
     resumed = json.loads((out / "results" / "summary.json").read_text())
     for k in ("training_s", "evaluation_s"):
         assert resumed["seconds"][k] == summary["seconds"][k] > 0
     own = resumed["seconds"]
     assert (
-        f"(in this command: reference {own['reference_s'] / 60:.1f} min); the runs' own training "
+        f"(in this command: sft {own['sft_s'] / 60:.1f} min, reference "
+        f"{own['reference_s'] / 60:.1f} min); the runs' own training "
         f"{own['training_s'] / 60:.1f} min, evaluation {own['evaluation_s'] / 60:.1f} min, from "
         "their metrics" in (out / "results" / "summary.md").read_text()
     )

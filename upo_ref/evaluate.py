@@ -89,13 +89,12 @@ def _loss(label: str) -> PreferenceLoss:
 
 def _starting_policy(model, identity: dict, run_dir: Path, tokens, pad: int, batch: int, device):
     """(pi_ref of the run, the pairs as its phase takes them, the phase class): the model as built
-    or the run's SFT model; for a partially fine-tuned model the top of it, with the pairs' trunk
-    states cached beside the run (refused when the installed weights are not the run's)."""
+    or the run's SFT model; for a partially fine-tuned model the top of it (SFT'd, if the run's
+    was), with the pairs' trunk states cached beside the run (refused when the installed weights
+    are not the run's)."""
     model_cfg = _config(ModelConfig, identity["model"])
     if model_cfg.train_layers is None:
-        if identity["sft"]["n_examples"]:
-            sft = torch.load(run_dir.parent / "sft" / CHECKPOINT, map_location="cpu")
-            model.load_state_dict(sft["model"])
+        _load_sft(model, identity, run_dir)
         return model, tokens, PreferencePhase
     if identity.get("weights") != model_fingerprint(model):
         raise ValueError(
@@ -113,7 +112,21 @@ def _starting_policy(model, identity: dict, run_dir: Path, tokens, pad: int, bat
         precision=identity.get("trunk_precision", identity.get("precision", "auto")),
         cache_dtype=identity.get("cache_dtype", "float16"),
     )
+    _load_sft(top, identity, run_dir)  # the SFT'd top, when the run's reference was SFT'd
     return top, cached["pairs"], CachedPreferencePhase
+
+
+def _load_sft(model, identity: dict, run_dir: Path) -> None:
+    """Load the grid's SFT model (``<run>/../sft``) into ``model`` when the run was SFT'd first."""
+    if not identity["sft"]["n_examples"]:
+        return
+    path = run_dir.parent / "sft" / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} started from an SFT model but {path} is missing: score the run inside the "
+            f"grid folder it was trained in"
+        )
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
 
 
 def score_run(

@@ -81,6 +81,12 @@ def _load_weights(model, path: Path, cfg: ExperimentConfig) -> None:
 def _check_overlap_inputs(cfg: ExperimentConfig, n_unused: int | None) -> None:
     if not cfg.sft.n_examples:
         raise ValueError(f"preset {cfg.name!r} has no SFT phase: there is no overlap to check")
+    if cfg.model.train_layers is not None:
+        raise ValueError(
+            f"preset {cfg.name!r} trains only the top of its model, on cached trunk states; this "
+            "check scores whole models. Score its runs on the training split with `python -m "
+            "upo_ref.evaluate RUN_DIR --part train` instead"
+        )
     if cfg.data.n_train_pairs is None:
         raise ValueError(
             f"preset {cfg.name!r} uses every training pair for preference training "

@@ -159,8 +159,9 @@ def reference_logratios(cfg, out_dir, device: torch.device | None = None) -> dic
     """c = log pi_ref(y_w) - log pi_ref(y_l) of every preference-training pair of the experiment
     config ``cfg`` (``upo_ref.lm.config``), under its reference model: the SFT model the main job
     trains (checkpoints under ``out_dir/sft``, resumed when present), the model as built when the
-    config has no SFT phase, or for a partially fine-tuned model its top run on the cached trunk
-    states (``out_dir/trunk_cache``, computed when absent). Returns {"summed": (N,), "averaged":
+    config has no SFT phase; for a partially fine-tuned model its top (SFT'd the same way when
+    the config has SFT) run on the cached trunk states (``out_dir/trunk_cache``, computed when
+    absent). Returns {"summed": (N,), "averaged":
     (N,)} float32, from summed and from per-token-averaged response log-probs of the same model."""
     from ..lm.experiment import load_experiment_data, prepare_reference  # the LM stack, lazily
     from ..lm.train import reference_logps

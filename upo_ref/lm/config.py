@@ -243,11 +243,6 @@ class ExperimentConfig:
             raise ValueError(
                 f"cache_dtype must be one of {CACHE_DTYPE_NAMES}, got {self.cache_dtype!r}"
             )
-        if self.model.train_layers is not None and self.sft.n_examples:
-            raise ValueError(
-                "partial fine-tuning (model.train_layers) runs the preference phase only, from the "
-                "model as built: set sft.n_examples=0, or train_layers=None to SFT the whole model"
-            )
         if self.data.compact_vocab is not None and self.model.name_or_path != TINY_GPT2:
             raise ValueError(
                 f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} "

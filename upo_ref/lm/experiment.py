@@ -29,7 +29,13 @@ from .logprobs import head_is_linear_readout
 from .models import build_model, default_device, load_tokenizer
 from .partial import trainable_parameters
 from .train import METRICS, PreferencePhase, SFTPhase, reference_logps, train
-from .trunk_cache import CachedPreferencePhase, cache_trunk, collate_cached, model_fingerprint
+from .trunk_cache import (
+    CachedPreferencePhase,
+    CachedSFTPhase,
+    cache_trunk,
+    collate_cached,
+    model_fingerprint,
+)
 
 __all__ = [
     "TRUNCATION",
@@ -157,24 +163,29 @@ def prepare_reference(
     e = cfg.to_dict()
     identity = {k: e[k] for k in ("model", "data", "sft", "average_logps", "precision")}
     pairs = {"train": data.pref_train, "eval": data.pref_eval}
-    phase, timings = PreferencePhase, {}
-
-    sft_final: dict[str, float] = {}
+    phase, sft_phase, timings = PreferencePhase, SFTPhase, {}
+    sft_sets = (data.sft_train, data.sft_eval)
     if cfg.model.train_layers is not None:
         identity["weights"] = model_fingerprint(model)  # the model file, not only its name
         identity["cache_dtype"] = cfg.cache_dtype
         identity["trunk_precision"] = cfg.trunk_precision or cfg.precision
         cache_dir = Path(cache_dir) if cache_dir else out_dir / "trunk_cache"
-        model, pairs, timings["trunk_s"] = _split_and_cache(
-            cfg, model, pairs, cache_dir, data.pad_id, device
+        targets = {"sft_train": data.sft_train, "sft_eval": data.sft_eval}
+        model, cached, timings["trunk_s"] = _split_and_cache(
+            cfg, model, pairs, targets if cfg.sft.n_examples else {}, cache_dir, data.pad_id, device
         )
-        phase = CachedPreferencePhase
-    elif cfg.sft.n_examples:
+        pairs = {split: cached[split] for split in pairs}
+        if cfg.sft.n_examples:
+            sft_sets = (cached["sft_train"], cached["sft_eval"])
+        phase, sft_phase = CachedPreferencePhase, CachedSFTPhase
+
+    sft_final: dict[str, float] = {}
+    if cfg.sft.n_examples:
+        t0 = time.perf_counter()
         sft_final = train(
             model,
-            SFTPhase(**logps.as_kwargs()),
-            data.sft_train,
-            data.sft_eval,
+            sft_phase(**logps.as_kwargs()),
+            *sft_sets,
             cfg.sft,
             out_dir / "sft",
             device,
@@ -183,6 +194,7 @@ def prepare_reference(
             desc="SFT",
             identity=identity,
         )
+        timings["sft_s"] = time.perf_counter() - t0
 
     reference, timings["reference_s"] = _reference_logps(cfg, model, pairs, logps, device)
     return Reference(model, reference, logps, identity, sft_final, pairs, phase, timings)
@@ -209,8 +221,11 @@ def _reference_logps(cfg: ExperimentConfig, model, pairs: dict, logps: LogpSetti
     return reference, seconds
 
 
-def _split_and_cache(cfg: ExperimentConfig, model, pairs: dict, cache_dir: Path, pad_id, device):
-    """(the top of ``model``, ``pairs`` with the trunk's cached states, the seconds it took)."""
+def _split_and_cache(
+    cfg: ExperimentConfig, model, pairs: dict, targets: dict, cache_dir: Path, pad_id, device
+):
+    """(the top of ``model``, ``pairs`` and the SFT sets ``targets`` with the trunk's cached
+    states, by name, the seconds it took)."""
     t0 = time.perf_counter()
     top, cached = cache_trunk(
         model,
@@ -220,12 +235,16 @@ def _split_and_cache(cfg: ExperimentConfig, model, pairs: dict, cache_dir: Path,
         pad_id,
         cfg.pref.eval_batch_size,
         device,
+        targets=targets,
         precision=cfg.trunk_precision or cfg.precision,
         cache_dtype=cfg.cache_dtype,
     )
     seconds = time.perf_counter() - t0
+    sft = ""
+    if targets:
+        sft = f" and {len(cached['sft_train'])} + {len(cached['sft_eval'])} SFT examples"
     print(
-        f"trunk states of {len(cached['train'])} + {len(cached['eval'])} pairs cached "
+        f"trunk states of {len(cached['train'])} + {len(cached['eval'])} pairs{sft} cached "
         f"({seconds:.0f}s); training the top {cfg.model.train_layers} layers, "
         f"{trainable_parameters(top) / 1e6:.2f}M parameters"
     )

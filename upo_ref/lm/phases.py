@@ -151,6 +151,7 @@ class SFTPhase:
             batch["labels"],
             self.average,
             self.response_only,
+            batch.get("inputs_embeds"),  # the cached trunk states (trunk_cache.CachedSFTPhase)
         )  # (B,)
         n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)  # (B,)
         return -logps, {"logps/chosen": logps.detach(), "nll_per_token": -logps.detach() / n_tokens}

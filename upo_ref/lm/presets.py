@@ -19,6 +19,8 @@ Presets:
   at 0.1; no SFT (the model is instruction-tuned already).
 * ``smol-average``: ``smol``'s IPO and JS-IUPO at beta 0.1 on per-token mean log-probs instead of
   sums, the ablation for JS-IUPO's switch (``experiments.by_reference``).
+* ``smol-sft``: ``smol``'s IPO and JS-IUPO at beta 0.1 from a reference SFT'd first (the top layer,
+  on chosen responses of the training split), as the paper's recipe has it.
 """
 
 from __future__ import annotations
@@ -192,6 +194,25 @@ def _smol_average() -> ExperimentConfig:
     )
 
 
+def _smol_sft() -> ExperimentConfig:
+    # smol with SFT first, as the paper does: the top layer fine-tuned on the chosen responses of
+    # 2,048 training prompts (drawn from the whole training split, so many are prompts preference
+    # training sees too, as in the paper's SFT on all of HH), in one pass with the preference
+    # phase's batch, optimiser and learning rate (untuned), evaluated on the chosen responses of the
+    # held-out prompts; then IPO and JS-IUPO at beta 0.1 from that SFT model. The rest is smol's,
+    # so its pairs' trunk cache is too (reproduce --trunk-cache runs/smol/trunk_cache); the SFT
+    # sets get cache entries of their own.
+    s = _smol()
+    return dataclasses.replace(
+        s,
+        name="smol-sft",
+        data=dataclasses.replace(s.data, n_sft_examples=2048),
+        sft=dataclasses.replace(s.pref, n_examples=2048, eval_every=1024),
+        betas=(0.1,),
+        extra_runs=(),
+    )
+
+
 PRESETS = {
     "quick": _quick,
     "paper": _paper,
@@ -199,6 +220,7 @@ PRESETS = {
     "quick-sft-disjoint": _quick_sft_disjoint,
     "smol": _smol,
     "smol-average": _smol_average,
+    "smol-sft": _smol_sft,
 }
 
 

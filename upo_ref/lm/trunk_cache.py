@@ -15,7 +15,9 @@ key and a fresh computation. Storage is float16 by default (SmolLM2's largest hi
 2.5e4, below float16's 65504; a value that does not fit raises an error rather than becoming inf)
 and is upcast to float32 for compute. The pairs come back as :class:`CachedPair`, token ids plus
 the two (T_i, C) state tensors, which :class:`CachedPreferencePhase` collates into
-``inputs_embeds`` for the top of the model.
+``inputs_embeds`` for the top of the model. SFT examples (x, y) need the states of x + y only:
+:func:`cached_targets` stores those under a key of their own, and :class:`CachedSFTPhase` trains
+the top on them.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from torch import Tensor
 
 from .config import CACHE_DTYPE_NAMES
 from .partial import split_model
-from .phases import PreferencePhase, autocast
-from .tokenize import TokenizedPair, collate_pairs
+from .phases import PreferencePhase, SFTPhase, autocast
+from .tokenize import TokenizedPair, collate_pairs, collate_sequences
 
 __all__ = [
     "CACHE_DTYPES",
@@ -42,8 +44,11 @@ __all__ = [
     "data_fingerprint",
     "trunk_states",
     "cached_pairs",
+    "cached_targets",
     "collate_cached",
+    "collate_cached_targets",
     "CachedPreferencePhase",
+    "CachedSFTPhase",
     "cache_trunk",
 ]
 
@@ -119,6 +124,39 @@ def trunk_states(
     return out
 
 
+def _load_or_compute(
+    trunk, sequences, key: dict, cache_dir, pad_id, batch_size, device, precision, cache_dtype
+) -> list[Tensor]:
+    """The trunk's states of ``sequences`` from ``cache_dir/<hash of key>.pt``, or computed
+    (:func:`trunk_states`) and stored there."""
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"{name}.pt"
+    if path.exists():
+        stored = torch.load(path, weights_only=True)
+        if stored["key"] != json.dumps(key, sort_keys=True):
+            raise ValueError(f"{path} holds another cache (a key collision): delete it")
+        return stored["states"]
+    states = trunk_states(
+        trunk, sequences, pad_id, batch_size, device, precision, CACHE_DTYPES[cache_dtype]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": json.dumps(key, sort_keys=True), "states": states}, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves no half-written cache behind
+    return states
+
+
+def _key(trunk, examples, cache_dtype: str, precision: str, trunk_id: str | None) -> dict:
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+    return {
+        "trunk": trunk_id or model_fingerprint(trunk),
+        "data": data_fingerprint(examples),
+        "dtype": cache_dtype,
+        "precision": precision,
+    }
+
+
 def cached_pairs(
     trunk,
     pairs: Sequence[TokenizedPair],
@@ -134,34 +172,40 @@ def cached_pairs(
 
     ``trunk_id``: the trunk's :func:`model_fingerprint` when the caller has it already.
     """
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
-    key = {
-        "trunk": trunk_id or model_fingerprint(trunk),
-        "data": data_fingerprint(pairs),
-        "dtype": cache_dtype,
-        "precision": precision,
-    }
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"{name}.pt"
-    if path.exists():
-        stored = torch.load(path, weights_only=True)
-        if stored["key"] != json.dumps(key, sort_keys=True):
-            raise ValueError(f"{path} holds another cache (a key collision): delete it")
-        states = stored["states"]
-    else:
-        sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-        states = trunk_states(
-            trunk, sequences, pad_id, batch_size, device, precision, CACHE_DTYPES[cache_dtype]
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"key": json.dumps(key, sort_keys=True), "states": states}, tmp)
-        os.replace(tmp, path)  # a crash mid-write leaves no half-written cache behind
+    key = _key(trunk, pairs, cache_dtype, precision, trunk_id)
+    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    states = _load_or_compute(
+        trunk, sequences, key, cache_dir, pad_id, batch_size, device, precision, cache_dtype
+    )
     n = len(pairs)
     return [
         CachedPair(p.prompt, p.chosen, p.rejected, states[i], states[n + i])
         for i, p in enumerate(pairs)
+    ]
+
+
+def cached_targets(
+    trunk,
+    examples: Sequence[TokenizedPair],
+    cache_dir: str | Path,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    cache_dtype: str = "float16",
+    trunk_id: str | None = None,
+) -> list[CachedPair]:
+    """SFT examples (x, y) (``tokenize.tokenize_sft``: chosen = the target) with the trunk's
+    states of x + y only, under a key of their own (``"sequences": "targets"``); their
+    ``hidden_rejected`` is None, since SFT reads only (prompt, chosen)."""
+    key = {**_key(trunk, examples, cache_dtype, precision, trunk_id), "sequences": "targets"}
+    sequences = [p.prompt + p.chosen for p in examples]
+    states = _load_or_compute(
+        trunk, sequences, key, cache_dir, pad_id, batch_size, device, precision, cache_dtype
+    )
+    return [
+        CachedPair(p.prompt, p.chosen, p.rejected, h, None)
+        for p, h in zip(examples, states, strict=True)
     ]
 
 
@@ -175,11 +219,29 @@ def collate_cached(
     states += [getattr(p, "hidden_rejected", None) for p in pairs]
     if any(s is None for s in states):
         raise ValueError("collate_cached needs pairs with trunk states (from cached_pairs)")
-    B2, T = batch["input_ids"].shape
-    embeds = torch.zeros(B2, T, states[0].shape[-1])  # (2B, T, C)
+    batch["inputs_embeds"] = _embeds(states, *batch["input_ids"].shape)  # (2B, T, C)
+    return batch
+
+
+def _embeds(states: Sequence[Tensor], rows: int, T: int) -> Tensor:
+    """The states (T_i, C) as one float32 (rows, T, C) batch, zero on padding."""
+    embeds = torch.zeros(rows, T, states[0].shape[-1])  # (rows, T, C)
     for r, s in enumerate(states):
         embeds[r, : s.shape[0]] = s.float()
-    batch["inputs_embeds"] = embeds
+    return embeds
+
+
+def collate_cached_targets(
+    examples: Sequence[CachedPair], indices: Sequence[int], pad_id: int
+) -> dict[str, Tensor]:
+    """``SFTPhase.collate`` plus ``inputs_embeds`` (B, T, C) float32: the trunk states of x + y,
+    zero on padding."""
+    states = [getattr(e, "hidden_chosen", None) for e in examples]
+    if any(s is None for s in states):
+        raise ValueError("collate_cached_targets needs examples with trunk states (cached_targets)")
+    batch = collate_sequences([(e.prompt, e.chosen) for e in examples], pad_id)  # (B, T) each
+    batch["index"] = torch.tensor(list(indices), dtype=torch.long)  # (B,)
+    batch["inputs_embeds"] = _embeds(states, *batch["input_ids"].shape)  # (B, T, C)
     return batch
 
 
@@ -192,21 +254,33 @@ class CachedPreferencePhase(PreferencePhase):
         return collate_cached(pairs, indices, self.pad_id)
 
 
+@dataclass
+class CachedSFTPhase(SFTPhase):
+    """:class:`SFTPhase` for the top of a partially fine-tuned model: batches carry the cached
+    trunk states of x + y (:func:`cached_targets`) as ``inputs_embeds``."""
+
+    def collate(self, examples: Sequence[CachedPair], indices: Sequence[int]) -> dict[str, Tensor]:
+        return collate_cached_targets(examples, indices, self.pad_id)
+
+
 def cache_trunk(
-    model, k: int, splits: dict, cache_dir, pad_id, batch_size, device, **options
+    model, k: int, splits: dict, cache_dir, pad_id, batch_size, device, targets=None, **options
 ) -> tuple[torch.nn.Module, dict[str, list[CachedPair]]]:
     """Split ``model`` at its top ``k`` layers (``partial.split_model``) and attach the trunk's
-    cached states to the pairs of every split (name -> TokenizedPairs); returns (the top of the
-    model, the cached splits). The other arguments, and ``options`` (``precision``,
-    ``cache_dtype``), are those of :func:`cached_pairs`. The trunk is dropped afterwards: nothing
-    but the cache needs it."""
+    cached states to the pairs of every split (name -> TokenizedPairs) and to the SFT examples of
+    every split of ``targets`` (name -> SFT examples, :func:`cached_targets`); returns (the top of
+    the model, the cached splits, both kinds under their names). The other arguments, and
+    ``options`` (``precision``, ``cache_dtype``), are those of :func:`cached_pairs`. The trunk is
+    dropped afterwards: nothing but the cache needs it."""
+    targets = targets or {}
+    if set(splits) & set(targets):
+        raise ValueError(f"splits and targets share the names {sorted(set(splits) & set(targets))}")
     trunk, top = split_model(model, k)
     trunk.to(device)
-    trunk_id = model_fingerprint(trunk)
-    cached = {
-        name: cached_pairs(
-            trunk, pairs, cache_dir, pad_id, batch_size, device, trunk_id=trunk_id, **options
-        )
-        for name, pairs in splits.items()
-    }
+    args = dict(pad_id=pad_id, batch_size=batch_size, device=device, **options)
+    args["trunk_id"] = model_fingerprint(trunk)
+    cached = {name: cached_pairs(trunk, pairs, cache_dir, **args) for name, pairs in splits.items()}
+    cached.update(
+        {name: cached_targets(trunk, ex, cache_dir, **args) for name, ex in targets.items()}
+    )
     return top, cached
