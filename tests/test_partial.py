@@ -353,12 +353,9 @@ def test_smol_sft_smoke_trains_the_reference_first_and_evaluate_scores_from_it(t
         step_1 = [m for m in read_metrics(r.metrics_path) if m["split"] == "train"][0]
         assert step_1["step"] == 1 and step_1["rewards/ties"] == 1.0
     # Rescoring a run's own eval pairs starts from the same SFT model, so gives its numbers.
-    pairs, _ = load_hh(hh_dir(), "test", cfg.data.hh_subsets, drop_mismatched=True)
-    held_out = split_by_prompt_hash(pairs, cfg.data.eval_fraction)[1]
-    write_hh(tmp_path / "hh", _first(held_out, cfg.data.n_eval_pairs, cfg.data.shuffle_seed, ""))
+    write_eval_pairs(cfg, tmp_path / "hh")
     run = out / "ipo_beta0.1"
-    final = [m for m in read_metrics(run / "metrics.jsonl") if m["split"] == "eval"][-1]
-    got = evaluate_main([str(run), "--hh-dir", str(tmp_path / "hh"), "--subsets", "helpful-base"])
+    final, got = final_eval_and_rescored(run, tmp_path / "hh")
     assert got["accuracy"] == pytest.approx(final["rewards/accuracies"], abs=1e-12)
     assert got["margin"] == pytest.approx(final["rewards/margins"], abs=1e-6)
     (out / "sft" / CHECKPOINT).unlink()
@@ -417,17 +414,29 @@ def write_hh(root, pairs, subset="helpful-base"):
         fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def write_eval_pairs(cfg, root):
+    """The eval pairs of experiment ``cfg`` (before tokenization) as an HH file under ``root``
+    (helpful-base); returns the whole held-out side of the split."""
+    pairs, _ = load_hh(hh_dir(), "test", cfg.data.hh_subsets, drop_mismatched=True)
+    held_out = split_by_prompt_hash(pairs, cfg.data.eval_fraction)[1]
+    write_hh(root, _first(held_out, cfg.data.n_eval_pairs, cfg.data.shuffle_seed, ""))
+    return held_out
+
+
+def final_eval_and_rescored(run, hh_root):
+    """(the run's last eval record, ``evaluate``'s result on the helpful-base file of hh_root)."""
+    final = [m for m in read_metrics(run / "metrics.jsonl") if m["split"] == "eval"][-1]
+    return final, evaluate_main([str(run), "--hh-dir", str(hh_root), "--subsets", "helpful-base"])
+
+
 def test_evaluate_rescores_a_finished_run_and_refuses_what_it_cannot_reproduce(tmp_path):
     cfg = smoke(get_preset("smol"))
     out = tmp_path / "run"
     main(["--preset", "smol", "--smoke", "--out", str(out), "--no-progress", "--device", "cpu"])
     # The run's own eval pairs, written out as an HH file: the command must give the run's numbers.
-    pairs, _ = load_hh(hh_dir(), "test", cfg.data.hh_subsets, drop_mismatched=True)
-    held_out = split_by_prompt_hash(pairs, cfg.data.eval_fraction)[1]
-    write_hh(tmp_path / "hh", _first(held_out, cfg.data.n_eval_pairs, cfg.data.shuffle_seed, ""))
+    held_out = write_eval_pairs(cfg, tmp_path / "hh")
     run = out / "js-iupo_beta0.1"
-    final = [m for m in read_metrics(run / "metrics.jsonl") if m["split"] == "eval"][-1]
-    got = evaluate_main([str(run), "--hh-dir", str(tmp_path / "hh"), "--subsets", "helpful-base"])
+    final, got = final_eval_and_rescored(run, tmp_path / "hh")
     assert got["pairs"] == cfg.data.n_eval_pairs
     assert got["accuracy"] == pytest.approx(final["rewards/accuracies"], abs=1e-12)
     assert got["margin"] == pytest.approx(final["rewards/margins"], abs=1e-6)

@@ -17,11 +17,10 @@ in which the two grids differ (``--write FILE`` writes it too). Grids whose eval
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..lm.experiment import run_name
 from ..utils.stats import binomial_se, paired_difference
+from .by_reference import read_final_eval
 from .grid_report import relative
 from .samples import read_grid
 
@@ -68,10 +67,7 @@ def check_same_eval_pairs(a: dict, b: dict) -> None:
 
 
 def _correct(grid: dict, label: str, beta: float) -> list[float]:
-    path = Path(grid["dir"]) / "metrics" / f"{run_name(label, beta)}.final.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a grid's results folder has every run's")
-    return json.loads(path.read_text(encoding="utf-8"))["rewards/accuracies"]
+    return read_final_eval(grid["dir"], label, beta)["rewards/accuracies"]
 
 
 def ablation(a: dict, b: dict) -> tuple[list[dict], list[str]]:

@@ -49,6 +49,7 @@ __all__ = [
     "render_by_reference",
     "write_by_reference",
     "by_reference_of_results",
+    "read_final_eval",
 ]
 
 # |a_ref| below log(99) nats: where JS-IUPO's weight sigma(-a) at the start, a = a_ref, lies in
@@ -193,8 +194,6 @@ def write_by_reference(splits: list[ReferenceSplit], results_dir: Path) -> str:
 def by_reference_of_results(results_dir: str | Path) -> list[ReferenceSplit]:
     """The splits of every run of a finished grid, from its results folder (``summary.json``,
     ``metrics/<run>.final.json``)."""
-    from ..lm.experiment import run_name  # the pipeline's file names, imported only here
-
     results_dir = Path(results_dir)
     summary_path = results_dir / "summary.json"
     if not summary_path.is_file():
@@ -203,14 +202,23 @@ def by_reference_of_results(results_dir: str | Path) -> list[ReferenceSplit]:
             f"(python -m upo_ref.reproduce ... --publish writes results/<preset>/)"
         )
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    splits = []
-    for r in summary["runs"]:
-        path = results_dir / "metrics" / f"{run_name(r['label'], r['beta'])}.final.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the grid's per-pair final evaluation")
-        final = json.loads(path.read_text(encoding="utf-8"))
-        splits.append(split_by_reference(r["label"], r["beta"], final))
-    return splits
+    return [
+        split_by_reference(
+            r["label"], r["beta"], read_final_eval(results_dir, r["label"], r["beta"])
+        )
+        for r in summary["runs"]
+    ]
+
+
+def read_final_eval(results_dir: str | Path, label: str, beta: float) -> dict:
+    """The per-pair final evaluation of run (label, beta) of a finished grid's results folder
+    (``metrics/<run>.final.json``)."""
+    from ..lm.experiment import run_name  # the pipeline's file names, imported only here
+
+    path = Path(results_dir) / "metrics" / f"{run_name(label, beta)}.final.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the grid's per-pair final evaluation")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":
