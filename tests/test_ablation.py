@@ -90,7 +90,7 @@ def test_grids_that_may_score_other_eval_pairs_are_refused(tmp_path, capsys):
     assert "no run in common" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("changed", ["smol-average", "smol-sft"])
+@pytest.mark.parametrize("changed", ["smol-average", "smol-sft", "smol-trunk-float32"])
 def test_the_committed_ablation_tables_are_what_the_code_computes(changed):
     a, b = (read_grid(REPO_ROOT / "results" / name) for name in ("smol", changed))
     committed = (REPO_ROOT / "results" / changed / "ablation.md").read_text(encoding="utf-8")

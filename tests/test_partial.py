@@ -563,3 +563,42 @@ def test_longer_response_rule_scores_each_pair_by_its_response_lengths():
     assert longer_response_rule(pairs).tolist() == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="no pairs"):
         longer_response_rule([])
+
+
+def test_trunk_precision_override_gets_its_own_run_folder_and_refuses_whole_model_presets():
+    from upo_ref.reproduce import _parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(_parser().parse_args(list(argv)))
+
+    own = cfg("--preset", "smol", "--trunk-precision", "bfloat16")  # the preset's own: unchanged
+    assert own == get_preset("smol")
+    other = cfg("--preset", "smol", "--trunk-precision", "float32")
+    assert (other.name, other.trunk_precision) == ("smol-trunk-float32", "float32")
+    assert dataclasses.replace(other, name="smol", trunk_precision="bfloat16") == own
+    seeded = cfg("--preset", "smol", "--data-seed", "1", "--trunk-precision", "float32")
+    assert seeded.name == "smol-seed1-trunk-float32"
+    with pytest.raises(ValueError, match="trains the whole model and has no trunk"):
+        cfg("--preset", "quick", "--trunk-precision", "float32")
+
+
+def test_a_bf16_trunk_on_a_cpu_without_bf16_kernels_is_warned_of(tmp_path, monkeypatch, capsys):
+    from upo_ref.reproduce import main
+    from upo_ref.utils import cpu
+
+    cuda = torch.device("cuda")
+    assert cpu.slow_bf16_warning("bfloat16", cuda, "x") is None  # CUDA has its own bf16
+    monkeypatch.setattr(cpu, "bf16_matmul_kernels", lambda: True)
+    assert cpu.slow_bf16_warning("bfloat16", CPU, "x") is None
+    monkeypatch.setattr(cpu, "bf16_matmul_kernels", lambda: False)
+    assert cpu.slow_bf16_warning("float32", CPU, "x") is None
+    assert "x runs in bfloat16" in cpu.slow_bf16_warning("bfloat16", CPU, "x")
+    args = ["--preset", "smol", "--smoke", "--runs", "ipo_beta0.1", "--no-progress"]
+    args += ["--device", "cpu"]
+    assert smoke(get_preset("smol")).trunk_precision == "bfloat16"
+    main(args + ["--out", str(tmp_path / "bf16")])
+    err = capsys.readouterr().err
+    assert "the trunk of preset smol-smoke runs in bfloat16" in err
+    assert "--trunk-precision float32" in err
+    main(args + ["--out", str(tmp_path / "fp32"), "--trunk-precision", "float32"])
+    assert "bfloat16" not in capsys.readouterr().err

@@ -11,6 +11,13 @@ the median of those ratios; the target is <= 3 for every loss.
 ``DPOTrainer`` and of TRL with upo_ref's loss, same model, pairs and precision, in the same run
 (``upo_ref.integrations.trl_bench``); it prints TRL's time over each.
 
+``python -m upo_ref.bench grid [--preset smol]``: how long a partially fine-tuned preset's grid
+takes on this machine, from a fresh clone: the trunk (in the preset's precision and in float32),
+the reference log-probs, training and evaluation, each timed per pair on the first ``--pairs``
+eval pairs with the preset's model, batches and precisions, and extrapolated to the preset's
+pair counts, runs and eval schedule (:func:`grid_seconds`). The bf16 trunk is fast on a CPU with
+bf16 matmul kernels (AMX, AVX512-BF16) and slow on one without (``utils.cpu``).
+
 ``python -m upo_ref.bench step``: one preference-training step of a GPT-2-architecture model
 (124M by default, random init: speed does not depend on the weights), done two ways in the same
 run (see :func:`step_fn`): the way upo_ref trains (reference log-probs precomputed, chosen and
@@ -23,6 +30,7 @@ GPU's bf16 peak, and the fast/naive ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -359,6 +367,173 @@ def _add_step_args(q) -> None:
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
 
 
+# --- the time of a partially fine-tuned preset's grid -------------------------------------------
+
+
+def evals_per_run(cfg) -> int:
+    """Eval passes of one preference run of ``cfg`` (a ``PhaseConfig``) after step 0, which reads
+    pi_ref's log-probs and needs none: one each time the examples seen cross a multiple of
+    ``eval_every``, and one at the end (``train.train``'s schedule)."""
+    b, n, e = cfg.batch_size, cfg.n_examples, cfg.eval_every
+    return sum(1 for s in range(b, n + 1, b) if s // e > (s - b) // e or s == n)
+
+
+def grid_seconds(
+    cfg, n_train: int, n_eval: int, trunk_s: float, forward_s: float, step_s: float
+) -> dict[str, float]:
+    """Seconds of each part of the grid of ``cfg`` (an ``ExperimentConfig`` without SFT) from
+    seconds per pair: ``trunk_s`` (the trunk's states of its two sequences), ``forward_s`` (the
+    top's forward pass, as in the reference log-probs and every eval pass), ``step_s`` (a training
+    step's share). The parts are those of the summary's time split; ``per_run_*`` are one run's."""
+    runs = len(cfg.runs())
+    per_run_training = step_s * cfg.pref.n_examples
+    per_run_evaluation = forward_s * n_eval * evals_per_run(cfg.pref)
+    return {
+        "trunk_s": trunk_s * (n_train + n_eval),
+        "reference_s": forward_s * (n_train + n_eval),
+        "training_s": per_run_training * runs,
+        "evaluation_s": per_run_evaluation * runs,
+        "per_run_training_s": per_run_training,
+        "per_run_evaluation_s": per_run_evaluation,
+    }
+
+
+def check_grid_preset(cfg) -> None:
+    """ValueError unless ``cfg`` is a partially fine-tuned preset without SFT (what
+    :func:`grid_seconds` estimates)."""
+    if cfg.model.train_layers is None:
+        raise ValueError(
+            f"bench grid times a partially fine-tuned preset (smol, smol-average); {cfg.name} "
+            f"trains its whole model"
+        )
+    if cfg.sft.n_examples:
+        raise ValueError(
+            f"bench grid does not time an SFT phase; preset {cfg.name} has one (time smol, whose "
+            f"trunk, reference and preference runs it shares)"
+        )
+
+
+def time_grid_parts(cfg, n_pairs: int, precisions: list[str], device: torch.device) -> dict:
+    """Seconds per pair of each part of the grid of ``cfg``, timed on its first ``n_pairs`` eval
+    pairs with its own model, batch sizes and precisions: the trunk (both sequences, in each of
+    ``precisions``), the top's forward pass (``phases.reference_logps``, the eval passes' path)
+    and a training step (``train._train_step`` with the first run's loss, batches of the
+    preset's size). Returns those and the preset's train and eval pair counts."""
+    from .lm.experiment import load_experiment_data
+    from .lm.models import build_model
+    from .lm.partial import split_model
+    from .lm.phases import reference_logps
+    from .lm.train import _make_optimizer, _train_step
+    from .lm.trunk_cache import (
+        CACHE_DTYPES,
+        CachedPair,
+        CachedPreferencePhase,
+        collate_cached,
+        trunk_states,
+    )
+
+    check_grid_preset(cfg)
+    _, data = load_experiment_data(cfg)
+    if not cfg.pref.batch_size <= n_pairs <= len(data.pref_eval):
+        raise ValueError(
+            f"--pairs must be between the batch size, {cfg.pref.batch_size}, and the eval set's "
+            f"{len(data.pref_eval)} pairs; got {n_pairs}"
+        )
+    model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
+    trunk, top = split_model(model, cfg.model.train_layers)
+    trunk.to(device)
+    pairs = data.pref_eval[:n_pairs]
+    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    batch, pad, dtype = cfg.pref.eval_batch_size, data.pad_id, CACHE_DTYPES[cfg.cache_dtype]
+    trunk_s = {}
+    for precision in precisions:
+        t0 = time.perf_counter()
+        states = trunk_states(trunk, sequences, pad, batch, device, precision, dtype)
+        trunk_s[precision] = (time.perf_counter() - t0) / n_pairs
+    cached = [
+        CachedPair(p.prompt, p.chosen, p.rejected, states[i], states[n_pairs + i])
+        for i, p in enumerate(pairs)
+    ]
+    top.to(device)
+    collate = functools.partial(collate_cached, pad_id=pad)
+    t0 = time.perf_counter()
+    ref = reference_logps(
+        top, cached, batch, pad, device, cfg.average_logps, True, collate, cfg.precision
+    )
+    forward_s = (time.perf_counter() - t0) / n_pairs
+    loss_fn, beta = cfg.runs()[0]
+    phase = CachedPreferencePhase(
+        loss_fn, beta, {"train": ref}, pad, cfg.average_logps, precision=cfg.precision
+    )
+    optimizer, b = _make_optimizer(top, cfg.pref), cfg.pref.batch_size
+    t0 = time.perf_counter()
+    steps = n_pairs // b
+    for step in range(steps):
+        idx = list(range(step * b, (step + 1) * b))
+        _train_step(top, phase, [cached[i] for i in idx], idx, cfg.pref, optimizer, step, device)
+    step_s = (time.perf_counter() - t0) / (steps * b)
+    tokens = sum(len(s) for s in sequences) / len(sequences)
+    return {
+        "trunk_s": trunk_s,
+        "forward_s": forward_s,
+        "step_s": step_s,
+        "n_train": len(data.pref_train),
+        "n_eval": len(data.pref_eval),
+        "tokens": tokens,
+    }
+
+
+def _grid_main(args) -> None:
+    from .lm.config import PRECISIONS
+    from .lm.presets import get_preset
+    from .utils.cpu import bf16_matmul_kernels
+
+    cfg = get_preset(args.preset)
+    check_grid_preset(cfg)
+    own = cfg.trunk_precision or cfg.precision
+    precisions = list(dict.fromkeys([own, *(args.trunk_precisions or ["float32"])]))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ValueError(f"--trunk-precisions {unknown}: each must be one of {PRECISIONS}")
+    device = torch.device(args.device or "cpu")
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        parts = time_grid_parts(cfg, args.pairs, precisions, device)
+    finally:
+        torch.set_num_threads(threads)
+    n_train, n_eval = parts["n_train"], parts["n_eval"]
+    est = {
+        p: grid_seconds(
+            cfg, n_train, n_eval, parts["trunk_s"][p], parts["forward_s"], parts["step_s"]
+        )
+        for p in precisions
+    }
+    e = est[own]
+    rows = [
+        ("reference", parts["forward_s"], e["reference_s"], None),
+        ("training", parts["step_s"], e["training_s"], e["per_run_training_s"]),
+        ("evaluation", parts["forward_s"], e["evaluation_s"], e["per_run_evaluation_s"]),
+    ]
+    rows += [(f"trunk ({p})", parts["trunk_s"][p], est[p]["trunk_s"], None) for p in precisions]
+    kernels = "yes" if bf16_matmul_kernels() else "no"
+    print(
+        f"preset {cfg.name} on {device} ({torch.backends.cpu.get_cpu_capability()}, "
+        f"{cfg.threads or threads} threads; oneDNN bf16 matmul kernels: {kernels}), timed on "
+        f"{args.pairs} eval pairs ({parts['tokens']:.1f} tokens per sequence on average), "
+        f"extrapolated to {n_train} train + {n_eval} eval pairs and {len(cfg.runs())} runs:"
+    )
+    print(f"{'part':<24}{'s per pair':>12}{'min, the grid':>16}{'min, one run':>14}")
+    for name, per_pair, grid, run in rows:
+        one = f"{run / 60:>14.1f}" if run is not None else ""
+        print(f"{name:<24}{per_pair:>12.4f}{grid / 60:>16.1f}{one}")
+    rest = e["reference_s"] + e["training_s"] + e["evaluation_s"]
+    for p in precisions:
+        total = (rest + est[p]["trunk_s"]) / 60
+        print(f"the whole grid from a fresh clone, the trunk in {p}: {total:.1f} min")
+
+
 def _trl_main(args) -> None:
     from .integrations.trl_bench import main as trl_main  # needs trl (requirements.txt)
 
@@ -391,8 +566,22 @@ def main(argv: list[str] | None = None) -> None:
     _add_step_args(t)
     t.add_argument("--rounds", type=int, default=3, help="the three ways take turns this often")
     t.set_defaults(func=_trl_main)
+    g = sub.add_parser("grid", help="the time of a partially fine-tuned preset's grid, estimated")
+    g.add_argument("--preset", default="smol", help="smol or smol-average (default smol)")
+    g.add_argument("--pairs", type=int, default=64, help="eval pairs timed (default 64)")
+    g.add_argument(
+        "--trunk-precisions",
+        type=lambda text: text.split(","),
+        help="comma-separated precisions to time the trunk in besides the preset's (default "
+        "float32)",
+    )
+    g.add_argument("--device", default=None, help="cpu (default) or cuda")
+    g.set_defaults(func=_grid_main)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ the job changes no tracked file; ``--publish`` writes the figure to ``figures/``
 metrics to ``results/<preset>/`` instead, the committed results. ``--betas`` runs only the runs at
 those betas. ``--data-seed N`` draws another sample of training pairs (``DataConfig.shuffle_seed``)
 into ``runs/<preset>-seed<N>`` (``results/<preset>-seed<N>`` with ``--publish``), for the spread
-between samples (``experiments.samples``). Re-running the same command resumes from the
+between samples (``experiments.samples``). ``--trunk-precision`` runs a partially fine-tuned
+preset's frozen trunk in another precision than the preset's (``float32`` on a CPU without bf16
+matmul kernels, where the preset's bfloat16 is slow: the command warns) into
+``runs/<preset>-trunk-<precision>``. Re-running the same command resumes from the
 checkpoints there; ``--fresh-run NAME`` starts one run over (``sft``, or a run such as
 ``ipo_beta0.1``; ``sft`` restarts every run, since they all start from the SFT model), ``--fresh``
 all of them. While it runs, the command holds the lock of ``--out`` (``lm.runfiles``): a second
@@ -46,6 +49,7 @@ from .lm.experiment import RunResult, run_experiment, run_name
 from .lm.models import resolve_device
 from .lm.presets import PRESETS, get_preset, smoke
 from .lm.runfiles import CHECKPOINT, METRICS, run_lock
+from .utils.cpu import slow_bf16_warning
 from .utils.paths import REPO_ROOT, figures_dir
 
 __all__ = [
@@ -88,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
         help="folder of the frozen trunk's cached states, for a partially fine-tuned preset "
         "(default <out>/trunk_cache); presets with the same model, data and precision can share "
         "one: --preset smol-average --trunk-cache runs/smol/trunk_cache reuses smol's",
+    )
+    p.add_argument(
+        "--trunk-precision",
+        choices=("float32", "bfloat16"),
+        help="the precision the frozen trunk of a partially fine-tuned preset runs in, once "
+        "(ExperimentConfig.trunk_precision; smol: bfloat16, fast on CPUs with AMX or "
+        "AVX512-BF16, slow on others: python -m upo_ref.bench grid times both). Another "
+        "precision than the preset's gives other cached states, so other numbers than the "
+        "committed results: its runs go to runs/<preset>-trunk-<precision> (results too)",
     )
     p.add_argument(
         "--results", help="folder for summary.md/json and metrics copies (default <out>/results)"
@@ -208,6 +221,18 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if args.data_seed is not None and args.data_seed != data.shuffle_seed:
         data = r(data, shuffle_seed=args.data_seed)
         cfg = r(cfg, name=f"{cfg.name}-seed{args.data_seed}")  # its own runs/ and results/
+    if args.trunk_precision is not None:
+        if cfg.model.train_layers is None:
+            raise ValueError(
+                f"--trunk-precision: preset {cfg.name} trains the whole model and has no trunk; "
+                f"it applies to a partially fine-tuned preset (smol, smol-average, smol-sft)"
+            )
+        if args.trunk_precision != (cfg.trunk_precision or cfg.precision):
+            cfg = r(
+                cfg,
+                trunk_precision=args.trunk_precision,
+                name=f"{cfg.name}-trunk-{args.trunk_precision}",  # its own runs/ and results/
+            )
     cfg = _only_betas(r(cfg, data=data), args.betas)
     if args.runs:
         cfg = _only_runs(cfg, args.runs.split(","))
@@ -288,6 +313,16 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
             )
     except ValueError as err:
         parser.error(str(err))
+    if cfg.model.train_layers is not None:
+        trunk = cfg.trunk_precision or cfg.precision
+        warning = slow_bf16_warning(trunk, device, f"the trunk of preset {cfg.name}")
+        if warning:
+            print(
+                f"{warning}. A fresh trunk cache then takes hours; --trunk-precision float32 "
+                f"computes it in float32 instead (its own cache and run folder, other numbers "
+                f"than the committed results).",
+                file=sys.stderr,
+            )
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(
