@@ -573,6 +573,8 @@ def test_trunk_precision_override_gets_its_own_run_folder_and_refuses_whole_mode
 
     own = cfg("--preset", "smol", "--trunk-precision", "bfloat16")  # the preset's own: unchanged
     assert own == get_preset("smol")
+    assert own.trunk_pass_precision == "bfloat16" and own.precision == "float32"
+    assert dataclasses.replace(own, trunk_precision=None).trunk_pass_precision == "float32"
     other = cfg("--preset", "smol", "--trunk-precision", "float32")
     assert (other.name, other.trunk_precision) == ("smol-trunk-float32", "float32")
     assert dataclasses.replace(other, name="smol", trunk_precision="bfloat16") == own
@@ -598,7 +600,9 @@ def test_a_bf16_trunk_on_a_cpu_without_bf16_kernels_is_warned_of(tmp_path, monke
     assert smoke(get_preset("smol")).trunk_precision == "bfloat16"
     main(args + ["--out", str(tmp_path / "bf16")])
     err = capsys.readouterr().err
-    assert "the trunk of preset smol-smoke runs in bfloat16" in err
+    assert "the trunk's pass over" in err and "runs in bfloat16" in err
     assert "--trunk-precision float32" in err
+    main(args + ["--out", str(tmp_path / "bf16"), "--fresh"])  # the trunk cache is kept: no pass
+    assert "bfloat16" not in capsys.readouterr().err
     main(args + ["--out", str(tmp_path / "fp32"), "--trunk-precision", "float32"])
     assert "bfloat16" not in capsys.readouterr().err

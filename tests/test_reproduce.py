@@ -18,7 +18,7 @@ from upo_ref.lm.data import ASSISTANT_TAG, DataError
 from upo_ref.lm.experiment import RunResult, prepare_data
 from upo_ref.lm.models import build_model, load_tokenizer
 from upo_ref.lm.presets import get_preset, smoke
-from upo_ref.lm.runfiles import RunLockedError, run_lock
+from upo_ref.lm.runfiles import METRICS, RunLockedError, run_lock
 from upo_ref.lm.train import read_metrics
 from upo_ref.reproduce import _parser, config_from_args, format_table, main
 from upo_ref.utils.paths import REPO_ROOT, gpt2_tokenizer_dir
@@ -315,6 +315,31 @@ def test_data_seed_draws_another_training_sample_of_the_same_split(capsys):
         with pytest.raises(SystemExit):
             parse(["--data-seed", bad])
         assert f"--data-seed: must be a whole number >= 0, got '{bad}'" in capsys.readouterr().err
+
+
+def test_lr_trains_at_another_learning_rate_in_a_folder_of_its_own(tmp_path, capsys):
+    parse = _parser().parse_args
+    base = config_from_args(parse(["--smoke"]))
+    own = str(base.pref.lr)
+    assert config_from_args(parse(["--smoke", "--lr", own])) == base  # the preset's own rate
+    cfg = config_from_args(parse(["--smoke", "--lr", "3e-4"]))
+    assert (cfg.name, cfg.pref.lr) == ("quick-lr0.0003-smoke", 3e-4)
+    assert cfg.sft == base.sft  # SFT keeps the preset's rate
+    assert dataclasses.replace(cfg, name=base.name, pref=base.pref) == base  # nothing else moves
+    seeded = config_from_args(parse(["--preset", "smol", "--data-seed", "2", "--lr", "0.001"]))
+    assert seeded.name == "smol-seed2-lr0.001"
+    for bad in ("0", "-1e-4", "nan", "inf", "fast"):
+        with pytest.raises(SystemExit):
+            parse([f"--lr={bad}"])  # = : a leading minus is not taken for an option
+        assert f"--lr: must be a finite number > 0, got '{bad}'" in capsys.readouterr().err
+    # The rate reaches the optimiser: after warmup every step of every run trains at it.
+    args = ["--smoke", "--betas", "0.1", "--no-progress", "--lr", "3e-4"]
+    main(args + ["--out", str(tmp_path)])
+    warmup = cfg.pref.warmup_steps
+    for run in ("ipo_beta0.1", "js-iupo_beta0.1"):
+        records = read_metrics(tmp_path / run / METRICS)
+        lrs = [r["lr"] for r in records if r["split"] == "train"]
+        assert lrs and lrs[warmup:] == [3e-4] * (len(lrs) - warmup)
 
 
 def write_trl(path, n: int, bad_row: str | None = None):

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from upo_ref.bench import evals_per_run
 from upo_ref.lm.config import DataConfig, ModelConfig, PhaseConfig
 from upo_ref.lm.experiment import prepare_data
 from upo_ref.lm.models import build_model
@@ -422,6 +423,7 @@ def test_evaluation_after_each_step_that_crosses_a_multiple_of_eval_every(synthe
         r["examples_seen"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"
     ]
     assert evals == [0, 48, 80, 112]  # 40 is crossed by the step to 48, 80 is hit, 112 is the end
+    assert len(evals) == 1 + evals_per_run(small_phase(n_examples=112, eval_every=40))  # bench's
 
 
 # ------------------------------------------------------------------------------------------------

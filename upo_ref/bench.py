@@ -372,10 +372,10 @@ def _add_step_args(q) -> None:
 
 def evals_per_run(cfg) -> int:
     """Eval passes of one preference run of ``cfg`` (a ``PhaseConfig``) after step 0, which reads
-    pi_ref's log-probs and needs none: one each time the examples seen cross a multiple of
-    ``eval_every``, and one at the end (``train.train``'s schedule)."""
-    b, n, e = cfg.batch_size, cfg.n_examples, cfg.eval_every
-    return sum(1 for s in range(b, n + 1, b) if s // e > (s - b) // e or s == n)
+    pi_ref's log-probs and needs none: one after each step the training loop evaluates after
+    (``PhaseConfig.evaluates_after``, the rule it follows)."""
+    b = cfg.batch_size
+    return sum(cfg.evaluates_after(s) for s in range(b, cfg.n_examples + 1, b))
 
 
 def grid_seconds(
@@ -426,10 +426,11 @@ def time_grid_parts(cfg, n_pairs: int, precisions: list[str], device: torch.devi
     from .lm.train import _make_optimizer, _train_step
     from .lm.trunk_cache import (
         CACHE_DTYPES,
-        CachedPair,
         CachedPreferencePhase,
         collate_cached,
+        pair_sequences,
         trunk_states,
+        with_states,
     )
 
     check_grid_preset(cfg)
@@ -443,17 +444,14 @@ def time_grid_parts(cfg, n_pairs: int, precisions: list[str], device: torch.devi
     trunk, top = split_model(model, cfg.model.train_layers)
     trunk.to(device)
     pairs = data.pref_eval[:n_pairs]
-    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    sequences = pair_sequences(pairs)
     batch, pad, dtype = cfg.pref.eval_batch_size, data.pad_id, CACHE_DTYPES[cfg.cache_dtype]
     trunk_s = {}
     for precision in precisions:
         t0 = time.perf_counter()
         states = trunk_states(trunk, sequences, pad, batch, device, precision, dtype)
         trunk_s[precision] = (time.perf_counter() - t0) / n_pairs
-    cached = [
-        CachedPair(p.prompt, p.chosen, p.rejected, states[i], states[n_pairs + i])
-        for i, p in enumerate(pairs)
-    ]
+    cached = with_states(pairs, states)
     top.to(device)
     collate = functools.partial(collate_cached, pad_id=pad)
     t0 = time.perf_counter()
@@ -489,7 +487,7 @@ def _grid_main(args) -> None:
     from .utils.cpu import bf16_matmul_kernels
 
     cfg = get_preset(args.preset)  # time_grid_parts checks that it can time it
-    own = cfg.trunk_precision or cfg.precision
+    own = cfg.trunk_pass_precision
     precisions = list(dict.fromkeys([own, *(args.trunk_precisions or ["float32"])]))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:

@@ -22,7 +22,8 @@ into ``runs/<preset>-seed<N>`` (``results/<preset>-seed<N>`` with ``--publish``)
 between samples (``experiments.samples``). ``--trunk-precision`` runs a partially fine-tuned
 preset's frozen trunk in another precision than the preset's (``float32`` on a CPU without bf16
 matmul kernels, where the preset's bfloat16 is slow: the command warns) into
-``runs/<preset>-trunk-<precision>``. Re-running the same command resumes from the
+``runs/<preset>-trunk-<precision>``, and ``--lr`` trains at another learning rate into
+``runs/<preset>-lr<rate>``. Re-running the same command resumes from the
 checkpoints there; ``--fresh-run NAME`` starts one run over (``sft``, or a run such as
 ``ipo_beta0.1``; ``sft`` restarts every run, since they all start from the SFT model), ``--fresh``
 all of them. While it runs, the command holds the lock of ``--out`` (``lm.runfiles``): a second
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -49,7 +51,6 @@ from .lm.experiment import RunResult, run_experiment, run_name
 from .lm.models import resolve_device
 from .lm.presets import PRESETS, get_preset, smoke
 from .lm.runfiles import CHECKPOINT, METRICS, run_lock
-from .utils.cpu import slow_bf16_warning
 from .utils.paths import REPO_ROOT, figures_dir
 
 __all__ = [
@@ -147,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
         "the training split, for the spread between samples that a binomial standard error "
         "leaves out; its runs go to runs/<preset>-seed<N> (results too, with --publish)",
     )
+    p.add_argument(
+        "--lr",
+        type=_positive_number,
+        help="the preference phase's learning rate (PhaseConfig.lr; default the preset's), for a "
+        "learning-rate sweep: another rate than the preset's trains every run at it into "
+        "runs/<preset>-lr<rate> (results too, with --publish); SFT keeps the preset's",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument(
         "--threads", type=_whole_number(1), help="torch CPU threads, >= 1 (default: the preset's)"
@@ -191,6 +199,22 @@ def _whole_number(least: int):
     return parse
 
 
+def _positive_number(text: str) -> float:
+    """An argparse ``type``: a finite number > 0, else a usage error saying so."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _partial_presets() -> str:
+    """The presets that train only the top of their model, for error messages."""
+    return ", ".join(n for n in PRESETS if get_preset(n).model.train_layers is not None)
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The preset named by ``args`` with the command-line overrides applied (then shrunk by
     --smoke)."""
@@ -225,14 +249,16 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if cfg.model.train_layers is None:
             raise ValueError(
                 f"--trunk-precision: preset {cfg.name} trains the whole model and has no trunk; "
-                f"it applies to a partially fine-tuned preset (smol, smol-average, smol-sft)"
+                f"it applies to a partially fine-tuned preset ({_partial_presets()})"
             )
-        if args.trunk_precision != (cfg.trunk_precision or cfg.precision):
+        if args.trunk_precision != cfg.trunk_pass_precision:
             cfg = r(
                 cfg,
                 trunk_precision=args.trunk_precision,
                 name=f"{cfg.name}-trunk-{args.trunk_precision}",  # its own runs/ and results/
             )
+    if args.lr is not None and args.lr != cfg.pref.lr:
+        cfg = r(cfg, pref=r(cfg.pref, lr=args.lr), name=f"{cfg.name}-lr{args.lr:g}")
     cfg = _only_betas(r(cfg, data=data), args.betas)
     if args.runs:
         cfg = _only_runs(cfg, args.runs.split(","))
@@ -309,20 +335,10 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         if args.trunk_cache and cfg.model.train_layers is None:
             raise ValueError(
                 f"--trunk-cache: preset {cfg.name} trains the whole model and caches no trunk; "
-                f"it applies to a partially fine-tuned preset (smol, smol-average)"
+                f"it applies to a partially fine-tuned preset ({_partial_presets()})"
             )
     except ValueError as err:
         parser.error(str(err))
-    if cfg.model.train_layers is not None:
-        trunk = cfg.trunk_precision or cfg.precision
-        warning = slow_bf16_warning(trunk, device, f"the trunk of preset {cfg.name}")
-        if warning:
-            print(
-                f"{warning}. A fresh trunk cache then takes hours; --trunk-precision float32 "
-                f"computes it in float32 instead (its own cache and run folder, other numbers "
-                f"than the committed results).",
-                file=sys.stderr,
-            )
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(

@@ -196,6 +196,14 @@ class PhaseConfig:
         if not self.lr > 0 or self.warmup_steps < 0 or not self.max_grad_norm > 0:
             raise ValueError("need lr > 0, warmup_steps >= 0, max_grad_norm > 0")
 
+    def evaluates_after(self, examples_seen: int) -> bool:
+        """True if the training loop evaluates after the step that brings it to ``examples_seen``:
+        that step crossed a multiple of ``eval_every``, or it is the last."""
+        before = examples_seen - self.batch_size
+        return examples_seen // self.eval_every > before // self.eval_every or (
+            examples_seen == self.n_examples
+        )
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -248,6 +256,11 @@ class ExperimentConfig:
                 f"compact_vocab is for a random-init {TINY_GPT2!r}; {self.model.name_or_path!r} "
                 "has its own vocabulary (set data.compact_vocab=None)"
             )
+
+    @property
+    def trunk_pass_precision(self) -> str:
+        """The precision the frozen trunk runs in: ``trunk_precision``, or ``precision`` if None."""
+        return self.trunk_precision or self.precision
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

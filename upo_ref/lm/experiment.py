@@ -168,7 +168,7 @@ def prepare_reference(
     if cfg.model.train_layers is not None:
         identity["weights"] = model_fingerprint(model)  # the model file, not only its name
         identity["cache_dtype"] = cfg.cache_dtype
-        identity["trunk_precision"] = cfg.trunk_precision or cfg.precision
+        identity["trunk_precision"] = cfg.trunk_pass_precision
         cache_dir = Path(cache_dir) if cache_dir else out_dir / "trunk_cache"
         targets = {"sft_train": data.sft_train, "sft_eval": data.sft_eval}
         model, cached, timings["trunk_s"] = _split_and_cache(
@@ -236,7 +236,7 @@ def _split_and_cache(
         cfg.pref.eval_batch_size,
         device,
         targets=targets,
-        precision=cfg.trunk_precision or cfg.precision,
+        precision=cfg.trunk_pass_precision,
         cache_dtype=cfg.cache_dtype,
     )
     seconds = time.perf_counter() - t0

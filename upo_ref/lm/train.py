@@ -411,10 +411,7 @@ def _train_in_folder(
                 append_record(metrics_path, {**record, **timing})
             bar.update(cfg.batch_size)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-            crossed = (
-                examples_seen // cfg.eval_every > (examples_seen - cfg.batch_size) // cfg.eval_every
-            )
-            if crossed or examples_seen == cfg.n_examples:
+            if cfg.evaluates_after(examples_seen):
                 last_eval = evaluate_and_save(examples_seen, step)
                 key = "rewards/accuracies" if "rewards/accuracies" in last_eval else "loss"
                 short = f"eval_{key.split('/')[-1]}"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..utils.cpu import slow_bf16_warning
 from .config import CACHE_DTYPE_NAMES
 from .partial import split_model
 from .phases import PreferencePhase, SFTPhase, autocast
@@ -43,6 +45,8 @@ __all__ = [
     "model_fingerprint",
     "data_fingerprint",
     "trunk_states",
+    "pair_sequences",
+    "with_states",
     "cached_pairs",
     "cached_targets",
     "collate_cached",
@@ -98,8 +102,19 @@ def trunk_states(
 
     Sequences are batched in order of length (right-padded; a causal model's states at real
     positions do not depend on the padding after them). A state that does not fit ``dtype``
-    raises a ValueError naming a wider one.
+    raises a ValueError naming a wider one. A bf16 pass on a CPU without bf16 matmul kernels
+    (``utils.cpu``) is warned of on stderr first: it can take hours.
     """
+    warning = slow_bf16_warning(
+        precision, device, f"the trunk's pass over {len(sequences)} sequences"
+    )
+    if warning:
+        print(
+            f"{warning}. A trunk_precision of float32 (python -m upo_ref.reproduce "
+            "--trunk-precision float32) computes it in float32 instead: its own cache and run "
+            "folder, other numbers than the committed results.",
+            file=sys.stderr,
+        )
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[Tensor | None] = [None] * len(sequences)
     for start in range(0, len(order), batch_size):
@@ -157,6 +172,20 @@ def _key(trunk, examples, cache_dtype: str, precision: str, trunk_id: str | None
     }
 
 
+def pair_sequences(pairs: Sequence[TokenizedPair]) -> list[tuple[int, ...]]:
+    """The 2N sequences whose trunk states a pair needs: every x + y_w, then every x + y_l."""
+    return [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+
+
+def with_states(pairs: Sequence[TokenizedPair], states: Sequence[Tensor]) -> list[CachedPair]:
+    """``pairs`` with the states of their :func:`pair_sequences`, in that order."""
+    n = len(pairs)
+    return [
+        CachedPair(p.prompt, p.chosen, p.rejected, states[i], states[n + i])
+        for i, p in enumerate(pairs)
+    ]
+
+
 def cached_pairs(
     trunk,
     pairs: Sequence[TokenizedPair],
@@ -173,15 +202,11 @@ def cached_pairs(
     ``trunk_id``: the trunk's :func:`model_fingerprint` when the caller has it already.
     """
     key = _key(trunk, pairs, cache_dtype, precision, trunk_id)
-    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    sequences = pair_sequences(pairs)
     states = _load_or_compute(
         trunk, sequences, key, cache_dir, pad_id, batch_size, device, precision, cache_dtype
     )
-    n = len(pairs)
-    return [
-        CachedPair(p.prompt, p.chosen, p.rejected, states[i], states[n + i])
-        for i, p in enumerate(pairs)
-    ]
+    return with_states(pairs, states)
 
 
 def cached_targets(

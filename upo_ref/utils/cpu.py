@@ -4,7 +4,8 @@ A partially fine-tuned preset runs its frozen trunk once, in the precision of
 ``ExperimentConfig.trunk_precision`` (``smol``: bfloat16, for CPUs with AMX or AVX512-BF16). On a
 CPU for which oneDNN has no bf16 kernels (an AVX2-only CPU, e.g.) PyTorch computes a bf16 matmul
 on a slow fallback path, several times slower than the same matmul in float32
-(``python -m upo_ref.bench grid`` times both), so the commands warn before such a trunk pass.
+(``python -m upo_ref.bench grid`` times both), so ``lm.trunk_cache.trunk_states`` prints a
+warning before such a pass.
 """
 
 from __future__ import annotations
