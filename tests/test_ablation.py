@@ -90,8 +90,28 @@ def test_grids_that_may_score_other_eval_pairs_are_refused(tmp_path, capsys):
     assert "no run in common" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("changed", ["smol-average", "smol-sft", "smol-trunk-float32"])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        "smol-average",
+        "smol-sft",
+        "smol-trunk-float32",
+        "smol-lr3e-05",
+        "smol-lr0.0003",
+        "smol-lr0.001",
+    ],
+)
 def test_the_committed_ablation_tables_are_what_the_code_computes(changed):
     a, b = (read_grid(REPO_ROOT / "results" / name) for name in ("smol", changed))
     committed = (REPO_ROOT / "results" / changed / "ablation.md").read_text(encoding="utf-8")
     assert committed == format_ablation(a, b, *ablation(a, b)) + "\n"
+
+
+def test_a_grid_against_itself_changes_no_pair():
+    a = read_grid(REPO_ROOT / "results" / "smol")
+    rows, only = ablation(a, a)
+    assert not only and len(rows) == len(a["runs"])
+    assert all(r["diff"] == 0 and r["se"] == 0 for r in rows)
+    table = format_ablation(a, a, rows, only)
+    assert "they differ in no setting" in table and "nan" not in table
+    assert table.count("| no pair changed |") == len(rows)

@@ -99,7 +99,7 @@ def ablation(a: dict, b: dict) -> tuple[list[dict], list[str]]:
 
 def format_ablation(a: dict, b: dict, rows: list[dict], only: list[str]) -> str:
     """The markdown table of :func:`ablation`."""
-    changed = ", ".join(f"`{s}`" for s in settings_changed(a, b)) or "nothing"
+    changed = ", ".join(f"`{s}`" for s in settings_changed(a, b)) or "no setting"
     n = rows[0]["n"] if rows else "no"
     lines = [
         f"A = `{relative(Path(a['dir']))}`, B = `{relative(Path(b['dir']))}`; they differ in "
@@ -110,10 +110,13 @@ def format_ablation(a: dict, b: dict, rows: list[dict], only: list[str]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        z = r["diff"] / r["se"] if r["se"] else float("nan")
+        if r["se"]:
+            z = f"{r['diff'] / r['se']:+.2f}"
+        else:  # every pair's correctness changed by the same amount: none, or all alike
+            z = "no pair changed" if r["diff"] == 0 else "every pair changed alike"
         lines.append(
             f"| {r['label']} | {r['beta']:g} | {r['acc_a']:.4f} +- {r['se_a']:.4f} | "
-            f"{r['acc_b']:.4f} +- {r['se_b']:.4f} | {r['diff']:+.4f} +- {r['se']:.4f} | {z:+.2f} |"
+            f"{r['acc_b']:.4f} +- {r['se_b']:.4f} | {r['diff']:+.4f} +- {r['se']:.4f} | {z} |"
         )
     if only:
         lines += ["", f"In one grid only, so not compared: {', '.join(only)}."]
