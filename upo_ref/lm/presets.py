@@ -5,7 +5,8 @@
 Presets:
 
 * ``quick`` (the default): a small random-init GPT-2-architecture model, SFT'd on the local HH
-  training split, then IPO and JS-IUPO at beta 0.1, 0.2, 0.5; about 8 minutes on 2 CPU cores.
+  training split, then IPO and JS-IUPO at beta 0.1, 0.2, 0.5 (README.md, "The main job", gives
+  its measured time).
 * ``paper``: the paper's GPU experiment (section 5): GPT-2 from the hub (``gpt2``, 124M
   parameters; the paper says 137M), the official HH splits, max_length 512 / max_prompt_length
   256, batch 64, the DPO reference code's optimiser (RMSprop, lr 5e-7, 150 linear warmup steps,
@@ -42,11 +43,11 @@ __all__ = ["PRESETS", "get_preset", "smoke"]
 
 
 def _quick() -> ExperimentConfig:
-    # Runs in about 8 minutes on 2 CPU cores. A model this small, trained from scratch, spends most
-    # of its time in the output softmax: with GPT-2's 50,257 ids it is ~5x the 4-layer body. The
-    # compact vocabulary (``data.CompactVocab``: the 4,094 most frequent training tokens, EOS, UNK)
-    # removes that cost, and the time saved goes into data: SFT on 16,384 targets and one pass over
-    # 2,048 preference pairs, evaluated on all 718 held-out pairs of the prompt-hash split.
+    # A model this small, trained from scratch, spends most of its time in the output softmax:
+    # with GPT-2's 50,257 ids it is ~5x the 4-layer body. The compact vocabulary
+    # (``data.CompactVocab``: the 4,094 most frequent training tokens, EOS, UNK) removes that cost,
+    # and the time saved goes into data: SFT on 16,384 targets and one pass over 2,048 preference
+    # pairs, evaluated on all 718 held-out pairs of the prompt-hash split.
     return ExperimentConfig(
         name="quick",
         model=ModelConfig(TINY_GPT2, n_layer=4, n_head=4, n_embd=128),
