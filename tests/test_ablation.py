@@ -115,3 +115,14 @@ def test_a_grid_against_itself_changes_no_pair():
     table = format_ablation(a, a, rows, only)
     assert "they differ in no setting" in table and "nan" not in table
     assert table.count("| no pair changed |") == len(rows)
+
+
+def test_every_pair_changed_alike_is_said_not_divided_by_zero(tmp_path):
+    """Every eval pair wrong under A and right under B: the paired SE is 0, the change +1."""
+    a = grid(tmp_path, "a", {("IPO", 0.1): [0, 0, 0, 0]})
+    b = grid(tmp_path, "b", {("IPO", 0.1): [1, 1, 1, 1]}, sft={"n_examples": 8})
+    (row,) = ablation(read_grid(a), read_grid(b))[0]
+    assert (row["diff"], row["se"]) == (1.0, 0.0)
+    table = main([a, b])
+    assert "| +1.0000 +- 0.0000 | every pair changed alike |" in table
+    assert "nan" not in table and "inf" not in table

@@ -160,6 +160,40 @@ def test_cache_key_changes_with_weights_data_dtype_and_precision(tmp_path):
     assert len(list(tmp_path.glob("*.pt"))) == 6
 
 
+def test_cache_key_changes_with_how_the_pass_was_computed(tmp_path, monkeypatch):
+    """A bf16 pass rounds differently with the thread count and the batches, so a cache is reused
+    only by a pass computed the same way: same threads, same batch size, same torch and device."""
+    pairs = random_pairs(4)
+    trunk, _ = trunk_of()
+    threads = torch.get_num_threads()
+    other_threads = 1 if threads > 1 else 2
+    try:
+        cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 4, CPU)
+        torch.set_num_threads(other_threads)
+        cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 4, CPU)  # other thread count
+        assert len(list(tmp_path.glob("*.pt"))) == 2
+        torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
+    cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 3, CPU)  # other batch size
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+    assert trunk_cache.compute_identity(CPU, 4) == {
+        "torch": torch.__version__,
+        "batch_size": 4,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+    }
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the trunk ran again although the same pass is cached")
+
+    monkeypatch.setattr(trunk_cache, "trunk_states", must_not_run)  # back to the first: a hit
+    cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 4, CPU)
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    with pytest.raises(AssertionError, match="ran again"):
+        cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 4, CPU)  # another torch: a miss
+
+
 def test_float16_cache_is_close_and_an_overflow_is_an_error(tmp_path):
     pairs = random_pairs(4)
     trunk, top = trunk_of()

@@ -523,30 +523,42 @@ F32_ACCUMULATION_PER_TERM = 4 * 2.0**-24
 
 def test_bfloat16_matmul_rounds_the_inputs_only_and_restores_the_setting():
     """Inside the block a float32 matmul is the float32-accumulated product of the bf16-rounded
-    inputs (where oneDNN has bf16; elsewhere it stays the float32 product), with a float32 output;
-    after the block, even one left by an exception, the previous setting is back."""
+    inputs, with a float32 output, where oneDNN rounds them (``utils.cpu``: CPUs with AMX);
+    elsewhere the setting leaves the float32 product as it is, and the mode is refused. After the
+    block, even one left by an exception, the previous setting is back."""
     from upo_ref.lm.phases import autocast
+    from upo_ref.utils.cpu import bf16_matmul_rounds_inputs
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 96, generator=g), torch.randn(96, 80, generator=g)
     bound = x.shape[1] * F32_ACCUMULATION_PER_TERM * (x.abs().double() @ w.abs().double()).max()
-    has_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     exact = x.double() @ w.double()
     of_rounded = x.bfloat16().double() @ w.bfloat16().double()
-    before = torch.backends.mkldnn.matmul.fp32_precision
+    # the rounding of the inputs is visible: far above float32's own error
+    assert (of_rounded - exact).abs().max().item() > 10 * bound
+    backend = torch.backends.mkldnn.matmul
+    before = backend.fp32_precision
+    if not bf16_matmul_rounds_inputs():
+        backend.fp32_precision = "bf16"  # what the mode would set: here it changes nothing
+        try:
+            y = x @ w
+        finally:
+            backend.fp32_precision = before
+        assert (y.double() - exact).abs().max().item() <= bound
+        with pytest.raises(ValueError, match='"bfloat16-matmul" has no effect on this CPU'):
+            with autocast(CPU, "bfloat16-matmul"):
+                pass
+        assert backend.fp32_precision == before
+        return
     with autocast(CPU, "bfloat16-matmul"):
         y = x @ w
-    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert backend.fp32_precision == before
     assert y.dtype == torch.float32
-    target = of_rounded if has_bf16 else exact
-    assert (y.double() - target).abs().max().item() <= bound
-    # the rounding of the inputs is visible: far above float32's own error
-    if has_bf16:
-        assert (y.double() - exact).abs().max().item() > 10 * bound
+    assert (y.double() - of_rounded).abs().max().item() <= bound
     with pytest.raises(RuntimeError, match="inside"):
         with autocast(CPU, "bfloat16-matmul"):
             raise RuntimeError("inside")
-    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert backend.fp32_precision == before
 
 
 def test_bfloat16_matmul_is_refused_off_the_cpu():
@@ -557,10 +569,16 @@ def test_bfloat16_matmul_is_refused_off_the_cpu():
             pass
 
 
-def test_bfloat16_matmul_covers_the_backward_pass_of_a_training_step(synthetic, tmp_path):
+def test_bfloat16_matmul_covers_the_backward_pass_of_a_training_step(
+    synthetic, tmp_path, monkeypatch
+):
     """The gradients of a step are computed under the same matmul precision as its forward pass
     (a backward outside the block would run in full float32), and training leaves the setting as
-    it found it."""
+    it found it. (What the setting is seen as is what is checked, so the CPU's own answer to
+    whether it rounds, ``utils.cpu.bf16_matmul_rounds_inputs``, is taken as yes.)"""
+    from upo_ref.utils import cpu
+
+    monkeypatch.setattr(cpu, "bf16_matmul_rounds_inputs", lambda: True)
     cfg, data, new_model, reference = synthetic
     model = new_model()
     seen = []

@@ -32,6 +32,7 @@ from torch import Tensor
 from ..divergences import Divergence
 from ..metrics import preference_metrics
 from ..objective import Objective, as_objective, check_extras
+from ..utils import cpu
 from .config import PRECISIONS
 from .logprobs import IGNORE_INDEX, concatenated_logps, sequence_logps
 from .tokenize import TokenizedPair, collate_pairs, collate_sequences, fingerprint
@@ -74,7 +75,9 @@ def matmul_precision(device: torch.device, precision: str):
     matmul precision "medium", ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``; the
     previous setting is restored). Weights, activations, softmax and losses stay float32, and
     pi and pi_ref are computed the same way. The training step runs its backward pass in this
-    block too. Any other precision: nothing changes."""
+    block too. Any other precision: nothing changes. On a CPU where oneDNN ignores the setting
+    (``utils.cpu.bf16_matmul_rounds_inputs``: no AMX) the mode is refused rather than silently
+    computed in float32."""
     if precision != "bfloat16-matmul":
         yield
         return
@@ -82,6 +85,13 @@ def matmul_precision(device: torch.device, precision: str):
         raise ValueError(
             f'precision "bfloat16-matmul" is a CPU mode (oneDNN); on {device.type} use "auto" '
             f'(bf16 autocast) or "float32"'
+        )
+    if not cpu.bf16_matmul_rounds_inputs():
+        raise ValueError(
+            f'precision "bfloat16-matmul" has no effect on this CPU '
+            f"({torch.backends.cpu.get_cpu_capability()}): oneDNN computes its float32 matmuls "
+            f"in float32 whatever the setting (it rounds their inputs on CPUs with AMX); use "
+            f'"float32" (the numbers this CPU would compute) or "bfloat16" (bf16 autocast)'
         )
     backend = torch.backends.mkldnn.matmul
     before = backend.fp32_precision

@@ -8,10 +8,16 @@ it under a key made of
 * the trunk's fingerprint: SHA-256 of its config and of every weight (:func:`model_fingerprint`),
 * the data's fingerprint: SHA-256 of every pair's token ids, after truncation (so the data files,
   the split, the subsampling, the tokenizer and ``max_length`` all enter),
-* the storage dtype and the precision the trunk ran in.
+* the storage dtype and the precision the trunk ran in,
+* how the pass was computed (:func:`compute_identity`): the torch version, the device (for a CPU
+  its kernel set and torch's thread count; for a GPU its name) and the batch size. A bf16 pass
+  rounds differently with the thread count and with the batches' shapes, so without these a cache
+  filled one way and reused another would give other numbers than a fresh computation.
 
 A second run, and every evaluation, load the file instead; a change to any of these gives another
-key and a fresh computation. Storage is float16 by default (SmolLM2's largest hidden value is about
+key and a fresh computation: a cache hit returns exactly what the pass would compute again. (Two
+CPUs of one kernel set, one with AMX and one without, are not told apart: a cache belongs to the
+machine that filled it.) Storage is float16 by default (SmolLM2's largest hidden value is about
 2.5e4, below float16's 65504; a value that does not fit raises an error rather than becoming inf)
 and is upcast to float32 for compute. The pairs come back as :class:`CachedPair`, token ids plus
 the two (T_i, C) state tensors, which :class:`CachedPreferencePhase` collates into
@@ -44,6 +50,7 @@ __all__ = [
     "CachedPair",
     "model_fingerprint",
     "data_fingerprint",
+    "compute_identity",
     "trunk_states",
     "pair_sequences",
     "with_states",
@@ -86,6 +93,20 @@ def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
     for p in pairs:
         h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
     return h.hexdigest()
+
+
+def compute_identity(device: torch.device, batch_size: int) -> dict:
+    """What, besides the weights, the data, the dtype and the precision, a trunk pass's states
+    depend on: the torch version, the batch size and the device (a CPU's kernel set,
+    ``torch.backends.cpu.get_cpu_capability()``, and ``torch.get_num_threads()`` at the time of
+    the call; a GPU's name)."""
+    if device.type == "cpu":
+        where = {"cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+    elif device.type == "cuda":
+        where = {"cuda": torch.cuda.get_device_name(device)}
+    else:
+        where = {device.type: str(device)}
+    return {"torch": torch.__version__, "batch_size": batch_size, **where}
 
 
 @torch.no_grad()
@@ -161,7 +182,9 @@ def _load_or_compute(
     return states
 
 
-def _key(trunk, examples, cache_dtype: str, precision: str, trunk_id: str | None) -> dict:
+def _key(
+    trunk, examples, cache_dtype: str, precision: str, trunk_id: str | None, device, batch_size
+) -> dict:
     if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
     return {
@@ -169,6 +192,7 @@ def _key(trunk, examples, cache_dtype: str, precision: str, trunk_id: str | None
         "data": data_fingerprint(examples),
         "dtype": cache_dtype,
         "precision": precision,
+        "compute": compute_identity(device, batch_size),
     }
 
 
@@ -201,7 +225,7 @@ def cached_pairs(
 
     ``trunk_id``: the trunk's :func:`model_fingerprint` when the caller has it already.
     """
-    key = _key(trunk, pairs, cache_dtype, precision, trunk_id)
+    key = _key(trunk, pairs, cache_dtype, precision, trunk_id, device, batch_size)
     sequences = pair_sequences(pairs)
     states = _load_or_compute(
         trunk, sequences, key, cache_dir, pad_id, batch_size, device, precision, cache_dtype
@@ -223,7 +247,8 @@ def cached_targets(
     """SFT examples (x, y) (``tokenize.tokenize_sft``: chosen = the target) with the trunk's
     states of x + y only, under a key of their own (``"sequences": "targets"``); their
     ``hidden_rejected`` is None, since SFT reads only (prompt, chosen)."""
-    key = {**_key(trunk, examples, cache_dtype, precision, trunk_id), "sequences": "targets"}
+    key = _key(trunk, examples, cache_dtype, precision, trunk_id, device, batch_size)
+    key["sequences"] = "targets"
     sequences = [p.prompt + p.chosen for p in examples]
     states = _load_or_compute(
         trunk, sequences, key, cache_dir, pad_id, batch_size, device, precision, cache_dtype

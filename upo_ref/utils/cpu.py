@@ -6,19 +6,43 @@ CPU for which oneDNN has no bf16 kernels (an AVX2-only CPU, e.g.) PyTorch comput
 on a slow fallback path, several times slower than the same matmul in float32
 (``python -m upo_ref.bench grid`` times both), so ``lm.trunk_cache.trunk_states`` prints a
 warning before such a pass.
+
+The precision ``"bfloat16-matmul"`` (``lm.phases.matmul_precision``) asks oneDNN to round the
+inputs of float32 matmuls to bf16. Not every CPU with bf16 kernels does: on one without AMX
+(an AVX512-BF16 one, e.g.) oneDNN computes those matmuls in float32 whatever the setting.
+:func:`bf16_matmul_rounds_inputs` measures which, and the mode is refused where it would do nothing.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["bf16_matmul_kernels", "slow_bf16_warning"]
+__all__ = ["bf16_matmul_kernels", "bf16_matmul_rounds_inputs", "slow_bf16_warning"]
 
 
 def bf16_matmul_kernels() -> bool:
     """True if oneDNN has bf16 matmul kernels for this CPU (AVX-512 and up, or AVX2-VNNI-2):
     ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def bf16_matmul_rounds_inputs() -> bool:
+    """True if a float32 matmul under ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``
+    rounds its inputs to bf16 on this CPU, measured once: a (32, 32) matrix of 1 + 2^-10 (bf16,
+    8 significant bits, rounds it to 1) times ones gives 32 in every entry if the inputs are
+    rounded, 32 + 2^-5 if not. The previous setting is restored."""
+    backend = torch.backends.mkldnn.matmul
+    before = backend.fp32_precision
+    x = torch.full((32, 32), 1.0 + 2.0**-10)
+    backend.fp32_precision = "bf16"
+    try:
+        y = x @ torch.ones(32, 32)
+    finally:
+        backend.fp32_precision = before
+    return bool((y == 32.0).all())
 
 
 def slow_bf16_warning(precision: str, device: torch.device, what: str) -> str | None:
