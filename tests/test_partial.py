@@ -172,7 +172,6 @@ def test_cache_key_changes_with_how_the_pass_was_computed(tmp_path, monkeypatch)
         torch.set_num_threads(other_threads)
         cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 4, CPU)  # other thread count
         assert len(list(tmp_path.glob("*.pt"))) == 2
-        torch.set_num_threads(threads)
     finally:
         torch.set_num_threads(threads)
     cached_pairs(trunk, pairs, tmp_path, VOCAB - 1, 3, CPU)  # other batch size

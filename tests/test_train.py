@@ -527,7 +527,7 @@ def test_bfloat16_matmul_rounds_the_inputs_only_and_restores_the_setting():
     elsewhere the setting leaves the float32 product as it is, and the mode is refused. After the
     block, even one left by an exception, the previous setting is back."""
     from upo_ref.lm.phases import autocast
-    from upo_ref.utils.cpu import bf16_matmul_rounds_inputs
+    from upo_ref.utils.cpu import bf16_matmul_rounds_inputs, fp32_matmuls_in_bf16
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 96, generator=g), torch.randn(96, 80, generator=g)
@@ -539,11 +539,8 @@ def test_bfloat16_matmul_rounds_the_inputs_only_and_restores_the_setting():
     backend = torch.backends.mkldnn.matmul
     before = backend.fp32_precision
     if not bf16_matmul_rounds_inputs():
-        backend.fp32_precision = "bf16"  # what the mode would set: here it changes nothing
-        try:
+        with fp32_matmuls_in_bf16():  # what the mode would set: here it changes nothing
             y = x @ w
-        finally:
-            backend.fp32_precision = before
         assert (y.double() - exact).abs().max().item() <= bound
         with pytest.raises(ValueError, match='"bfloat16-matmul" has no effect on this CPU'):
             with autocast(CPU, "bfloat16-matmul"):

@@ -93,13 +93,8 @@ def matmul_precision(device: torch.device, precision: str):
             f"in float32 whatever the setting (it rounds their inputs on CPUs with AMX); use "
             f'"float32" (the numbers this CPU would compute) or "bfloat16" (bf16 autocast)'
         )
-    backend = torch.backends.mkldnn.matmul
-    before = backend.fp32_precision
-    backend.fp32_precision = "bf16"
-    try:
+    with cpu.fp32_matmuls_in_bf16():
         yield
-    finally:
-        backend.fp32_precision = before
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

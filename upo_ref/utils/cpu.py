@@ -15,11 +15,17 @@ inputs of float32 matmuls to bf16. Not every CPU with bf16 kernels does: on one 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
-__all__ = ["bf16_matmul_kernels", "bf16_matmul_rounds_inputs", "slow_bf16_warning"]
+__all__ = [
+    "bf16_matmul_kernels",
+    "fp32_matmuls_in_bf16",
+    "bf16_matmul_rounds_inputs",
+    "slow_bf16_warning",
+]
 
 
 def bf16_matmul_kernels() -> bool:
@@ -28,20 +34,29 @@ def bf16_matmul_kernels() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@contextlib.contextmanager
+def fp32_matmuls_in_bf16():
+    """oneDNN's float32 matmuls asked to take bf16-rounded inputs until the block ends
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``); the previous setting is restored,
+    even when the block raises."""
+    backend = torch.backends.mkldnn.matmul
+    before = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = before
+
+
 @functools.cache
 def bf16_matmul_rounds_inputs() -> bool:
     """True if a float32 matmul under ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``
     rounds its inputs to bf16 on this CPU, measured once: a (32, 32) matrix of 1 + 2^-10 (bf16,
     8 significant bits, rounds it to 1) times ones gives 32 in every entry if the inputs are
-    rounded, 32 + 2^-5 if not. The previous setting is restored."""
-    backend = torch.backends.mkldnn.matmul
-    before = backend.fp32_precision
+    rounded, 32 + 2^-5 if not."""
     x = torch.full((32, 32), 1.0 + 2.0**-10)
-    backend.fp32_precision = "bf16"
-    try:
+    with fp32_matmuls_in_bf16():
         y = x @ torch.ones(32, 32)
-    finally:
-        backend.fp32_precision = before
     return bool((y == 32.0).all())
 
 
