@@ -63,6 +63,10 @@ def test_each_shared_run_is_compared_pair_by_pair(tmp_path):
     assert settings_changed(read_grid(a), read_grid(b)) == ["data.n_sft_examples", "sft"]
     c = grid(tmp_path, "c", {}, sft={"n_examples": 8, "lr": 1.0}, data={"n_sft_examples": 8})
     assert settings_changed(read_grid(b), read_grid(c)) == ["sft.lr"]
+    # More training pairs leave the eval pairs as they are: compared, and named.
+    more = grid(tmp_path, "more", {("IPO", 0.1): ipo_b}, data={"n_train_pairs": 12})
+    assert settings_changed(read_grid(a), read_grid(more)) == ["data.n_train_pairs"]
+    assert ablation(read_grid(a), read_grid(more))[0][0]["diff"] == row["diff"]
     written = tmp_path / "ablation.md"
     text = main([a, b, "--write", str(written)])
     assert written.read_text() == text + "\n"
@@ -99,6 +103,7 @@ def test_grids_that_may_score_other_eval_pairs_are_refused(tmp_path, capsys):
         "smol-lr3e-05",
         "smol-lr0.0003",
         "smol-lr0.001",
+        "smol-pairs5168",
     ],
 )
 def test_the_committed_ablation_tables_are_what_the_code_computes(changed):

@@ -342,6 +342,79 @@ def test_lr_trains_at_another_learning_rate_in_a_folder_of_its_own(tmp_path, cap
         assert lrs and lrs[warmup:] == [3e-4] * (len(lrs) - warmup)
 
 
+def test_train_pairs_trains_on_another_number_of_pairs_in_a_folder_of_its_own(tmp_path):
+    parse = _parser().parse_args
+    base = config_from_args(parse(["--preset", "smol"]))
+    assert config_from_args(parse(["--preset", "smol", "--train-pairs", "2048"])) == base
+    cfg = config_from_args(parse(["--preset", "smol", "--train-pairs", "5168"]))
+    assert (cfg.name, cfg.data.n_train_pairs, cfg.pref.n_examples) == ("smol-pairs5168", 5168, 5168)
+    moved = dict(name=base.name, data=base.data, pref=base.pref)
+    assert dataclasses.replace(cfg, **moved) == base  # nothing else moves
+    assert dataclasses.replace(cfg.data, n_train_pairs=2048) == base.data
+    assert dataclasses.replace(cfg.pref, n_examples=2048) == base.pref
+    seeded = config_from_args(
+        parse(["--preset", "smol", "--data-seed", "1", "--train-pairs", "32"])
+    )
+    assert seeded.name == "smol-seed1-pairs32"
+    # A preset with two passes over its pairs keeps two passes over the new number.
+    two = dataclasses.replace(base, pref=dataclasses.replace(base.pref, n_examples=4096))
+    from upo_ref.reproduce import _with_train_pairs
+
+    assert _with_train_pairs(two, 1032).pref.n_examples == 2064
+    with pytest.raises(ValueError, match=r"2 pass\(es\).*2058 examples.*e\.g\. 1024 or 1032"):
+        _with_train_pairs(two, 1029)
+    with pytest.raises(
+        ValueError,
+        match=r"5177 examples, not a whole number of batches of 16.*"
+        r"e\.g\. 5168 or 5184",
+    ):
+        config_from_args(parse(["--preset", "smol", "--train-pairs", "5177"]))
+    with pytest.raises(ValueError, match="preset paper already draws every training pair"):
+        config_from_args(parse(["--preset", "paper", "--train-pairs", "64"]))
+    with pytest.raises(ValueError, match="asked for 6000 hh train pairs but the split has only"):
+        prepare_data(
+            config_from_args(parse(["--preset", "smol", "--smoke", "--train-pairs", "6000"])),
+            load_tokenizer(base.model),
+        )
+    # The number reaches the data and the loop: a smoke run on 24 pairs (smoke's own are 16)
+    # draws 24 and trains one pass over them, in runs/<preset>-pairs24-smoke.
+    small = config_from_args(parse(["--smoke", "--train-pairs", "24"]))
+    assert (small.name, small.data.n_train_pairs, small.pref.n_examples) == (
+        "quick-pairs24-smoke",
+        24,
+        24,
+    )
+    # On the tokenizer's own ids (quick's compact vocabulary is built from the training sample):
+    # the 24 pairs start with the 16 (one seeded shuffle, then the first n), and the eval pairs are
+    # drawn apart from them: the same pairs in the same order, which experiments.ablation relies
+    # on to pair two grids that differ in n_train_pairs.
+    tokenizer = load_tokenizer(small.model)
+    drawn, own = (
+        prepare_data(
+            dataclasses.replace(c, data=dataclasses.replace(c.data, compact_vocab=None)), tokenizer
+        )
+        for c in (small, config_from_args(parse(["--smoke"])))
+    )
+    assert len(drawn.pref_train) == 24 and len(own.pref_train) == 16
+    key = lambda p: (tuple(p.prompt), tuple(p.chosen), tuple(p.rejected))  # noqa: E731
+    assert [key(p) for p in drawn.pref_train[:16]] == [key(p) for p in own.pref_train]
+    assert [key(p) for p in drawn.pref_eval] == [key(p) for p in own.pref_eval]
+    main(
+        [
+            "--smoke",
+            "--train-pairs",
+            "24",
+            "--runs",
+            "ipo_beta0.1",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    seen = [r["examples_seen"] for r in read_metrics(tmp_path / "ipo_beta0.1" / METRICS)]
+    assert max(seen) == 24 and seen.count(24) >= 1
+
+
 def write_trl(path, n: int, bad_row: str | None = None):
     rows = [
         json.dumps({"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": " No."})

@@ -22,12 +22,13 @@ into ``runs/<preset>-seed<N>`` (``results/<preset>-seed<N>`` with ``--publish``)
 between samples (``experiments.samples``). ``--trunk-precision`` runs a partially fine-tuned
 preset's frozen trunk in another precision than the preset's (``float32`` on a CPU without bf16
 matmul kernels, where the preset's bfloat16 is slow: the command warns) into
-``runs/<preset>-trunk-<precision>``, and ``--lr`` trains at another learning rate into
-``runs/<preset>-lr<rate>``. Re-running the same command resumes from the
-checkpoints there; ``--fresh-run NAME`` starts one run over (``sft``, or a run such as
-``ipo_beta0.1``; ``sft`` restarts every run, since they all start from the SFT model), ``--fresh``
-all of them. While it runs, the command holds the lock of ``--out`` (``lm.runfiles``): a second
-command on the same folder stops at once, naming the first.
+``runs/<preset>-trunk-<precision>``, ``--lr`` trains at another learning rate into
+``runs/<preset>-lr<rate>``, and ``--train-pairs N`` on N training pairs (as many passes over
+them as the preset makes over its own) into ``runs/<preset>-pairs<N>``. Re-running the same
+command resumes from the checkpoints there; ``--fresh-run NAME`` starts one run over (``sft``,
+or a run such as ``ipo_beta0.1``; ``sft`` restarts every run, since they all start from the SFT
+model), ``--fresh`` all of them. While it runs, the command holds the lock of ``--out``
+(``lm.runfiles``): a second command on the same folder stops at once, naming the first.
 """
 
 from __future__ import annotations
@@ -155,6 +156,15 @@ def _parser() -> argparse.ArgumentParser:
         "learning-rate sweep: another rate than the preset's trains every run at it into "
         "runs/<preset>-lr<rate> (results too, with --publish); SFT keeps the preset's",
     )
+    p.add_argument(
+        "--train-pairs",
+        type=_whole_number(1),
+        metavar="N",
+        help="draw N training pairs instead of the preset's (DataConfig.n_train_pairs), with as "
+        "many passes over them as the preset makes over its own (PhaseConfig.n_examples scaled), "
+        "for the question 'does it learn with more data?': its runs go to runs/<preset>-pairs<N> "
+        "(results too, with --publish); the eval pairs stay the preset's",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument(
         "--threads", type=_whole_number(1), help="torch CPU threads, >= 1 (default: the preset's)"
@@ -259,11 +269,40 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             )
     if args.lr is not None and args.lr != cfg.pref.lr:
         cfg = r(cfg, pref=r(cfg.pref, lr=args.lr), name=f"{cfg.name}-lr{args.lr:g}")
+    if args.train_pairs is not None:
+        if data.n_train_pairs is None:
+            raise ValueError(
+                f"--train-pairs: preset {cfg.name} already draws every training pair of its "
+                "split (DataConfig.n_train_pairs None); --train-pairs applies to a preset that "
+                "draws a sample of them (e.g. smol, quick)"
+            )
+        if args.train_pairs != data.n_train_pairs:
+            cfg = r(cfg, name=f"{cfg.name}-pairs{args.train_pairs}")  # its own runs/, results/
     cfg = _only_betas(r(cfg, data=data), args.betas)
     if args.runs:
         cfg = _only_runs(cfg, args.runs.split(","))
     cfg = smoke(cfg) if args.smoke else cfg
+    if args.train_pairs is not None:  # after --smoke, which sets sizes of its own
+        cfg = _with_train_pairs(cfg, args.train_pairs)
     return cfg if args.threads is None else r(cfg, threads=args.threads)
+
+
+def _with_train_pairs(cfg: ExperimentConfig, n: int) -> ExperimentConfig:
+    """``cfg`` drawing ``n`` training pairs, its preference phase making as many passes over them
+    as it makes over its own (``n_examples / n_train_pairs``); ValueError, with two values that
+    work, when that is not a whole number of batches."""
+    data = cfg.data
+    passes, batch = cfg.pref.n_examples / data.n_train_pairs, cfg.pref.batch_size
+    examples = n * passes
+    if examples != round(examples) or round(examples) % batch:
+        below = int(examples // batch) * batch
+        raise ValueError(
+            f"--train-pairs {n}: preset {cfg.name} makes {passes:g} pass(es) over its training "
+            f"pairs, so {examples:g} examples, not a whole number of batches of {batch}; give N "
+            f"for which that is, e.g. {below / passes:g} or {(below + batch) / passes:g}"
+        )
+    pref = dataclasses.replace(cfg.pref, n_examples=round(examples))
+    return dataclasses.replace(cfg, pref=pref, data=dataclasses.replace(data, n_train_pairs=n))
 
 
 def _only_betas(cfg: ExperimentConfig, betas: str | None) -> ExperimentConfig:

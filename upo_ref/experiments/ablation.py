@@ -1,17 +1,19 @@
 r"""Two grids on the same eval pairs, run by run: what changing one setting did to each run.
 
-An ablation changes one thing of a grid (SFT first, ``smol-sft``; mean log-probs, ``smol-average``)
-and keeps its eval pairs: the same data settings and data seed give the same pairs in the same
-order. So each run the two grids share is scored on the same pairs twice, and the change in its
-final accuracy is a *paired* difference (``utils.stats.paired_difference``) of its per-pair
-correctness (1, 1/2 for a tie, 0) from the grids' ``metrics/<run>.final.json``. The pairs differ in
-their reference between the grids (another pi_ref), which is the point: the difference is that of
-the whole recipe, each policy judged against its own reference as training judged it.
+An ablation changes one thing of a grid (SFT first, ``smol-sft``; mean log-probs, ``smol-average``;
+the number of training pairs, ``reproduce --train-pairs``) and keeps its eval pairs: the same
+data settings (those that choose only training examples aside) and data seed give the same pairs
+in the same order. So each run the two grids share is scored on the same pairs twice, and the
+change in its final accuracy is a *paired* difference (``utils.stats.paired_difference``) of its
+per-pair correctness (1, 1/2 for a tie, 0) from the grids' ``metrics/<run>.final.json``. The pairs
+differ in their reference between the grids (another pi_ref), which is the point: the difference
+is that of the whole recipe, each policy judged against its own reference as training judged it.
 
 ``python -m upo_ref.experiments.ablation results/smol results/smol-sft`` prints, for every run both
 grids have, A's and B's accuracy and B - A with its paired standard error, and names the settings
 in which the two grids differ (``--write FILE`` writes it too). Grids whose eval pairs could differ
-(any data setting but those of SFT, the eval set's size) are refused.
+(any data setting but those that choose only training examples, the eval set's size) are
+refused.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from .samples import read_grid
 
 __all__ = ["settings_changed", "check_same_eval_pairs", "ablation", "format_ablation", "main"]
 
-# Data settings that choose SFT examples only: the preference pairs do not depend on them.
-_SFT_ONLY = ("n_sft_examples", "sft_disjoint")
+# Data settings that choose training examples only (SFT's, or how many preference pairs are
+# drawn: the eval pairs are drawn apart from them, tests/test_reproduce.py checks it): the eval
+# pairs do not depend on them.
+_TRAIN_ONLY = ("n_sft_examples", "sft_disjoint", "n_train_pairs")
 
 
 # What names a grid or chooses its runs, not how a run is made.
@@ -54,9 +58,9 @@ def settings_changed(a: dict, b: dict) -> list[str]:
 
 def check_same_eval_pairs(a: dict, b: dict) -> None:
     """ValueError unless a and b score the same eval pairs in the same order: equal data settings
-    (those of SFT aside) and equal eval-set sizes."""
+    (those that choose only training examples aside) and equal eval-set sizes."""
     differ = [s for s in settings_changed(a, b) if s.startswith("data.")]
-    differ = [s for s in differ if s.removeprefix("data.") not in _SFT_ONLY]
+    differ = [s for s in differ if s.removeprefix("data.") not in _TRAIN_ONLY]
     sizes = {r["n_eval_pairs"] for g in (a, b) for r in g["runs"]}
     if differ or len(sizes) != 1:
         what = differ or f"the eval-set size {sorted(sizes)}"
