@@ -371,11 +371,9 @@ def test_train_pairs_trains_on_another_number_of_pairs_in_a_folder_of_its_own(tm
         config_from_args(parse(["--preset", "smol", "--train-pairs", "5177"]))
     with pytest.raises(ValueError, match="preset paper already draws every training pair"):
         config_from_args(parse(["--preset", "paper", "--train-pairs", "64"]))
+    too_many = config_from_args(parse(["--preset", "smol", "--smoke", "--train-pairs", "6000"]))
     with pytest.raises(ValueError, match="asked for 6000 hh train pairs but the split has only"):
-        prepare_data(
-            config_from_args(parse(["--preset", "smol", "--smoke", "--train-pairs", "6000"])),
-            load_tokenizer(base.model),
-        )
+        prepare_data(too_many, load_tokenizer(too_many.model))  # the smoke model's tokenizer
     # The number reaches the data and the loop: a smoke run on 24 pairs (smoke's own are 16)
     # draws 24 and trains one pass over them, in runs/<preset>-pairs24-smoke.
     small = config_from_args(parse(["--smoke", "--train-pairs", "24"]))
