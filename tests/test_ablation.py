@@ -104,10 +104,12 @@ def test_grids_that_may_score_other_eval_pairs_are_refused(tmp_path, capsys):
         "smol-lr0.0003",
         "smol-lr0.001",
         "smol-pairs5168",
+        ("smol-seed1", "smol-seed1-pairs5168"),
     ],
 )
 def test_the_committed_ablation_tables_are_what_the_code_computes(changed):
-    a, b = (read_grid(REPO_ROOT / "results" / name) for name in ("smol", changed))
+    base, changed = changed if isinstance(changed, tuple) else ("smol", changed)
+    a, b = (read_grid(REPO_ROOT / "results" / name) for name in (base, changed))
     committed = (REPO_ROOT / "results" / changed / "ablation.md").read_text(encoding="utf-8")
     assert committed == format_ablation(a, b, *ablation(a, b)) + "\n"
 
