@@ -20,7 +20,7 @@ from upo_ref.lm.models import build_model, load_tokenizer
 from upo_ref.lm.presets import get_preset, smoke
 from upo_ref.lm.runfiles import METRICS, RunLockedError, run_lock
 from upo_ref.lm.train import read_metrics
-from upo_ref.reproduce import _parser, config_from_args, format_table, main
+from upo_ref.reproduce import _parser, _with_train_pairs, config_from_args, format_table, main
 from upo_ref.utils.paths import REPO_ROOT, gpt2_tokenizer_dir
 
 GRID = [
@@ -358,8 +358,6 @@ def test_train_pairs_trains_on_another_number_of_pairs_in_a_folder_of_its_own(tm
     assert seeded.name == "smol-seed1-pairs32"
     # A preset with two passes over its pairs keeps two passes over the new number.
     two = dataclasses.replace(base, pref=dataclasses.replace(base.pref, n_examples=4096))
-    from upo_ref.reproduce import _with_train_pairs
-
     assert _with_train_pairs(two, 1032).pref.n_examples == 2064
     with pytest.raises(ValueError, match=r"2 pass\(es\).*2058 examples.*e\.g\. 1024 or 1032"):
         _with_train_pairs(two, 1029)
