@@ -380,6 +380,13 @@ def test_train_pairs_trains_on_another_number_of_pairs_in_a_folder_of_its_own(tm
         24,
         24,
     )
+    # The folder says what it holds: --smoke with the preset's own number draws that many, not
+    # smoke's 16, so it gets a folder of its own; with smoke's own number it is plain --smoke.
+    own_number = config_from_args(parse(["--preset", "smol", "--smoke", "--train-pairs", "2048"]))
+    assert (own_number.name, own_number.data.n_train_pairs) == ("smol-pairs2048-smoke", 2048)
+    assert config_from_args(parse(["--smoke", "--train-pairs", "16"])) == config_from_args(
+        parse(["--smoke"])
+    )
     # On the tokenizer's own ids (quick's compact vocabulary is built from the training sample):
     # the 24 pairs start with the 16 (one seeded shuffle, then the first n), and the eval pairs are
     # drawn apart from them: the same pairs in the same order, which experiments.ablation relies

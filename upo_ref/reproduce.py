@@ -276,7 +276,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
                 "split (DataConfig.n_train_pairs None); --train-pairs applies to a preset that "
                 "draws a sample of them (e.g. smol, quick)"
             )
-        if args.train_pairs != data.n_train_pairs:
+        # The number it would draw otherwise: the preset's own, or --smoke's (which sets its own).
+        own = (smoke(r(cfg, data=data)) if args.smoke else r(cfg, data=data)).data.n_train_pairs
+        if args.train_pairs != own:
             cfg = r(cfg, name=f"{cfg.name}-pairs{args.train_pairs}")  # its own runs/, results/
     cfg = _only_betas(r(cfg, data=data), args.betas)
     if args.runs:
