@@ -10,7 +10,14 @@ from upo_ref.lm.experiment_data import _first, _first_and_rest, prepare_data
 from upo_ref.lm.models import load_tokenizer
 from upo_ref.lm.presets import get_preset, smoke
 from upo_ref.lm.train import read_metrics
-from upo_ref.overlap import GROUPS, format_overlap, main, overlap_check
+from upo_ref.overlap import (
+    GROUPS,
+    _groups,
+    format_overlap,
+    main,
+    overlap_check,
+    sft_target_flags,
+)
 from upo_ref.reproduce import main as reproduce_main
 
 N_UNUSED = 48
@@ -56,12 +63,18 @@ def test_overlap_check_agrees_with_what_the_trainer_logged(smoke_run):
     models = list(dict.fromkeys(r.model for r in rows))
     assert models[0] == "pi_ref" and len(models) == 1 + len(cfg.losses) * len(cfg.betas)
     n = {r.group: r.n for r in rows}
-    assert n == {
-        "trained": cfg.data.n_train_pairs,
-        "unused": N_UNUSED,
-        "eval": cfg.data.n_eval_pairs,
-    }
-    assert [r.group for r in rows] == list(GROUPS) * len(models)
+    # Smoke SFTs 16 of the training prompts (n_sft_examples), so the unused pairs are split into
+    # those whose chosen response was an SFT target (none or few of 48) and the others; an empty
+    # group is left out.
+    assert cfg.data.n_sft_examples == 16
+    four = ["trained", "unused-sft", "unused-other", "eval"]
+    assert list(n) == [g for g in four if g in n] and {"trained", "unused-other", "eval"} <= set(n)
+    assert (n["trained"], n.get("unused-sft", 0) + n["unused-other"], n["eval"]) == (
+        cfg.data.n_train_pairs,
+        N_UNUSED,
+        cfg.data.n_eval_pairs,
+    )
+    assert [r.group for r in rows] == list(n) * len(models)
     # On the eval group a run's row is the trainer's last eval record: same batches, same log-probs.
     for r in rows:
         if r.model == "pi_ref" or r.group != "eval":
@@ -77,6 +90,7 @@ def test_overlap_check_agrees_with_what_the_trainer_logged(smoke_run):
     table = format_overlap(rows).splitlines()
     assert (
         table[0].startswith("| model | trained acc. (16 pairs)")
+        and f"unused-other acc. ({n['unused-other']} pairs)" in table[0]
         and len(table) == 2 + len(models) + 2
     )
 
@@ -97,8 +111,6 @@ def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke
         overlap_check(cfg, tmp_path / "nothing here", n_unused=8)
     with pytest.raises(ValueError, match="uses every training pair"):
         overlap_check(_all_training_pairs(cfg), out)
-    with pytest.raises(ValueError, match="trains only the top of its model"):
-        overlap_check(smoke(get_preset("smol-sft")), out)
 
 
 def test_sft_disjoint_keeps_the_preference_training_prompts_out_of_sft():
@@ -126,3 +138,58 @@ def test_sft_disjoint_keeps_the_preference_training_prompts_out_of_sft():
     assert get_preset("quick-sft-disjoint") == r(
         quick, name="quick-sft-disjoint", data=r(quick.data, sft_disjoint=True)
     )
+
+
+def test_unused_pairs_are_split_by_sft_target_when_sft_draws_a_sample():
+    r = dataclasses.replace
+    base = smoke(get_preset("quick"))
+    # GPT-2's ids and no truncation, so that a pair's (prompt, chosen) tokens are an SFT example's
+    # exactly when its texts are; 64 SFT examples of the training split's prompts.
+    data = r(base.data, n_sft_examples=64, compact_vocab=None, max_length=1 << 16)
+    cfg = r(base, data=r(data, max_prompt_length=1 << 15))
+    tok = load_tokenizer(cfg.model)
+    d = prepare_data(cfg, tok, keep_unused=None)
+    targets = {(e.prompt, e.chosen) for e in d.sft_train}
+    flags = sft_target_flags(cfg, tok, None)
+    assert flags == [(p.prompt, p.chosen) in targets for p in d.pref_unused]
+    assert sft_target_flags(cfg, tok, 100) == flags[:100]
+    groups = _groups(cfg, d, flags)
+    assert list(groups) == ["trained", "unused-sft", "unused-other", "eval"]
+    assert len(groups["unused-sft"]) >= 16 and len(groups["unused-other"]) >= 16  # both there
+    assert sorted(map(id, groups["unused-sft"] + groups["unused-other"])) == sorted(
+        map(id, d.pref_unused)
+    )
+    # SFT on every training prompt (n_sft_examples None): the three groups of the paper's recipe.
+    every = r(cfg, data=r(cfg.data, n_sft_examples=None))
+    assert list(_groups(every, prepare_data(every, tok, keep_unused=8), None)) == list(GROUPS)
+    with pytest.raises(RuntimeError, match="3 SFT-target flags for"):
+        _groups(cfg, d, flags[:3])
+
+
+def test_overlap_check_scores_a_partially_fine_tuned_preset_on_its_trunk_cache(tmp_path):
+    """smol-sft's path on a tiny random Llama: the top layer on the cached trunk states, SFT on a
+    sample of the training prompts, so four groups; its eval rows are what the trainer logged."""
+    out = tmp_path / "run"
+    reproduce_main(["--preset", "smol-sft", "--smoke", "--out", str(out), "--no-progress"])
+    cfg = smoke(get_preset("smol-sft"))
+    before = sorted(p.name for p in (out / "trunk_cache").iterdir())
+    rows = overlap_check(cfg, out, n_unused=N_UNUSED)
+    after = sorted(p.name for p in (out / "trunk_cache").iterdir())
+    # The run's entries (its trained and eval pairs, its SFT sets) are read, not computed again;
+    # the unused pairs add theirs.
+    assert set(before) < set(after) and len(after) == len(before) + 2
+    n = {r.group: r.n for r in rows}
+    assert list(n) == ["trained", "unused-sft", "unused-other", "eval"]
+    models = list(dict.fromkeys(r.model for r in rows))
+    assert models == ["pi_ref"] + [f"{f.label} beta={b:g}" for f, b in cfg.runs()]
+    for r in rows:
+        if r.model == "pi_ref" or r.group != "eval":
+            continue
+        label, beta = r.model.split(" beta=")
+        final = [
+            m
+            for m in read_metrics(out / f"{label.lower()}_beta{beta}" / "metrics.jsonl")
+            if m["split"] == "eval"
+        ][-1]
+        assert r.accuracy == final["rewards/accuracies"]
+        assert r.margin == pytest.approx(final["rewards/margins"], rel=1e-6, abs=1e-9)

@@ -7,8 +7,9 @@ raising the likelihood of responses it has memorised ranks y_w above y_l on trai
 never seen as pairs, and not on eval pairs: its train loss falls with nothing learnt about
 preferences.
 
-``python -m upo_ref.overlap [--preset quick] [--out runs/quick]`` loads a finished run's SFT model
-(pi_ref) and each preference run's final checkpoint and reports, on three groups of pairs,
+``python -m upo_ref.overlap [--preset quick] [--out runs/quick] [--trunk-cache DIR]`` loads a
+finished run's SFT model (pi_ref) and each preference run's final checkpoint and reports, on three
+groups of pairs,
 
 * ``trained``: the pairs preference training used,
 * ``unused``: training-split pairs it did *not* use (their chosen responses were SFT targets too),
@@ -18,11 +19,19 @@ the implicit-reward accuracy and margin of each policy (``metrics.preference_met
 trainer logs) and pi_ref's own ranking, P(log pi_ref(y_w|x) > log pi_ref(y_l|x)). If the policies
 rank ``unused`` pairs as well as ``trained`` ones and ``eval`` pairs at chance, what training
 picked up is the SFT overlap, not the preferences.
+
+When SFT draws only a sample of the training prompts (``DataConfig.n_sft_examples``, as in
+``smol-sft``), ``unused`` is split in two: ``unused-sft``, whose chosen responses were SFT targets,
+and ``unused-other``, whose were not. Neither was trained on as pairs, so a gap between them is the
+SFT overlap alone. A partially fine-tuned preset is scored as it was trained: the top of its model
+on the trunk's cached states (``--trunk-cache``, default the run's own), in the preset's thread
+count, so that the states of its trained and eval pairs are the run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +40,21 @@ import torch
 
 from .lm.command import command
 from .lm.config import ExperimentConfig
+from .lm.data import LoadReport
 from .lm.experiment import load_experiment_data, run_name
+from .lm.experiment_data import TRUNCATION, _first, _first_and_rest, _text_pairs
 from .lm.logprobs import head_is_linear_readout
 from .lm.models import build_model
 from .lm.presets import PRESETS, get_preset, smoke
+from .lm.split import sft_examples
+from .lm.tokenize import tokenize_pairs
 from .lm.train import CHECKPOINT, reference_logps
-from .losses import PreferenceLoss
+from .lm.trunk_cache import cache_trunk, collate_cached
 from .metrics import preference_metrics
 from .utils.paths import REPO_ROOT
 from .utils.stats import binomial_se
 
-__all__ = ["GroupStats", "overlap_check", "format_overlap", "main"]
+__all__ = ["GroupStats", "sft_target_flags", "overlap_check", "format_overlap", "main"]
 
 GROUPS = ("trained", "unused", "eval")
 
@@ -81,12 +94,6 @@ def _load_weights(model, path: Path, cfg: ExperimentConfig) -> None:
 def _check_overlap_inputs(cfg: ExperimentConfig, n_unused: int | None) -> None:
     if not cfg.sft.n_examples:
         raise ValueError(f"preset {cfg.name!r} has no SFT phase: there is no overlap to check")
-    if cfg.model.train_layers is not None:
-        raise ValueError(
-            f"preset {cfg.name!r} trains only the top of its model, on cached trunk states; this "
-            "check scores whole models. Score its runs on the training split with `python -m "
-            "upo_ref.evaluate RUN_DIR --part train` instead"
-        )
     if cfg.data.n_train_pairs is None:
         raise ValueError(
             f"preset {cfg.name!r} uses every training pair for preference training "
@@ -98,32 +105,113 @@ def _check_overlap_inputs(cfg: ExperimentConfig, n_unused: int | None) -> None:
         )
 
 
+def sft_target_flags(cfg: ExperimentConfig, tokenizer, n_unused: int | None) -> list[bool]:
+    """For each unused pair that ``prepare_data(cfg, tokenizer, keep_unused=n_unused)`` returns,
+    in its order: whether its chosen response is an SFT target (its prompt and chosen texts are an
+    SFT example of ``sft_train``). Told by the texts, drawn as ``prepare_data`` draws them:
+    truncation makes a pair's prompt tokens depend on its longer response, so its tokens cannot
+    tell. The pairs tokenization drops are dropped here too."""
+    d, flags = cfg.data, []
+    for name in d.datasets:
+        train, _ = _text_pairs(cfg, name, [])
+        used, unused = _first_and_rest(train, d.n_train_pairs, d.shuffle_seed, f"{name} pairs")
+        source = train
+        if d.sft_disjoint:
+            drawn = {p.prompt for p in used}
+            source = [p for p in train if p.prompt not in drawn]
+        sft = _first(sft_examples(source), d.n_sft_examples, d.shuffle_seed, f"{name} SFT")
+        kept, report, targets = unused[:n_unused], LoadReport(name), set(sft)
+        tokenize_pairs(
+            kept,
+            tokenizer,
+            d.max_length,
+            d.max_prompt_length,
+            TRUNCATION[name],
+            report=report,
+            keep_identical=d.keep_identical,
+        )
+        dropped = {o for origins in report.dropped.values() for o in origins}
+        flags += [(p.prompt, p.chosen) in targets for p in kept if p.origin not in dropped]
+    return flags
+
+
+def _groups(cfg: ExperimentConfig, data, flags: list[bool] | None) -> dict[str, list]:
+    """The groups of pairs, by name. ``flags`` (:func:`sft_target_flags`), given when SFT drew a
+    sample of the training prompts (``n_sft_examples``), split the unused pairs by whether their
+    chosen response was an SFT target: ``unused-sft`` and ``unused-other`` differ in that alone
+    (neither was trained on as pairs)."""
+    if flags is None:
+        return {"trained": data.pref_train, "unused": data.pref_unused, "eval": data.pref_eval}
+    if len(flags) != len(data.pref_unused):  # the two draws of the same pairs disagree
+        raise RuntimeError(
+            f"{len(flags)} SFT-target flags for {len(data.pref_unused)} unused pairs"
+        )
+    return {
+        "trained": data.pref_train,
+        "unused-sft": [p for p, f in zip(data.pref_unused, flags, strict=True) if f],
+        "unused-other": [p for p, f in zip(data.pref_unused, flags, strict=True) if not f],
+        "eval": data.pref_eval,
+    }
+
+
 def overlap_check(
-    cfg: ExperimentConfig, out_dir: str | Path, n_unused: int | None = None
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    n_unused: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> list[GroupStats]:
     """The check on the finished run of ``cfg`` under ``out_dir`` (CPU); see the module docstring.
-    ``n_unused``: how many of the unused training pairs to score (None: all).
+    ``n_unused``: how many of the unused training pairs to score (None: all). A partially
+    fine-tuned preset scores the top of its model on the trunk's cached states, from
+    ``cache_dir`` (default ``out_dir/trunk_cache``, where the run left the states of its trained
+    and eval pairs; the unused pairs' are computed and added).
 
     Rows: pi_ref first (``margin`` is then its mean log pi_ref(y_w) - log pi_ref(y_l) and
-    ``accuracy`` its ranking), then every (loss, beta) run, each on ``GROUPS``.
+    ``accuracy`` its ranking), then every (loss, beta) run, each on every group (``GROUPS``, or
+    with the unused pairs split by SFT target when SFT drew a sample of the training prompts).
     """
     out_dir = Path(out_dir)
     _check_overlap_inputs(cfg, n_unused)
-    _, data = load_experiment_data(cfg, keep_unused=n_unused)
+    tokenizer, data = load_experiment_data(cfg, keep_unused=n_unused)
     if not data.pref_unused:
         raise ValueError(
             f"preset {cfg.name!r} uses every training pair for preference training: no 'unused' "
             "group"
         )
-    groups = {"trained": data.pref_train, "unused": data.pref_unused, "eval": data.pref_eval}
+    flags = None if cfg.data.n_sft_examples is None else sft_target_flags(cfg, tokenizer, n_unused)
+    groups = {g: pairs for g, pairs in _groups(cfg, data, flags).items() if pairs}
     device, batch = torch.device("cpu"), cfg.pref.eval_batch_size
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)
+    collate = None
+    if cfg.model.train_layers is not None:  # the top of the model, on cached trunk states
+        cache_dir = Path(cache_dir) if cache_dir else out_dir / "trunk_cache"
+        model, groups = cache_trunk(
+            model,
+            cfg.model.train_layers,
+            groups,
+            cache_dir,
+            data.pad_id,
+            batch,
+            device,
+            precision=cfg.trunk_pass_precision,
+            cache_dtype=cfg.cache_dtype,
+        )
+        collate = functools.partial(collate_cached, pad_id=data.pad_id)
 
     def logps(pairs):
-        # The trainer's batches (train.reference_logps forms the same ones as train.evaluate).
+        # The trainer's batches and precision (train.reference_logps forms the same ones as
+        # train.evaluate).
         return reference_logps(
-            model, pairs, batch, data.pad_id, device, cfg.average_logps, response_only
+            model,
+            pairs,
+            batch,
+            data.pad_id,
+            device,
+            cfg.average_logps,
+            response_only,
+            collate=collate,
+            precision=cfg.precision,
         )
 
     _load_weights(model, out_dir / "sft" / CHECKPOINT, cfg)
@@ -140,21 +228,20 @@ def overlap_check(
                 float(diff.double().mean()),
             )
         )
-    for loss_name, divergence in cfg.losses:
-        label = PreferenceLoss(loss_name, divergence).label
-        for beta in cfg.betas:
-            _load_weights(model, out_dir / run_name(label, beta) / CHECKPOINT, cfg)
-            for g, pairs in groups.items():
-                m = preference_metrics(*logps(pairs), *ref[g], beta)
-                rows.append(
-                    GroupStats(
-                        f"{label} beta={beta:g}",
-                        g,
-                        len(pairs),
-                        float(m["rewards/accuracies"].double().mean()),
-                        float(m["rewards/margins"].double().mean()),
-                    )
+    for loss_fn, beta in cfg.runs():
+        label = loss_fn.label
+        _load_weights(model, out_dir / run_name(label, beta) / CHECKPOINT, cfg)
+        for g, pairs in groups.items():
+            m = preference_metrics(*logps(pairs), *ref[g], beta)
+            rows.append(
+                GroupStats(
+                    f"{label} beta={beta:g}",
+                    g,
+                    len(pairs),
+                    float(m["rewards/accuracies"].double().mean()),
+                    float(m["rewards/margins"].double().mean()),
                 )
+            )
     return rows
 
 
@@ -162,12 +249,13 @@ def format_overlap(rows: list[GroupStats]) -> str:
     """Markdown table: one row per model, accuracy (+- one binomial standard error) and margin per
     group."""
     n = {r.group: r.n for r in rows}
-    head = " | ".join(f"{g} acc. ({n[g]} pairs) | {g} margin" for g in GROUPS)
-    lines = [f"| model | {head} |", "| --- |" + " ---: |" * (2 * len(GROUPS))]
+    groups = list(n)
+    head = " | ".join(f"{g} acc. ({n[g]} pairs) | {g} margin" for g in groups)
+    lines = [f"| model | {head} |", "| --- |" + " ---: |" * (2 * len(groups))]
     for model in dict.fromkeys(r.model for r in rows):
         by = {r.group: r for r in rows if r.model == model}
         cells = []
-        for g in GROUPS:
+        for g in groups:
             a = by[g].accuracy
             cells += [f"{a:.3f} +- {binomial_se(a, by[g].n):.3f}", f"{by[g].margin:+.4f}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
@@ -193,6 +281,10 @@ def main(argv: list[str] | None = None) -> list[GroupStats]:
         "--n-unused", type=int, help="score only this many unused training pairs (default all)"
     )
     p.add_argument(
+        "--trunk-cache",
+        help="a partially fine-tuned preset's trunk cache (default <out>/trunk_cache, the run's)",
+    )
+    p.add_argument(
         "--results",
         help="where to write overlap.md (default: results/<preset>, or --out with --smoke)",
     )
@@ -200,7 +292,13 @@ def main(argv: list[str] | None = None) -> list[GroupStats]:
     cfg = get_preset(args.preset)
     cfg = smoke(cfg) if args.smoke else cfg
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
-    rows = overlap_check(cfg, out_dir, args.n_unused)
+    threads = torch.get_num_threads()
+    if cfg.threads:  # the preset's, as reproduce sets them: the trunk cache's key holds them
+        torch.set_num_threads(cfg.threads)
+    try:
+        rows = overlap_check(cfg, out_dir, args.n_unused, args.trunk_cache)
+    finally:
+        torch.set_num_threads(threads)
     table = format_overlap(rows)
     results = (
         Path(args.results)
