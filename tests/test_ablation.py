@@ -105,6 +105,7 @@ def test_grids_that_may_score_other_eval_pairs_are_refused(tmp_path, capsys):
         "smol-lr0.001",
         "smol-pairs5168",
         ("smol-seed1", "smol-seed1-pairs5168"),
+        ("smol-seed1", "smol-sft-seed1"),
     ],
 )
 def test_the_committed_ablation_tables_are_what_the_code_computes(changed):

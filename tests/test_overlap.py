@@ -193,3 +193,27 @@ def test_overlap_check_scores_a_partially_fine_tuned_preset_on_its_trunk_cache(t
         ][-1]
         assert r.accuracy == final["rewards/accuracies"]
         assert r.margin == pytest.approx(final["rewards/margins"], rel=1e-6, abs=1e-9)
+
+
+def test_overlap_reads_a_run_of_another_data_seed_given_that_seed_and_refuses_it_before_data(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    reproduce_main(
+        ["--smoke", "--data-seed", "1", "--out", str(out), "--no-progress", "--device", "cpu"]
+    )
+    args = ["--smoke", "--out", str(out), "--n-unused", "8", "--results", str(tmp_path)]
+    rows = main(args + ["--data-seed", "1"])
+    text = (tmp_path / "overlap.md").read_text()
+    assert "preset `quick-seed1-smoke`" in text and "--data-seed 1" in text
+    assert format_overlap(rows) in text
+
+    # Without the seed (or with the preset's own, 0) the data is another draw: refused from the
+    # checkpoints' identity, before any data is loaded or any model run.
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before the checkpoints were checked")
+
+    monkeypatch.setattr("upo_ref.overlap.load_experiment_data", no_data)
+    for seed in ([], ["--data-seed", "0"]):
+        with pytest.raises(ValueError, match="and its --data-seed"):
+            main(args + seed)

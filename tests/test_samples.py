@@ -102,11 +102,15 @@ def test_grids_of_other_experiments_or_the_same_seed_are_refused(tmp_path, capsy
     assert "nowhere/summary.json not found: give the results folder" in capsys.readouterr().err
 
 
-def test_the_committed_smol_samples_table_is_what_the_code_computes():
-    folders = [
-        REPO_ROOT / "results" / name for name in ("smol", "smol-seed1", "smol-seed2", "smol-seed3")
-    ]
-    grids = [read_grid(f) for f in folders]
+@pytest.mark.parametrize(
+    "written, names",
+    [
+        ("smol", ("smol", "smol-seed1", "smol-seed2", "smol-seed3")),
+        ("smol-sft-seed1", ("smol-sft", "smol-sft-seed1")),
+    ],
+)
+def test_the_committed_samples_tables_are_what_the_code_computes(written, names):
+    grids = [read_grid(REPO_ROOT / "results" / name) for name in names]
     table, missing = spreads(grids)
-    committed = (REPO_ROOT / "results" / "smol" / "samples.md").read_text(encoding="utf-8")
+    committed = (REPO_ROOT / "results" / written / "samples.md").read_text(encoding="utf-8")
     assert committed == format_spreads(grids, table, missing) + "\n"

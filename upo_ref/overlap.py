@@ -7,9 +7,9 @@ raising the likelihood of responses it has memorised ranks y_w above y_l on trai
 never seen as pairs, and not on eval pairs: its train loss falls with nothing learnt about
 preferences.
 
-``python -m upo_ref.overlap [--preset quick] [--out runs/quick] [--trunk-cache DIR]`` loads a
-finished run's SFT model (pi_ref) and each preference run's final checkpoint and reports, on three
-groups of pairs,
+``python -m upo_ref.overlap [--preset quick] [--data-seed N] [--out runs/quick] [--trunk-cache
+DIR]`` loads a finished run's SFT model (pi_ref) and each preference run's final checkpoint (of
+``reproduce --preset P [--data-seed N]``, the same options) and reports, on three groups of pairs,
 
 * ``trained``: the pairs preference training used,
 * ``unused``: training-split pairs it did *not* use (their chosen responses were SFT targets too),
@@ -31,6 +31,7 @@ count, so that the states of its trained and eval pairs are the run's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .lm.command import command
+from .lm.command import command, whole_number
 from .lm.config import ExperimentConfig
 from .lm.data import LoadReport
 from .lm.experiment import load_experiment_data, run_name
@@ -71,9 +72,9 @@ class GroupStats:
     margin: float
 
 
-def _load_weights(model, path: Path, cfg: ExperimentConfig) -> None:
-    """Load a checkpoint of the main job into ``model``, after checking it was made with ``cfg``'s
-    model and data (the check reads the identity the trainer stores in every checkpoint)."""
+def _checked_state(path: Path, cfg: ExperimentConfig) -> dict:
+    """A checkpoint of the main job, after checking it was made with ``cfg``'s model and data (the
+    check reads the identity the trainer stores in every checkpoint)."""
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: run `python -m upo_ref.reproduce` for this preset and --out first"
@@ -86,9 +87,9 @@ def _load_weights(model, path: Path, cfg: ExperimentConfig) -> None:
             f"{path} was made with another model or data config than preset {cfg.name!r}:\n  "
             f"checkpoint: {made_with}\n  preset:     "
             f"{ ({k: e[k] for k in ('model', 'data')}) }\npass the --preset (and --smoke) that "
-            "wrote this --out"
+            "wrote this --out, and its --data-seed"
         )
-    model.load_state_dict(state["model"])
+    return state
 
 
 def _check_overlap_inputs(cfg: ExperimentConfig, n_unused: int | None) -> None:
@@ -172,6 +173,11 @@ def overlap_check(
     """
     out_dir = Path(out_dir)
     _check_overlap_inputs(cfg, n_unused)
+    checkpoints = [out_dir / "sft" / CHECKPOINT] + [
+        out_dir / run_name(loss_fn.label, beta) / CHECKPOINT for loss_fn, beta in cfg.runs()
+    ]
+    for path in checkpoints:  # refused before any pass over the data, not after it
+        _checked_state(path, cfg)
     tokenizer, data = load_experiment_data(cfg, keep_unused=n_unused)
     if not data.pref_unused:
         raise ValueError(
@@ -214,7 +220,7 @@ def overlap_check(
             precision=cfg.precision,
         )
 
-    _load_weights(model, out_dir / "sft" / CHECKPOINT, cfg)
+    model.load_state_dict(_checked_state(checkpoints[0], cfg)["model"])
     ref = {g: logps(pairs) for g, pairs in groups.items()}
     rows = []
     for g, (rc, rr) in ref.items():
@@ -228,14 +234,13 @@ def overlap_check(
                 float(diff.double().mean()),
             )
         )
-    for loss_fn, beta in cfg.runs():
-        label = loss_fn.label
-        _load_weights(model, out_dir / run_name(label, beta) / CHECKPOINT, cfg)
+    for (loss_fn, beta), path in zip(cfg.runs(), checkpoints[1:], strict=True):
+        model.load_state_dict(_checked_state(path, cfg)["model"])
         for g, pairs in groups.items():
             m = preference_metrics(*logps(pairs), *ref[g], beta)
             rows.append(
                 GroupStats(
-                    f"{label} beta={beta:g}",
+                    f"{loss_fn.label} beta={beta:g}",
                     g,
                     len(pairs),
                     float(m["rewards/accuracies"].double().mean()),
@@ -276,7 +281,15 @@ def main(argv: list[str] | None = None) -> list[GroupStats]:
     p.add_argument(
         "--smoke", action="store_true", help="the preset's smoke version (as reproduce --smoke)"
     )
-    p.add_argument("--out", help="the run folder reproduce wrote (default runs/<preset>)")
+    p.add_argument(
+        "--data-seed",
+        type=whole_number(0),
+        metavar="N",
+        help="the --data-seed the run was made with (reproduce's option; default the preset's)",
+    )
+    p.add_argument(
+        "--out", help="the run folder reproduce wrote (default runs/<preset>, or -seed<N>)"
+    )
     p.add_argument(
         "--n-unused", type=int, help="score only this many unused training pairs (default all)"
     )
@@ -290,6 +303,9 @@ def main(argv: list[str] | None = None) -> list[GroupStats]:
     )
     args = p.parse_args(argv)
     cfg = get_preset(args.preset)
+    if args.data_seed is not None and args.data_seed != cfg.data.shuffle_seed:  # as reproduce
+        data = dataclasses.replace(cfg.data, shuffle_seed=args.data_seed)
+        cfg = dataclasses.replace(cfg, data=data, name=f"{cfg.name}-seed{args.data_seed}")
     cfg = smoke(cfg) if args.smoke else cfg
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
     threads = torch.get_num_threads()

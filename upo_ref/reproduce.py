@@ -45,7 +45,7 @@ import torch
 
 from .experiments.grid_report import format_comparisons, format_table, paired_comparisons
 from .experiments.grid_report import write_outputs as _write_outputs
-from .lm.command import command
+from .lm.command import command, whole_number
 from .lm.config import HH_LOCAL_SUBSETS, ExperimentConfig
 from .lm.distributed import data_parallel
 from .lm.experiment import RunResult, run_experiment, run_name
@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data-seed",
-        type=_whole_number(0),
+        type=whole_number(0),
         metavar="N",
         help="seed of the shuffle that draws the training pairs and orders the eval pairs "
         "(DataConfig.shuffle_seed; the presets use 0): another N trains on another sample of "
@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--train-pairs",
-        type=_whole_number(1),
+        type=whole_number(1),
         metavar="N",
         help="draw N training pairs instead of the preset's (DataConfig.n_train_pairs), with as "
         "many passes over them as the preset makes over its own (PhaseConfig.n_examples scaled), "
@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument(
-        "--threads", type=_whole_number(1), help="torch CPU threads, >= 1 (default: the preset's)"
+        "--threads", type=whole_number(1), help="torch CPU threads, >= 1 (default: the preset's)"
     )
     p.add_argument(
         "--runs",
@@ -192,21 +192,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
-
-
-def _whole_number(least: int):
-    """An argparse ``type``: a whole number >= ``least``, else a usage error saying so."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = least - 1
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {text!r}")
-        return value
-
-    return parse
 
 
 def _positive_number(text: str) -> float:

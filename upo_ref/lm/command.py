@@ -1,12 +1,14 @@
-"""What every command (``reproduce``, ``overlap``, ``evaluate``) does around its work."""
+"""What every command (``reproduce``, ``overlap``, ``evaluate``) does around its work, and the
+argument types they share."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 
 from .train import flush_subnormals
 
-__all__ = ["command"]
+__all__ = ["command", "whole_number"]
 
 
 def command(main):
@@ -23,3 +25,18 @@ def command(main):
             flush_subnormals(False)
 
     return run
+
+
+def whole_number(least: int):
+    """An argparse ``type``: a whole number >= ``least``, else a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, got {text!r}")
+        return value
+
+    return parse
