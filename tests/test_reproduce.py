@@ -13,6 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from upo_ref.experiments.figure1 import trailing_mean
+from upo_ref.experiments.grid_report import time_split
 from upo_ref.lm.config import HH_SUBSETS, TINY_GPT2, ModelConfig
 from upo_ref.lm.data import ASSISTANT_TAG, DataError
 from upo_ref.lm.experiment import RunResult, prepare_data
@@ -91,10 +92,12 @@ def test_quick_preset_smoke_end_to_end_and_resume(tmp_path, capsys):
     assert {p.name: p.read_text() for p in (out / "results" / "metrics").iterdir()} == before
     # The time split says whose time it is: the runs' training and evaluation come from their
     # metrics (the first command's, unchanged), the SFT (resumed) and the reference from this
-    # command.
+    # command. (The summary rounds to 0.1 s, which a smoke grid's evaluations can fall under.)
     resumed = json.loads((out / "results" / "summary.json").read_text())
+    logged = time_split(results, {})
     for k in ("training_s", "evaluation_s"):
-        assert resumed["seconds"][k] == summary["seconds"][k] > 0
+        assert logged[k] > 0
+        assert resumed["seconds"][k] == summary["seconds"][k] == round(logged[k], 1)
     own = resumed["seconds"]
     assert (
         f"(in this command: sft {own['sft_s'] / 60:.1f} min, reference "
