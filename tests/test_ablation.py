@@ -106,6 +106,7 @@ def test_grids_that_may_score_other_eval_pairs_are_refused(tmp_path, capsys):
         "smol-pairs5168",
         ("smol-seed1", "smol-seed1-pairs5168"),
         ("smol-seed1", "smol-sft-seed1"),
+        ("smol-seed2", "smol-sft-seed2"),
     ],
 )
 def test_the_committed_ablation_tables_are_what_the_code_computes(changed):

@@ -106,7 +106,7 @@ def test_grids_of_other_experiments_or_the_same_seed_are_refused(tmp_path, capsy
     "written, names",
     [
         ("smol", ("smol", "smol-seed1", "smol-seed2", "smol-seed3")),
-        ("smol-sft-seed1", ("smol-sft", "smol-sft-seed1")),
+        ("smol-sft", ("smol-sft", "smol-sft-seed1", "smol-sft-seed2")),
     ],
 )
 def test_the_committed_samples_tables_are_what_the_code_computes(written, names):
