@@ -31,7 +31,6 @@ count, so that the states of its trained and eval pairs are the run's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .lm.command import command, whole_number
+from .lm.command import command, whole_number, with_data_seed
 from .lm.config import ExperimentConfig
 from .lm.data import LoadReport
 from .lm.experiment import load_experiment_data, run_name
@@ -79,7 +78,8 @@ def _checked_state(path: Path, cfg: ExperimentConfig) -> dict:
         raise FileNotFoundError(
             f"{path} is missing: run `python -m upo_ref.reproduce` for this preset and --out first"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # Memory-mapped: checking the identity reads none of the tensors, which load_state_dict reads.
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     e = cfg.to_dict()
     made_with = {k: state["identity"].get(k) for k in ("model", "data")}
     if made_with != {k: e[k] for k in ("model", "data")}:
@@ -302,10 +302,7 @@ def main(argv: list[str] | None = None) -> list[GroupStats]:
         help="where to write overlap.md (default: results/<preset>, or --out with --smoke)",
     )
     args = p.parse_args(argv)
-    cfg = get_preset(args.preset)
-    if args.data_seed is not None and args.data_seed != cfg.data.shuffle_seed:  # as reproduce
-        data = dataclasses.replace(cfg.data, shuffle_seed=args.data_seed)
-        cfg = dataclasses.replace(cfg, data=data, name=f"{cfg.name}-seed{args.data_seed}")
+    cfg = with_data_seed(get_preset(args.preset), args.data_seed)
     cfg = smoke(cfg) if args.smoke else cfg
     out_dir = Path(args.out) if args.out else REPO_ROOT / "runs" / cfg.name
     threads = torch.get_num_threads()

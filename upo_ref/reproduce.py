@@ -45,7 +45,7 @@ import torch
 
 from .experiments.grid_report import format_comparisons, format_table, paired_comparisons
 from .experiments.grid_report import write_outputs as _write_outputs
-from .lm.command import command, whole_number
+from .lm.command import command, whole_number, with_data_seed
 from .lm.config import HH_LOCAL_SUBSETS, ExperimentConfig
 from .lm.distributed import data_parallel
 from .lm.experiment import RunResult, run_experiment, run_name
@@ -237,9 +237,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         )
     if args.keep_identical:
         data = r(data, keep_identical=True)
-    if args.data_seed is not None and args.data_seed != data.shuffle_seed:
-        data = r(data, shuffle_seed=args.data_seed)
-        cfg = r(cfg, name=f"{cfg.name}-seed{args.data_seed}")  # its own runs/ and results/
+    cfg = with_data_seed(r(cfg, data=data), args.data_seed)
+    data = cfg.data
     if args.trunk_precision is not None:
         if cfg.model.train_layers is None:
             raise ValueError(

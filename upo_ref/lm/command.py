@@ -1,14 +1,16 @@
 """What every command (``reproduce``, ``overlap``, ``evaluate``) does around its work, and the
-argument types they share."""
+argument types and options they share."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 
+from .config import ExperimentConfig
 from .train import flush_subnormals
 
-__all__ = ["command", "whole_number"]
+__all__ = ["command", "whole_number", "with_data_seed"]
 
 
 def command(main):
@@ -40,3 +42,13 @@ def whole_number(least: int):
         return value
 
     return parse
+
+
+def with_data_seed(cfg: ExperimentConfig, seed: int | None) -> ExperimentConfig:
+    """``cfg`` drawing its training pairs with data seed ``seed`` (``DataConfig.shuffle_seed``),
+    under a name of its own, ``<name>-seed<N>`` (so its own runs/ and results/); ``cfg`` itself
+    for None or its own seed. What ``reproduce --data-seed`` and ``overlap --data-seed`` apply."""
+    if seed is None or seed == cfg.data.shuffle_seed:
+        return cfg
+    r = dataclasses.replace
+    return r(cfg, data=r(cfg.data, shuffle_seed=seed), name=f"{cfg.name}-seed{seed}")
