@@ -17,10 +17,12 @@ from upo_ref.overlap import (
     main,
     overlap_check,
     sft_target_flags,
+    unused_against_eval,
 )
 from upo_ref.reproduce import main as reproduce_main
 
 N_UNUSED = 48
+TOL = 1e-12  # float64 sums of a few dozen proportions
 
 
 def _all_training_pairs(cfg):
@@ -91,8 +93,35 @@ def test_overlap_check_agrees_with_what_the_trainer_logged(smoke_run):
     assert (
         table[0].startswith("| model | trained acc. (16 pairs)")
         and f"unused-other acc. ({n['unused-other']} pairs)" in table[0]
-        and len(table) == 2 + len(models) + 2
+        and len(table) == (2 + len(models) + 2) + (3 + len(models)) + 2
     )
+
+
+def test_overlap_counts_the_pairs_with_a_trained_prompt_and_pools_the_unused_ones(smoke_run):
+    cfg, out = smoke_run
+    rows = overlap_check(cfg, out, n_unused=N_UNUSED)
+    tok = load_tokenizer(cfg.model)
+    data = prepare_data(cfg, tok, keep_unused=N_UNUSED)
+    groups = _groups(cfg, data, sft_target_flags(cfg, tok, N_UNUSED))
+    for r in rows:  # one pair at a time against every trained pair
+        hits = [any(p.prompt == t.prompt for t in data.pref_train) for p in groups[r.group]]
+        assert r.shares_prompt == sum(hits)
+    assert {r.shares_prompt for r in rows if r.group == "eval"} == {0}  # the split is by prompt
+    pooled = unused_against_eval(rows)
+    assert [m for m, *_ in pooled] == list(dict.fromkeys(r.model for r in rows))
+    for model, n, acc, diff, se in pooled:
+        by = {r.group: r for r in rows if r.model == model}
+        unused = [by[g] for g in ("unused", "unused-sft", "unused-other") if g in by]
+        right = sum(r.accuracy * r.n for r in unused)  # pairs ranked right, a tie counting half
+        assert n == N_UNUSED and acc == pytest.approx(right / N_UNUSED, abs=TOL)
+        assert diff == pytest.approx(acc - by["eval"].accuracy, abs=TOL)
+        e = by["eval"]
+        var = acc * (1 - acc) / n + e.accuracy * (1 - e.accuracy) / e.n
+        assert se == pytest.approx(var**0.5, abs=TOL)
+    table = format_overlap(rows)
+    first = {r.group: r for r in rows if r.model == "pi_ref"}
+    assert f"eval 0 of {first['eval'].n}." in table
+    assert f"| pi_ref | {pooled[0][2]:.4f} ({N_UNUSED} pairs) | {pooled[0][3]:+.4f} |" in table
 
 
 def test_overlap_command_writes_its_table_and_refuses_what_it_cannot_check(smoke_run, tmp_path):

@@ -18,7 +18,11 @@ DIR]`` loads a finished run's SFT model (pi_ref) and each preference run's final
 the implicit-reward accuracy and margin of each policy (``metrics.preference_metrics``: what the
 trainer logs) and pi_ref's own ranking, P(log pi_ref(y_w|x) > log pi_ref(y_l|x)). If the policies
 rank ``unused`` pairs as well as ``trained`` ones and ``eval`` pairs at chance, what training
-picked up is the SFT overlap, not the preferences.
+picked up is the SFT overlap, not the preferences. Below the table: the unused pairs pooled against
+the eval pairs (an unpaired difference: they are different pairs), and how many pairs of each group
+have a trained pair's prompt. The split sends each prompt to one side, so no eval pair has; the
+draw of the trained pairs from the training split can leave one prompt's pairs on both sides of
+``trained`` and ``unused``.
 
 When SFT draws only a sample of the training prompts (``DataConfig.n_sft_examples``, as in
 ``smol-sft``), ``unused`` is split in two: ``unused-sft``, whose chosen responses were SFT targets,
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +59,14 @@ from .metrics import preference_metrics
 from .utils.paths import REPO_ROOT
 from .utils.stats import binomial_se
 
-__all__ = ["GroupStats", "sft_target_flags", "overlap_check", "format_overlap", "main"]
+__all__ = [
+    "GroupStats",
+    "sft_target_flags",
+    "overlap_check",
+    "unused_against_eval",
+    "format_overlap",
+    "main",
+]
 
 GROUPS = ("trained", "unused", "eval")
 
@@ -62,13 +74,15 @@ GROUPS = ("trained", "unused", "eval")
 @dataclass
 class GroupStats:
     """One model on one group of pairs: its accuracy (a tie counts half, as the trainer logs it),
-    its mean implicit-reward margin beta * h, and the number of pairs."""
+    its mean implicit-reward margin beta * h, and the number of pairs. ``shares_prompt``: how many
+    of the group's pairs have the prompt (its token ids, as truncated) of a trained pair."""
 
     model: str
     group: str
     n: int
     accuracy: float
     margin: float
+    shares_prompt: int = 0
 
 
 def _checked_state(path: Path, cfg: ExperimentConfig) -> dict:
@@ -186,6 +200,8 @@ def overlap_check(
         )
     flags = None if cfg.data.n_sft_examples is None else sft_target_flags(cfg, tokenizer, n_unused)
     groups = {g: pairs for g, pairs in _groups(cfg, data, flags).items() if pairs}
+    trained_prompts = {p.prompt for p in groups["trained"]}
+    shared = {g: sum(p.prompt in trained_prompts for p in pairs) for g, pairs in groups.items()}
     device, batch = torch.device("cpu"), cfg.pref.eval_batch_size
     model = build_model(cfg.model, data.vocab_size, cfg.data.max_length, eos_id=data.pad_id)
     response_only = head_is_linear_readout(model, data.vocab_size)
@@ -232,6 +248,7 @@ def overlap_check(
                 len(diff),
                 float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean()),  # ties half
                 float(diff.double().mean()),
+                shared[g],
             )
         )
     for (loss_fn, beta), path in zip(cfg.runs(), checkpoints[1:], strict=True):
@@ -245,14 +262,32 @@ def overlap_check(
                     len(pairs),
                     float(m["rewards/accuracies"].double().mean()),
                     float(m["rewards/margins"].double().mean()),
+                    shared[g],
                 )
             )
     return rows
 
 
+def unused_against_eval(rows: list[GroupStats]) -> list[tuple[str, int, float, float, float]]:
+    """Per model: (model, n, accuracy, difference, SE) of its unused groups pooled (``unused``,
+    or ``unused-sft`` and ``unused-other`` together: n pairs, accuracy their pair-weighted mean)
+    against its eval pairs. The two are different pairs, so the difference's standard error is
+    unpaired, sqrt(SE_unused^2 + SE_eval^2)."""
+    out = []
+    for model in dict.fromkeys(r.model for r in rows):
+        unused = [r for r in rows if r.model == model and r.group.startswith("unused")]
+        (ev,) = [r for r in rows if r.model == model and r.group == "eval"]
+        n = sum(r.n for r in unused)
+        acc = sum(r.accuracy * r.n for r in unused) / n
+        se = math.hypot(binomial_se(acc, n), binomial_se(ev.accuracy, ev.n))
+        out.append((model, n, acc, acc - ev.accuracy, se))
+    return out
+
+
 def format_overlap(rows: list[GroupStats]) -> str:
-    """Markdown table: one row per model, accuracy (+- one binomial standard error) and margin per
-    group."""
+    """Markdown: one row per model, accuracy (+- one binomial standard error) and margin per group;
+    then the unused pairs pooled against the eval pairs (:func:`unused_against_eval`) and how many
+    pairs of each group have a trained pair's prompt."""
     n = {r.group: r.n for r in rows}
     groups = list(n)
     head = " | ".join(f"{g} acc. ({n[g]} pairs) | {g} margin" for g in groups)
@@ -268,7 +303,20 @@ def format_overlap(rows: list[GroupStats]) -> str:
         "",
         "pi_ref's row: accuracy is P(log pi_ref(y_w|x) > log pi_ref(y_l|x)), margin its mean "
         "log-ratio (nats); the runs' rows: the trainer's implicit-reward accuracy and beta * h.",
+        "",
+        "| model | unused, all: acc. | unused - eval | unpaired SE | difference / SE |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
+    for model, n_unused, acc, diff, se in unused_against_eval(rows):
+        ratio = f"{diff / se:+.2f}" if se > 0 else "n/a"  # both accuracies 0 or 1
+        lines.append(
+            f"| {model} | {acc:.4f} ({n_unused} pairs) | {diff:+.4f} | {se:.4f} | {ratio} |"
+        )
+    first = {r.group: r for r in rows if r.model == rows[0].model}
+    shares = ", ".join(
+        f"{g} {r.shares_prompt} of {r.n}" for g, r in first.items() if g != "trained"
+    )
+    lines += ["", f"Pairs with the prompt tokens of a trained pair: {shares}."]
     return "\n".join(lines)
 
 
