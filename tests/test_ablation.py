@@ -100,6 +100,7 @@ def test_grids_that_may_score_other_eval_pairs_are_refused(tmp_path, capsys):
         "smol-average",
         "smol-sft",
         "smol-trunk-float32",
+        "smol-bfloat16",
         "smol-lr3e-05",
         "smol-lr0.0003",
         "smol-lr0.001",

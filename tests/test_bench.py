@@ -151,6 +151,11 @@ def test_grid_bench_refuses_what_it_cannot_time(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench_main(["grid", "--preset", "quick"])
     assert exit_.value.code == 2 and "trains its whole model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["grid", "--precision", "float16"])
+    assert exit_.value.code == 2 and "--precision 'float16': must be one of" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(ValueError, match="--pairs must be between"):
         time_grid_parts(smoke(get_preset("smol")), 10**6, ["float32"], CPU)
 

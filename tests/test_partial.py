@@ -617,6 +617,34 @@ def test_trunk_precision_override_gets_its_own_run_folder_and_refuses_whole_mode
         cfg("--preset", "quick", "--trunk-precision", "float32")
 
 
+def test_precision_override_changes_the_trained_part_only_and_gets_its_own_run_folder():
+    from upo_ref.reproduce import _parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(_parser().parse_args(list(argv)))
+
+    assert cfg("--preset", "smol", "--precision", "float32") == get_preset("smol")  # its own
+    top = cfg("--preset", "smol", "--precision", "bfloat16")
+    assert (top.name, top.precision, top.trunk_pass_precision) == (
+        "smol-bfloat16",
+        "bfloat16",
+        "bfloat16",  # the trunk's, so its cache is the preset's
+    )
+    assert dataclasses.replace(top, name="smol", precision="float32") == get_preset("smol")
+    both = cfg("--preset", "smol", "--precision", "bfloat16", "--trunk-precision", "float32")
+    assert (both.name, both.precision, both.trunk_pass_precision) == (
+        "smol-trunk-float32-bfloat16",
+        "bfloat16",
+        "float32",
+    )
+    whole = cfg("--preset", "quick", "--precision", "float32")  # no trunk: the whole model
+    quick = get_preset("quick")
+    assert quick.precision != "float32" and whole.trunk_precision is None
+    assert dataclasses.replace(whole, name="quick", precision=quick.precision) == quick
+    with pytest.raises(SystemExit):  # argparse: not one of the precisions
+        cfg("--preset", "smol", "--precision", "float16")
+
+
 def test_a_bf16_trunk_on_a_cpu_without_bf16_kernels_is_warned_of(tmp_path, monkeypatch, capsys):
     from upo_ref.reproduce import main
     from upo_ref.utils import cpu

@@ -30,6 +30,7 @@ GPU's bf16 peak, and the fast/naive ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import time
@@ -487,6 +488,11 @@ def _grid_main(args) -> None:
     from .utils.cpu import bf16_matmul_kernels
 
     cfg = get_preset(args.preset)  # time_grid_parts checks that it can time it
+    if args.precision is not None:  # the top's; the trunk keeps its own
+        if args.precision not in PRECISIONS:
+            raise ValueError(f"--precision {args.precision!r}: must be one of {PRECISIONS}")
+        r = dataclasses.replace
+        cfg = r(cfg, precision=args.precision, trunk_precision=cfg.trunk_pass_precision)
     own = cfg.trunk_pass_precision
     precisions = list(dict.fromkeys([own, *(args.trunk_precisions or ["float32"])]))
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -518,7 +524,8 @@ def _grid_main(args) -> None:
     print(
         f"preset {cfg.name} on {device} ({torch.backends.cpu.get_cpu_capability()}, "
         f"{cfg.threads or threads} threads; oneDNN bf16 matmul kernels: {kernels}), timed on "
-        f"{args.pairs} eval pairs ({parts['tokens']:.1f} tokens per sequence on average), "
+        f"{args.pairs} eval pairs ({parts['tokens']:.1f} tokens per sequence on average; the "
+        f"top in {cfg.precision}), "
         f"extrapolated to {n_train} train + {n_eval} eval pairs and {len(cfg.runs())} runs:"
     )
     print(f"{'part':<24}{'s per pair':>12}{'min, the grid':>16}{'min, one run':>14}")
@@ -571,6 +578,10 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda text: text.split(","),
         help="comma-separated precisions to time the trunk in besides the preset's (default "
         "float32)",
+    )
+    g.add_argument(
+        "--precision",
+        help="the top's precision instead of the preset's (reproduce --precision), e.g. bfloat16",
     )
     g.add_argument("--device", default=None, help="cpu (default) or cuda")
     g.set_defaults(func=_grid_main)

@@ -22,9 +22,11 @@ into ``runs/<preset>-seed<N>`` (``results/<preset>-seed<N>`` with ``--publish``)
 between samples (``experiments.samples``). ``--trunk-precision`` runs a partially fine-tuned
 preset's frozen trunk in another precision than the preset's (``float32`` on a CPU without bf16
 matmul kernels, where the preset's bfloat16 is slow: the command warns) into
-``runs/<preset>-trunk-<precision>``, ``--lr`` trains at another learning rate into
-``runs/<preset>-lr<rate>``, and ``--train-pairs N`` on N training pairs (as many passes over
-them as the preset makes over its own) into ``runs/<preset>-pairs<N>``. Re-running the same
+``runs/<preset>-trunk-<precision>``, ``--precision`` runs the trained model (the top of a
+partially fine-tuned one) in another precision into ``runs/<preset>-<precision>``, ``--lr``
+trains at another learning rate into ``runs/<preset>-lr<rate>``, and ``--train-pairs N`` on N
+training pairs (as many passes over them as the preset makes over its own) into
+``runs/<preset>-pairs<N>``. Re-running the same
 command resumes from the checkpoints there; ``--fresh-run NAME`` starts one run over (``sft``,
 or a run such as ``ipo_beta0.1``; ``sft`` restarts every run, since they all start from the SFT
 model), ``--fresh`` all of them. While it runs, the command holds the lock of ``--out``
@@ -46,7 +48,7 @@ import torch
 from .experiments.grid_report import format_comparisons, format_table, paired_comparisons
 from .experiments.grid_report import write_outputs as _write_outputs
 from .lm.command import command, whole_number, with_data_seed
-from .lm.config import HH_LOCAL_SUBSETS, ExperimentConfig
+from .lm.config import HH_LOCAL_SUBSETS, PRECISIONS, ExperimentConfig
 from .lm.distributed import data_parallel
 from .lm.experiment import RunResult, run_experiment, run_name
 from .lm.models import resolve_device
@@ -103,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
         "AVX512-BF16, slow on others: python -m upo_ref.bench grid times both). Another "
         "precision than the preset's gives other cached states, so other numbers than the "
         "committed results: its runs go to runs/<preset>-trunk-<precision> (results too)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="the precision of the trained model's passes: training, the reference log-probs "
+        "and evaluation (ExperimentConfig.precision; the top of a partially fine-tuned preset, "
+        "whose trunk keeps its own; smol: float32). bfloat16 is faster on a CPU with bf16 "
+        "matmul kernels but rounds pi and pi_ref differently, so it gives other numbers than "
+        "the committed results: its runs go to runs/<preset>-<precision> (results too)",
     )
     p.add_argument(
         "--results", help="folder for summary.md/json and metrics copies (default <out>/results)"
@@ -251,6 +262,13 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
                 trunk_precision=args.trunk_precision,
                 name=f"{cfg.name}-trunk-{args.trunk_precision}",  # its own runs/ and results/
             )
+    if args.precision is not None and args.precision != cfg.precision:
+        cfg = r(
+            cfg,
+            precision=args.precision,
+            trunk_precision=cfg.trunk_pass_precision if cfg.model.train_layers else None,
+            name=f"{cfg.name}-{args.precision}",  # its own runs/ and results/
+        )
     if args.lr is not None and args.lr != cfg.pref.lr:
         cfg = r(cfg, pref=r(cfg.pref, lr=args.lr), name=f"{cfg.name}-lr{args.lr:g}")
     if args.train_pairs is not None:
